@@ -1,0 +1,73 @@
+"""Fitting a conversation into the model's context window."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from engine.chat.templates import ChatMessage
+from engine.errors import ContextOverflow
+
+# Below this many free tokens an answer is not worth starting.
+MIN_ANSWER_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class FittedPrompt:
+    tokens: list[int]
+    messages: list[ChatMessage]
+    dropped: int  # history messages left out, oldest first
+
+
+def fit_messages(
+    system: ChatMessage | None,
+    history: Sequence[ChatMessage],
+    user: ChatMessage,
+    encode: Callable[[list[ChatMessage]], list[int]],
+    n_ctx: int,
+    reserve: int,
+) -> FittedPrompt:
+    """Keep as much recent history as fits, always keeping the system prompt and the question.
+
+    History is dropped from the oldest end, a whole exchange at a time where possible,
+    until the prompt plus ``reserve`` tokens for the answer fits in ``n_ctx``. The number
+    of kept messages is found by bisection, so a long history costs a few renders only.
+
+    Raises:
+        ContextOverflow: the system prompt and the question alone leave no room to answer.
+    """
+    head = [system] if system is not None else []
+    history = list(history)
+
+    def build(drop: int) -> tuple[list[ChatMessage], list[int]]:
+        kept = history[drop:]
+        # Never start the kept history with an assistant turn: templates expect a user turn.
+        while kept and kept[0].role == "assistant":
+            kept = kept[1:]
+        msgs = [*head, *kept, user]
+        return msgs, encode(msgs)
+
+    limit = n_ctx - reserve
+    msgs, tokens = build(0)
+    if len(tokens) <= limit:
+        return FittedPrompt(tokens, msgs, 0)
+    lo, hi = 1, len(history)  # invariant: dropping ``hi`` fits, if anything does
+    best_msgs, best_tokens = build(hi)
+    if len(best_tokens) <= limit:
+        while lo < hi:
+            mid = (lo + hi) // 2
+            m, t = build(mid)
+            if len(t) <= limit:
+                hi, best_msgs, best_tokens = mid, m, t
+            else:
+                lo = mid + 1
+        return FittedPrompt(best_tokens, best_msgs, len(history) - (len(best_msgs) - len(head) - 1))
+    # Nothing of the history fits: the question alone, if it leaves room for an answer.
+    if len(best_tokens) + MIN_ANSWER_TOKENS <= n_ctx:
+        return FittedPrompt(best_tokens, best_msgs, len(history))
+    what = "the prompt and system prompt" if system is not None else "the prompt"
+    raise ContextOverflow(
+        f"{what} take {len(best_tokens):,} tokens, but the model's context window holds "
+        f"{n_ctx:,} (at least {MIN_ANSWER_TOKENS} are needed for the answer)",
+        hint="shorten the prompt, or raise the context with 'bastion models set ID --context N'",
+    )

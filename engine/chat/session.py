@@ -1,0 +1,262 @@
+"""One chat turn: pick the model, fit the conversation, stream the answer, keep it on disk."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.chat.context import fit_messages
+from engine.chat.templates import ChatMessage, ChatTemplate
+from engine.errors import InvalidInput
+from engine.jobs import JobContext
+from engine.models import hardware
+from engine.models.registry import ModelEntry, ModelRegistry
+from engine.models.runtime import (
+    GenerationDone,
+    LoadedModel,
+    LoadSpec,
+    ModelLane,
+    SamplingParams,
+    TokenChunk,
+)
+from engine.store.conversations import ConversationStore
+
+log = logging.getLogger(__name__)
+
+# Context used when a model does not say or the user has not chosen: enough for long
+# conversations, small enough that the KV cache of a 7B model stays in a laptop's memory.
+DEFAULT_CONTEXT = 4096
+# How often a streaming answer is written to the database, so that a crash or kill loses
+# at most this much of it.
+SAVE_INTERVAL_S = 0.5
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    prompt: str
+    model_id: str | None = None
+    conversation_id: int | None = None
+    system: str | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass(frozen=True)
+class Citation:
+    n: int
+    path: str
+    page: int | None
+    snippet: str
+    score: float
+
+
+@dataclass(frozen=True)
+class ChatResult:
+    answer: str
+    model: str
+    conversation_id: int
+    message_id: int
+    prompt_tokens: int
+    completion_tokens: int
+    tokens_per_second: float | None
+    ttft_s: float | None
+    total_s: float
+    load_s: float
+    stop_reason: str
+    dropped_messages: int
+    citations: tuple[Citation, ...] = ()
+
+    @property
+    def interrupted(self) -> bool:
+        return self.stop_reason == "cancelled"
+
+    def to_json(self) -> dict[str, Any]:
+        """The contract's ``chat --json`` document, plus timing details."""
+        return {
+            "answer": self.answer,
+            "model": self.model,
+            "conversation_id": self.conversation_id,
+            "message_id": self.message_id,
+            "usage": {
+                "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens,
+            },
+            "tokens_per_second": self.tokens_per_second,
+            "time_to_first_token_s": self.ttft_s,
+            "stop_reason": self.stop_reason,
+            "interrupted": self.interrupted,
+            "dropped_messages": self.dropped_messages,
+            "citations": [c.__dict__ for c in self.citations],
+        }
+
+
+def load_spec_for(entry: ModelEntry) -> LoadSpec:
+    """How to load ``entry`` here: its overrides where set, automatic choices otherwise."""
+    s = entry.settings
+    n_ctx = s.context or min(entry.context_length or DEFAULT_CONTEXT, DEFAULT_CONTEXT)
+    if s.gpu_layers is not None:
+        gpu_layers = s.gpu_layers
+    elif hardware.gpu_offload_supported():
+        from engine.models.gguf_info import read_gguf_info
+
+        gpu_layers = hardware.auto_gpu_layers(
+            read_gguf_info(Path(entry.path)), n_ctx, hardware.detect()
+        )
+    else:
+        gpu_layers = 0
+    return LoadSpec(
+        model_id=entry.id,
+        path=entry.path,
+        n_ctx=n_ctx,
+        n_threads=s.threads or hardware.physical_cores(),
+        n_gpu_layers=gpu_layers,
+        lora_path=entry.adapter,
+    )
+
+
+class ChatService:
+    """Runs chat turns against the model lane and records them."""
+
+    def __init__(self, lane: ModelLane, models: ModelRegistry, store: ConversationStore) -> None:
+        self._lane = lane
+        self._models = models
+        self._store = store
+        self._templates: dict[LoadSpec, tuple[ChatTemplate, bool]] = {}
+
+    def prepare(self, model_id: str | None) -> tuple[ModelEntry, float]:
+        """Load a model ahead of the first question. Returns it and the seconds spent."""
+        entry = self._models.get(model_id or self._models.default_id())
+        spec = load_spec_for(entry)
+        return entry, self._lane.load(spec)
+
+    def _template(self, entry: ModelEntry, spec: LoadSpec) -> tuple[ChatTemplate, bool]:
+        """The chat template and whether to add BOS when tokenizing (cached per model)."""
+        if spec not in self._templates:
+
+            def special_tokens(m: LoadedModel) -> tuple[str, str]:
+                llm = m.llm
+                return m.token_text(llm.token_bos()), m.token_text(llm.token_eos())
+
+            bos, eos = self._lane.call(special_tokens)
+            add_bos = entry.metadata.get("tokenizer.ggml.add_bos_token", True) is not False
+            self._templates[spec] = (ChatTemplate(entry.chat_template, bos, eos), add_bos)
+        return self._templates[spec]
+
+    def send(
+        self,
+        request: ChatRequest,
+        ctx: JobContext | None = None,
+        on_text: Callable[[str], None] | None = None,
+        on_notice: Callable[[str], None] | None = None,
+    ) -> ChatResult:
+        """Answer ``request.prompt``, streaming text to ``on_text`` as it is generated.
+
+        The question and the (growing) answer are written to the database before and
+        during generation; a cancelled answer is kept with its ``interrupted`` flag set.
+        """
+        ctx = ctx or JobContext()
+        prompt = request.prompt.strip()
+        if not prompt:
+            raise InvalidInput("the prompt is empty", hint="type a question")
+        conversation = None
+        if request.conversation_id is not None:
+            conversation = self._store.get(request.conversation_id)
+        model_id = request.model_id or (conversation.model if conversation else None)
+        entry, load_s = self.prepare(model_id)
+        # Time to first token is counted from here: loading is reported apart (load_s).
+        started = time.perf_counter()
+        spec = load_spec_for(entry)
+        template, add_bos = self._template(entry, spec)
+
+        system_text = request.system
+        if system_text is None and conversation is not None:
+            system_text = conversation.system_prompt
+        system = ChatMessage("system", system_text) if system_text else None
+        history = []
+        if conversation is not None:
+            history = [
+                ChatMessage(m.role, m.content)
+                for m in self._store.messages(conversation.id)
+                if m.role in ("user", "assistant") and m.content.strip()
+            ]
+
+        def encode(messages: list[ChatMessage]) -> list[int]:
+            text = template.render(messages)
+            skip_bos = bool(template.bos_token) and text.startswith(template.bos_token)
+            return self._lane.call(lambda m: m.tokenize(text, add_bos and not skip_bos))
+
+        reserve = min(request.sampling.max_tokens, spec.n_ctx // 4)
+        fitted = fit_messages(
+            system, history, ChatMessage("user", prompt), encode, spec.n_ctx, reserve
+        )
+        if fitted.dropped and on_notice is not None:
+            on_notice(
+                f"the conversation is longer than {entry.id}'s {spec.n_ctx}-token context: "
+                f"the {fitted.dropped} oldest message(s) were left out of this answer"
+            )
+
+        if conversation is None:
+            conversation = self._store.create(model=entry.id, system_prompt=system_text)
+        self._store.add_message(conversation.id, "user", prompt, model=entry.id,
+                                prompt_tokens=len(fitted.tokens))  # fmt: skip
+        # The answer is recorded as interrupted until it is complete.
+        answer_msg = self._store.add_message(
+            conversation.id, "assistant", "", model=entry.id, interrupted=True
+        )
+        pieces: list[str] = []
+        done: GenerationDone | None = None
+        last_save = time.monotonic()
+        try:
+            for event in self._lane.stream(fitted.tokens, request.sampling, ctx, started):
+                if isinstance(event, TokenChunk):
+                    text = event.text
+                    if not pieces:
+                        text = text.lstrip()
+                        if not text:
+                            continue
+                    pieces.append(text)
+                    if on_text is not None:
+                        on_text(text)
+                    if time.monotonic() - last_save >= SAVE_INTERVAL_S:
+                        self._store.update_message(
+                            answer_msg.id, content="".join(pieces), interrupted=True
+                        )
+                        last_save = time.monotonic()
+                else:
+                    done = event
+        finally:
+            if done is None:  # an error or an interrupt in the middle: keep what we have
+                self._store.update_message(answer_msg.id, content="".join(pieces),
+                                           interrupted=True)  # fmt: skip
+        answer = "".join(pieces).rstrip()
+        self._store.update_message(
+            answer_msg.id,
+            content=answer,
+            completion_tokens=done.completion_tokens,
+            ttft_ms=done.ttft_s * 1000 if done.ttft_s is not None else None,
+            duration_ms=done.total_s * 1000,
+            tokens_per_second=done.tokens_per_second,
+            interrupted=done.stop_reason == "cancelled",
+        )
+        log.info(
+            "answer: %d prompt + %d completion tokens, %.1f tok/s, stop=%s",
+            done.prompt_tokens, done.completion_tokens, done.tokens_per_second or 0.0,
+            done.stop_reason,
+        )  # fmt: skip
+        return ChatResult(
+            answer=answer,
+            model=entry.id,
+            conversation_id=conversation.id,
+            message_id=answer_msg.id,
+            prompt_tokens=done.prompt_tokens,
+            completion_tokens=done.completion_tokens,
+            tokens_per_second=done.tokens_per_second,
+            ttft_s=done.ttft_s,
+            total_s=done.total_s,
+            load_s=load_s,
+            stop_reason=done.stop_reason,
+            dropped_messages=fitted.dropped,
+        )

@@ -1,0 +1,137 @@
+"""``bastion models``: list, import, inspect and tune installed models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from engine.cli.common import get_engine, json_option
+from engine.cli.output import emit_json, human_count, human_size, table
+
+
+@click.group("models")
+def models_group() -> None:
+    """Installed GGUF models."""
+
+
+@models_group.command("list")
+@json_option
+def list_models(as_json: bool) -> None:
+    """List installed models (base models and fine-tunes)."""
+    entries = get_engine().list_models()
+    if as_json:
+        emit_json([e.to_public() for e in entries])
+        return
+    if not entries:
+        click.echo("No models installed. Import one with: bastion models import FILE.gguf")
+        return
+    table(
+        ["ID", "ARCH", "QUANT", "PARAMS", "CONTEXT", "SIZE", "BASE"],
+        [
+            [e.id, e.arch, e.quant, human_count(e.params), e.context_length,
+             human_size(e.size_bytes), e.base or ""]
+            for e in entries
+        ],
+    )  # fmt: skip
+
+
+@models_group.command("import")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--id", "model_id", help="Id to register the model under (default: from the file name).")
+@click.option("--copy", is_flag=True, help="Copy the file into Bastion's home instead of using it in place.")
+@json_option
+def import_model(path: Path, model_id: str | None, copy: bool, as_json: bool) -> None:
+    """Validate a GGUF file from its header and register it."""
+    entry = get_engine().import_model(path, model_id, copy=copy)
+    if as_json:
+        emit_json(entry.to_public())
+    else:
+        click.echo(f"Imported {entry.id}: {entry.arch}, {human_count(entry.params)} parameters, "
+                   f"{entry.quant}, context {entry.context_length}, {human_size(entry.size_bytes)}")
+
+
+@models_group.command("info")
+@click.argument("model_id")
+@json_option
+def model_info(model_id: str, as_json: bool) -> None:
+    """Metadata, chat template and hardware fit of a model."""
+    info = get_engine().model_info(model_id)
+    if as_json:
+        emit_json(info)
+        return
+    fit, load = info["fit"], info["load"]
+    hw = info["hardware"]
+    lines = [
+        ("id", info["id"]),
+        ("name", info["name"] or "-"),
+        ("file", info["path"]),
+        ("architecture", info["arch"]),
+        ("parameters", f"{human_count(info['params'])} ({info['params']:,})"),
+        ("quantization", info["quant"]),
+        ("size", human_size(info["size_bytes"])),
+        ("context length", f"{info['context_length']} (loads with {load['context']})"),
+        ("chat template", "from the model file" if info["has_chat_template"] else
+         "none in the file; ChatML is used"),
+        ("base / adapter", f"{info['base']} + {info['adapter']}" if info["base"] else "-"),
+        ("threads", load["threads"]),
+        ("gpu layers", load["gpu_layers"]),
+        ("memory needed", f"about {human_size(fit['estimated_bytes'])} "
+         f"({'fits' if fit['fits_in_ram'] else 'does NOT fit'} in "
+         f"{human_size(hw['ram_available_bytes'])} of free RAM); runs on {fit['runs_on']}"),
+        ("machine", f"{hw['cpu']}, {hw['physical_cores']} cores, "
+         f"{human_size(hw['ram_total_bytes'])} RAM, "
+         + (", ".join(f"{g['name']} {human_size(g['total_bytes'])}" for g in hw["gpus"])
+            or "no GPU")),
+    ]  # fmt: skip
+    width = max(len(k) for k, _ in lines)
+    for key, value in lines:
+        click.echo(f"{key.ljust(width)}  {value}")
+
+
+def _setting(value: str | None, name: str) -> int | None | str:
+    """Parse a settings option: a number, or 'auto' to clear the override."""
+    if value is None:
+        return "unchanged"
+    if value == "auto":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise click.BadParameter(f"expected a number or 'auto', not {value!r}",
+                                 param_hint=f"--{name}") from None  # fmt: skip
+
+
+@models_group.command("set")
+@click.argument("model_id")
+@click.option("--gpu-layers", help="Layers to offload to the GPU (a number or 'auto').")
+@click.option("--context", help="Context window in tokens (a number or 'auto').")
+@click.option("--threads", help="CPU threads (a number or 'auto').")
+@json_option
+def set_model(model_id: str, gpu_layers: str | None, context: str | None,
+              threads: str | None, as_json: bool) -> None:  # fmt: skip
+    """Override how a model is loaded."""
+    changes = {
+        key: parsed
+        for key, raw in (("gpu_layers", gpu_layers), ("context", context), ("threads", threads))
+        if (parsed := _setting(raw, key.replace("_", "-"))) != "unchanged"
+    }
+    entry = get_engine().set_model_settings(model_id, **changes)  # type: ignore[arg-type]
+    if as_json:
+        emit_json(entry.to_public())
+    else:
+        s = entry.settings
+        click.echo(f"{entry.id}: gpu layers {s.gpu_layers or 'auto'}, "
+                   f"context {s.context or 'auto'}, threads {s.threads or 'auto'}")
+
+
+@models_group.command("remove")
+@click.argument("model_id")
+@json_option
+def remove_model(model_id: str, as_json: bool) -> None:
+    """Forget a model (its file is not deleted)."""
+    entry = get_engine().remove_model(model_id)
+    if as_json:
+        emit_json(entry.to_public())
+    else:
+        click.echo(f"Removed {entry.id} (the file {entry.path} is still there)")

@@ -1,0 +1,134 @@
+"""The engine facade: the one object the CLI, the desktop app and the server hold."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from engine import paths
+from engine.chat.session import ChatRequest, ChatResult, ChatService, load_spec_for
+from engine.jobs import JobContext
+from engine.logs import log_to_file
+from engine.models import hardware
+from engine.models.gguf_info import read_gguf_info
+from engine.models.registry import ModelEntry, ModelRegistry
+from engine.models.runtime import ModelLane
+from engine.privacy import guard
+from engine.store.conversations import Conversation, ConversationStore, Message, SearchHit
+from engine.store.db import Database
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    """Bastion's headless core. Methods are synchronous and return typed results.
+
+    Long calls take a ``JobContext`` for progress and cancel. The engine never prints,
+    never draws and never starts threads beyond the model lane it owns.
+    """
+
+    def __init__(self, home: Path | None = None, *, db_timeout: float = 30.0) -> None:
+        guard.activate()
+        self.home = paths.prepare_home(home or paths.default_home())
+        self.log_path = log_to_file(self.home)
+        self.db = Database(self.home / "bastion.db", timeout=db_timeout)
+        self.models = ModelRegistry(self.db)
+        self.conversations = ConversationStore(self.db)
+        self._lane = ModelLane()
+        self._chat = ChatService(self._lane, self.models, self.conversations)
+
+    # -- models ----------------------------------------------------------------------
+
+    def list_models(self) -> list[ModelEntry]:
+        return self.models.list()
+
+    def import_model(self, path: Path, model_id: str | None = None, copy: bool = False
+                     ) -> ModelEntry:  # fmt: skip
+        """Validate a GGUF file from its header and register it (copied into the home if asked)."""
+        return self.models.import_file(
+            path, model_id, copy_into=self.home / "models" if copy else None
+        )
+
+    def remove_model(self, model_id: str) -> ModelEntry:
+        return self.models.remove(model_id)
+
+    def set_model_settings(self, model_id: str, **changes: int | None) -> ModelEntry:
+        return self.models.update_settings(model_id, **changes)
+
+    def model_info(self, model_id: str) -> dict[str, Any]:
+        """Everything known about a model: metadata, chat template, settings, hardware fit."""
+        entry = self.models.get(model_id)
+        info = read_gguf_info(Path(entry.path))
+        spec = load_spec_for(entry)
+        hw = hardware.detect()
+        data = entry.to_public()
+        data.update(
+            {
+                "name": info.name,
+                "file_kind": info.file_kind,
+                "gguf_version": info.version,
+                "tensor_count": info.tensor_count,
+                "vocab_size": info.vocab_size,
+                "layers": info.block_count,
+                "chat_template": entry.chat_template,
+                "load": {
+                    "context": spec.n_ctx,
+                    "threads": spec.n_threads,
+                    "gpu_layers": spec.n_gpu_layers,
+                },
+                "fit": hardware.fit_report(info, spec.n_ctx, hw),
+                "hardware": hw.to_dict(),
+                "metadata": entry.metadata,
+            }
+        )
+        return data
+
+    def default_model_id(self) -> str:
+        return self.models.default_id()
+
+    # -- chat ------------------------------------------------------------------------
+
+    def load_model(self, model_id: str | None = None) -> tuple[ModelEntry, float]:
+        """Load a model into the lane ahead of time; returns it and the seconds spent."""
+        return self._chat.prepare(model_id)
+
+    def chat(
+        self,
+        request: ChatRequest,
+        ctx: JobContext | None = None,
+        on_text: Callable[[str], None] | None = None,
+        on_notice: Callable[[str], None] | None = None,
+    ) -> ChatResult:
+        """Answer one prompt, streaming text to ``on_text``; see ``ChatService.send``."""
+        return self._chat.send(request, ctx, on_text, on_notice)
+
+    # -- history ---------------------------------------------------------------------
+
+    def list_conversations(self, limit: int | None = None) -> list[Conversation]:
+        return self.conversations.list(limit)
+
+    def get_conversation(self, conversation_id: int) -> tuple[Conversation, list[Message]]:
+        return (
+            self.conversations.get(conversation_id),
+            self.conversations.messages(conversation_id),
+        )
+
+    def search_history(self, text: str, limit: int = 50) -> list[SearchHit]:
+        return self.conversations.search(text, limit)
+
+    def export_conversation(self, conversation_id: int, fmt: str) -> str:
+        return self.conversations.export(conversation_id, fmt)
+
+    # -- lifetime --------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._lane.close()
+        self.db.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,471 @@
+"""Stored conversations: messages, progressive saving of answers, full-text search, export."""
+
+from __future__ import annotations
+
+import builtins
+import json
+import re
+import sqlite3
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from engine.errors import InvalidInput, NotFound
+from engine.store.db import Database
+
+ROLES: Final = ("system", "user", "assistant")
+EXPORT_FORMATS: Final = ("md", "json")
+TITLE_MAX_CHARS: Final = 60
+# Marks around matched words in SearchHit.snippet; the CLI and GUI restyle them.
+SNIPPET_START: Final = "["
+SNIPPET_END: Final = "]"
+SNIPPET_ELLIPSIS: Final = "…"
+_SNIPPET_TOKENS: Final = 16
+_SNIPPET_CONTEXT_CHARS: Final = 40
+
+# Scripts written without spaces between words. FTS5's unicode61 tokenizer makes a whole
+# run of them one token, so "日本" would not find "日本語を話す"; such terms are also
+# looked up as plain substrings.
+_UNSPACED_SCRIPT: Final = re.compile(
+    "[\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]"
+)
+
+_HISTORY_HINT: Final = "run `bastion history list` to see the stored conversations"
+
+Clock = Callable[[], datetime]
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """A stored conversation, with the number of its messages."""
+
+    id: int
+    title: str | None
+    model: str | None
+    system_prompt: str | None
+    created_at: str
+    updated_at: str
+    message_count: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dict."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Message:
+    """One message; ``interrupted`` is True while an answer is streaming or if it was cut off."""
+
+    id: int
+    conversation_id: int
+    role: str
+    content: str
+    model: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    ttft_ms: float | None
+    duration_ms: float | None
+    tokens_per_second: float | None
+    interrupted: bool
+    created_at: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dict."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    """A message that matched a search, with a snippet marking the matched words."""
+
+    conversation_id: int
+    conversation_title: str | None
+    message_id: int
+    role: str
+    snippet: str
+    created_at: str
+
+
+_CONVERSATION_SELECT: Final = """
+SELECT c.id, c.title, c.model, c.system_prompt, c.created_at, c.updated_at,
+       (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id) AS message_count
+FROM conversations c
+"""
+
+_MESSAGE_COLUMNS: Final = (
+    "id, conversation_id, role, content, model, prompt_tokens, completion_tokens, "
+    "ttft_ms, duration_ms, tokens_per_second, interrupted, created_at"
+)
+
+
+def _conversation(row: sqlite3.Row) -> Conversation:
+    return Conversation(
+        id=row["id"],
+        title=row["title"],
+        model=row["model"],
+        system_prompt=row["system_prompt"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        message_count=row["message_count"],
+    )
+
+
+def _message(row: sqlite3.Row) -> Message:
+    values = dict(zip(row.keys(), tuple(row), strict=True))
+    values["interrupted"] = bool(values["interrupted"])
+    return Message(**values)
+
+
+def title_from(text: str) -> str | None:
+    """A conversation title made from a message: its first line, at most 60 characters.
+
+    Returns:
+        The title, or None when the text has no visible characters.
+    """
+    for raw_line in text.splitlines():
+        line = " ".join(raw_line.split())
+        if line:
+            if len(line) <= TITLE_MAX_CHARS:
+                return line
+            return line[: TITLE_MAX_CHARS - 1].rstrip() + "…"
+    return None
+
+
+def fts_query(text: str) -> str:
+    """Turn what a user typed into an FTS5 query that cannot be a syntax error.
+
+    Each whitespace-separated term becomes a quoted phrase (inner quotes doubled), so
+    operators (``AND``, ``NEAR``, ``*``, ``col:``) are searched as words; the terms
+    are ANDed.
+
+    Raises:
+        InvalidInput: The text is empty or blank.
+    """
+    terms = text.split()
+    if not terms:
+        raise InvalidInput("the search text is empty", hint="give one or more words to look for")
+    return " ".join('"' + term.replace('"', '""') + '"' for term in terms)
+
+
+class ConversationStore:
+    """Conversations and their messages in ``bastion.db``.
+
+    Timestamps are ISO-8601 UTC strings. ``updated_at`` moves when a message is added,
+    so ``list()`` shows the conversations with the latest activity first.
+    """
+
+    def __init__(self, db: Database, clock: Clock = _utc_now) -> None:
+        """Wrap an open database.
+
+        Args:
+            db: The open database (migrations applied).
+            clock: Gives the current UTC time; tests pass a fake to order events.
+        """
+        self._db = db
+        self._clock = clock
+
+    def _now(self) -> str:
+        return self._clock().astimezone(UTC).isoformat(timespec="microseconds")
+
+    def create(
+        self, model: str | None, system_prompt: str | None = None, title: str | None = None
+    ) -> Conversation:
+        """Start a conversation.
+
+        Args:
+            model: Id of the model it is held with, if known.
+            system_prompt: The system prompt in effect, if any.
+            title: A title; when empty, the first user message gives one.
+
+        Returns:
+            The new conversation.
+        """
+        now = self._now()
+        with self._db.transaction() as conn:
+            cursor = conn.execute(
+                "INSERT INTO conversations (title, model, system_prompt, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (title, model, system_prompt, now, now),
+            )
+            new_id = int(cursor.lastrowid or 0)
+        return self.get(new_id)
+
+    def get(self, conversation_id: int) -> Conversation:
+        """One conversation by id.
+
+        Raises:
+            NotFound: No conversation has this id.
+        """
+        row = self._db.query_one(_CONVERSATION_SELECT + " WHERE c.id = ?", (conversation_id,))
+        if row is None:
+            raise NotFound(f"no conversation {conversation_id}", hint=_HISTORY_HINT)
+        return _conversation(row)
+
+    def list(self, limit: int | None = None) -> builtins.list[Conversation]:
+        """Conversations with the latest activity first.
+
+        Args:
+            limit: At most this many; all when None.
+        """
+        rows = self._db.query(
+            _CONVERSATION_SELECT + " ORDER BY c.updated_at DESC, c.id DESC LIMIT ?",
+            (-1 if limit is None else max(limit, 0),),
+        )
+        return [_conversation(row) for row in rows]
+
+    def messages(self, conversation_id: int) -> builtins.list[Message]:
+        """A conversation's messages, oldest first.
+
+        Raises:
+            NotFound: No conversation has this id.
+        """
+        rows = self._db.query(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ? ORDER BY id",
+            (conversation_id,),
+        )
+        if not rows:
+            self.get(conversation_id)  # raises NotFound unless it merely has no messages
+        return [_message(row) for row in rows]
+
+    def add_message(
+        self,
+        conversation_id: int,
+        role: str,
+        content: str,
+        *,
+        model: str | None = None,
+        prompt_tokens: int | None = None,
+        completion_tokens: int | None = None,
+        ttft_ms: float | None = None,
+        duration_ms: float | None = None,
+        tokens_per_second: float | None = None,
+        interrupted: bool = False,
+    ) -> Message:
+        """Append a message, bump the conversation's ``updated_at``, and title it if untitled.
+
+        Args:
+            conversation_id: The conversation.
+            role: ``system``, ``user`` or ``assistant``.
+            content: The text.
+            model: Id of the model that wrote an answer.
+            prompt_tokens: Tokens of the prompt that produced an answer.
+            completion_tokens: Tokens of the answer.
+            ttft_ms: Milliseconds until the first token.
+            duration_ms: Milliseconds the answer took.
+            tokens_per_second: Generation speed.
+            interrupted: True for an answer still streaming or cut off.
+
+        Returns:
+            The stored message.
+
+        Raises:
+            InvalidInput: The role is not one of ``ROLES``.
+            NotFound: No conversation has this id.
+        """
+        if role not in ROLES:
+            raise InvalidInput(
+                f"unknown message role {role!r}", hint="use system, user or assistant"
+            )
+        now = self._now()
+        with self._db.transaction() as conn:
+            bumped = conn.execute(
+                "UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conversation_id)
+            )
+            if bumped.rowcount == 0:
+                raise NotFound(f"no conversation {conversation_id}", hint=_HISTORY_HINT)
+            cursor = conn.execute(
+                "INSERT INTO messages (conversation_id, role, content, model, prompt_tokens,"
+                " completion_tokens, ttft_ms, duration_ms, tokens_per_second, interrupted,"
+                " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    conversation_id, role, content, model, prompt_tokens, completion_tokens,
+                    ttft_ms, duration_ms, tokens_per_second, int(interrupted), now,
+                ),
+            )  # fmt: skip
+            title = title_from(content) if role == "user" else None
+            if title is not None:
+                conn.execute(
+                    "UPDATE conversations SET title = ? WHERE id = ? AND COALESCE(title, '') = ''",
+                    (title, conversation_id),
+                )
+            row = conn.execute(
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ?", (cursor.lastrowid,)
+            ).fetchone()
+        return _message(row)
+
+    def update_message(
+        self,
+        message_id: int,
+        *,
+        content: str,
+        completion_tokens: int | None = None,
+        ttft_ms: float | None = None,
+        duration_ms: float | None = None,
+        tokens_per_second: float | None = None,
+        interrupted: bool,
+    ) -> None:
+        """Overwrite a message's text while it streams, and its figures when it ends.
+
+        One ``UPDATE`` in one short transaction, cheap enough to call twice a second.
+        The figures left at None keep their stored value.
+
+        Raises:
+            NotFound: No message has this id.
+        """
+        with self._db.transaction() as conn:
+            cursor = conn.execute(
+                "UPDATE messages SET content = ?,"
+                " completion_tokens = COALESCE(?, completion_tokens),"
+                " ttft_ms = COALESCE(?, ttft_ms), duration_ms = COALESCE(?, duration_ms),"
+                " tokens_per_second = COALESCE(?, tokens_per_second), interrupted = ?"
+                " WHERE id = ?",
+                (
+                    content, completion_tokens, ttft_ms, duration_ms, tokens_per_second,
+                    int(interrupted), message_id,
+                ),
+            )  # fmt: skip
+            if cursor.rowcount == 0:
+                raise NotFound(f"no message {message_id}")
+
+    def rename(self, conversation_id: int, title: str) -> None:
+        """Set a conversation's title (``updated_at`` is left alone: it tracks messages).
+
+        Raises:
+            NotFound: No conversation has this id.
+        """
+        with self._db.transaction() as conn:
+            cursor = conn.execute(
+                "UPDATE conversations SET title = ? WHERE id = ?", (title, conversation_id)
+            )
+            if cursor.rowcount == 0:
+                raise NotFound(f"no conversation {conversation_id}", hint=_HISTORY_HINT)
+
+    def delete(self, conversation_id: int) -> None:
+        """Delete a conversation and its messages (and their search entries).
+
+        Raises:
+            NotFound: No conversation has this id.
+        """
+        with self._db.transaction() as conn:
+            cursor = conn.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+            if cursor.rowcount == 0:
+                raise NotFound(f"no conversation {conversation_id}", hint=_HISTORY_HINT)
+
+    def search(self, text: str, limit: int = 50) -> builtins.list[SearchHit]:
+        """Messages containing every word of ``text``, best match (bm25) first.
+
+        Any text is safe: words are searched literally, never as FTS5 syntax. Words in
+        scripts written without spaces (Chinese, Japanese, Thai…) are also matched as
+        substrings; those hits come after the ranked ones, newest first.
+
+        Args:
+            text: What the user typed.
+            limit: At most this many hits.
+
+        Raises:
+            InvalidInput: The text is empty or blank.
+        """
+        query = fts_query(text)
+        rows = self._db.query(
+            "SELECT m.conversation_id, c.title, m.id, m.role, m.created_at,"
+            " snippet(messages_fts, 0, ?, ?, ?, ?) AS snippet"
+            " FROM messages_fts"
+            " JOIN messages m ON m.id = messages_fts.rowid"
+            " JOIN conversations c ON c.id = m.conversation_id"
+            " WHERE messages_fts MATCH ? ORDER BY rank LIMIT ?",
+            (SNIPPET_START, SNIPPET_END, SNIPPET_ELLIPSIS, _SNIPPET_TOKENS, query, limit),
+        )
+        hits = [
+            SearchHit(
+                conversation_id=row[0], conversation_title=row[1], message_id=row[2],
+                role=row[3], created_at=row[4], snippet=row[5],
+            )
+            for row in rows
+        ]  # fmt: skip
+        if len(hits) < limit and _UNSPACED_SCRIPT.search(text):
+            seen = {hit.message_id for hit in hits}
+            hits += [
+                hit
+                for hit in self._substring_search(text.split(), limit)
+                if hit.message_id not in seen
+            ][: limit - len(hits)]
+        return hits
+
+    def _substring_search(self, terms: builtins.list[str], limit: int) -> builtins.list[SearchHit]:
+        # A full scan with LIKE: fine for a personal history, and only for these scripts.
+        where = " AND ".join("m.content LIKE ? ESCAPE '\\'" for _ in terms)
+        patterns = ["%" + re.sub(r"([\\%_])", r"\\\1", term) + "%" for term in terms]
+        rows = self._db.query(
+            "SELECT m.conversation_id, c.title, m.id, m.role, m.created_at, m.content"
+            " FROM messages m JOIN conversations c ON c.id = m.conversation_id"
+            f" WHERE {where} ORDER BY m.id DESC LIMIT ?",
+            (*patterns, limit),
+        )
+        return [
+            SearchHit(
+                conversation_id=row[0], conversation_title=row[1], message_id=row[2],
+                role=row[3], created_at=row[4], snippet=_substring_snippet(row[5], terms[0]),
+            )
+            for row in rows
+        ]  # fmt: skip
+
+    def export(self, conversation_id: int, fmt: str) -> str:
+        """A conversation as Markdown (``md``) or one JSON object (``json``).
+
+        Raises:
+            InvalidInput: ``fmt`` is not ``md`` or ``json``.
+            NotFound: No conversation has this id.
+        """
+        if fmt not in EXPORT_FORMATS:
+            raise InvalidInput(f"unknown export format {fmt!r}", hint="use md or json")
+        conversation = self.get(conversation_id)
+        messages = self.messages(conversation_id)
+        if fmt == "json":
+            document = conversation.to_dict()
+            document["messages"] = [message.to_dict() for message in messages]
+            return json.dumps(document, indent=2, ensure_ascii=False) + "\n"
+        return _markdown(conversation, messages)
+
+
+def _substring_snippet(content: str, term: str) -> str:
+    """A snippet like FTS5's, around the first occurrence of ``term``."""
+    at = content.lower().find(term.lower())
+    if at < 0:  # matched through LIKE's ASCII case folding only; show the start
+        return content[: 2 * _SNIPPET_CONTEXT_CHARS]
+    start = max(at - _SNIPPET_CONTEXT_CHARS, 0)
+    end = min(at + len(term) + _SNIPPET_CONTEXT_CHARS, len(content))
+    return (
+        (SNIPPET_ELLIPSIS if start > 0 else "")
+        + content[start:at]
+        + SNIPPET_START
+        + content[at : at + len(term)]
+        + SNIPPET_END
+        + content[at + len(term) : end]
+        + (SNIPPET_ELLIPSIS if end < len(content) else "")
+    )
+
+
+def _markdown(conversation: Conversation, messages: builtins.list[Message]) -> str:
+    title = conversation.title or f"Conversation {conversation.id}"
+    meta = [f"conversation {conversation.id}", f"created {conversation.created_at}"]
+    if conversation.model:
+        meta.insert(1, f"model {conversation.model}")
+    lines = [f"# {title}", "", "*" + " · ".join(meta) + "*", ""]
+    if conversation.system_prompt:
+        lines += ["**System prompt:**", "", conversation.system_prompt, ""]
+    for message in messages:
+        lines += [f"### {message.role.capitalize()}", ""]
+        notes = []
+        if message.model:
+            notes.append(f"*{message.model}*")
+        if message.interrupted:
+            notes.append("*(interrupted)*")
+        if notes:
+            lines += [" ".join(notes), ""]
+        lines += [message.content, ""]
+    return "\n".join(lines)

@@ -1,0 +1,198 @@
+"""Append-only, named schema migrations of ``bastion.db``, recorded in a ``migrations`` table.
+
+NEVER EDIT A SHIPPED MIGRATION. Users' databases already ran it, and they will never run
+it again: a change to an existing entry only reaches fresh installs and splits the world
+into two schemas. To change the schema, append a new ``(name, sql)`` entry at the end
+of ``MIGRATIONS`` (``m003_...``) that alters what is there.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from datetime import UTC, datetime
+from typing import Final
+
+logger = logging.getLogger(__name__)
+
+Migration = tuple[str, str]
+
+M001_CONVERSATIONS: Final = """
+CREATE TABLE conversations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    title TEXT,
+    model TEXT,
+    system_prompt TEXT,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+
+CREATE TABLE messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    conversation_id INTEGER NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+    role TEXT NOT NULL CHECK (role IN ('system', 'user', 'assistant')),
+    content TEXT NOT NULL,
+    model TEXT,
+    prompt_tokens INTEGER,
+    completion_tokens INTEGER,
+    ttft_ms REAL,
+    duration_ms REAL,
+    tokens_per_second REAL,
+    interrupted INTEGER NOT NULL DEFAULT 0,
+    created_at TEXT NOT NULL
+);
+
+CREATE INDEX messages_conversation_id ON messages(conversation_id);
+
+-- External-content index: the text lives once, in messages; the triggers keep the index
+-- in step. remove_diacritics 2 lets "cafe" find "café".
+CREATE VIRTUAL TABLE messages_fts USING fts5(
+    content,
+    content='messages',
+    content_rowid='id',
+    tokenize='unicode61 remove_diacritics 2'
+);
+
+CREATE TRIGGER messages_fts_insert AFTER INSERT ON messages BEGIN
+    INSERT INTO messages_fts(rowid, content) VALUES (new.id, new.content);
+END;
+
+CREATE TRIGGER messages_fts_delete AFTER DELETE ON messages BEGIN
+    INSERT INTO messages_fts(messages_fts, rowid, content) VALUES ('delete', old.id, old.content);
+END;
+
+CREATE TRIGGER messages_fts_update AFTER UPDATE OF content ON messages
+WHEN old.content IS NOT new.content BEGIN
+    INSERT INTO messages_fts(messages_fts, rowid, content) VALUES ('delete', old.id, old.content);
+    INSERT INTO messages_fts(rowid, content) VALUES (new.id, new.content);
+END;
+"""
+
+M002_MODELS: Final = """
+CREATE TABLE models (
+    id TEXT PRIMARY KEY,
+    path TEXT NOT NULL,
+    arch TEXT,
+    quant TEXT,
+    params INTEGER,
+    context_length INTEGER,
+    size_bytes INTEGER,
+    chat_template TEXT,
+    metadata TEXT NOT NULL DEFAULT '{}',
+    base TEXT,
+    adapter TEXT,
+    settings TEXT NOT NULL DEFAULT '{}',
+    builtin INTEGER NOT NULL DEFAULT 0,
+    created_at TEXT NOT NULL
+);
+"""
+
+# Append only. See the module docstring.
+MIGRATIONS: Final[tuple[Migration, ...]] = (
+    ("m001_conversations", M001_CONVERSATIONS),
+    ("m002_models", M002_MODELS),
+)
+
+_CREATE_TABLE: Final = (
+    "CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, applied_at TEXT)"
+)
+
+
+def split_statements(sql: str) -> list[str]:
+    """Split a script into complete statements, keeping trigger bodies whole.
+
+    ``executescript`` cannot be used: it commits any open transaction first, which
+    would break the ``BEGIN IMMEDIATE`` that makes migrating safe between processes.
+
+    Args:
+        sql: Several SQL statements separated by semicolons.
+
+    Returns:
+        Each complete statement, in order.
+    """
+    statements: list[str] = []
+    buffer = ""
+    for piece in sql.split(";"):
+        buffer += piece + ";"
+        if sqlite3.complete_statement(buffer):
+            if buffer.strip(" \t\r\n;"):
+                statements.append(buffer.strip())
+            buffer = ""
+    if buffer.strip(" \t\r\n;"):
+        raise ValueError(f"incomplete SQL statement in migration: {buffer.strip()[:80]!r}")
+    return statements
+
+
+def applied_migrations(conn: sqlite3.Connection) -> list[str]:
+    """Names of the migrations recorded in the database, in the order they were applied."""
+    exists = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'migrations'"
+    ).fetchone()
+    if exists is None:
+        return []
+    rows = conn.execute("SELECT name FROM migrations ORDER BY rowid").fetchall()
+    return [str(row[0]) for row in rows]
+
+
+def pending_migrations(
+    conn: sqlite3.Connection, migrations: tuple[Migration, ...] = MIGRATIONS
+) -> list[str]:
+    """Names of the migrations not yet applied to the database."""
+    done = set(applied_migrations(conn))
+    return [name for name, _ in migrations if name not in done]
+
+
+def apply_migrations(
+    conn: sqlite3.Connection, migrations: tuple[Migration, ...] = MIGRATIONS
+) -> list[str]:
+    """Apply the pending migrations, in order, in one ``BEGIN IMMEDIATE`` transaction.
+
+    Two processes opening a fresh database at the same moment both see migrations
+    pending; the write lock lets one in at a time, and the list is read again inside
+    the transaction, so the second finds nothing left to do.
+
+    Args:
+        conn: A connection in autocommit mode (``isolation_level=None``) with no open
+            transaction.
+        migrations: The migrations to apply; the default is Bastion's schema.
+
+    Returns:
+        The names applied by this call (empty when the database was up to date).
+    """
+    # Cheap read first: an up-to-date database never takes the write lock on open.
+    if not pending_migrations(conn, migrations):
+        _warn_about_unknown(conn, migrations)
+        return []
+    applied: list[str] = []
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute(_CREATE_TABLE)
+        for name in pending_migrations(conn, migrations):
+            sql = dict(migrations)[name]
+            for statement in split_statements(sql):
+                conn.execute(statement)
+            conn.execute(
+                "INSERT INTO migrations (name, applied_at) VALUES (?, ?)",
+                (name, datetime.now(UTC).isoformat(timespec="microseconds")),
+            )
+            applied.append(name)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    for name in applied:
+        logger.info("applied migration %s", name)
+    return applied
+
+
+def _warn_about_unknown(conn: sqlite3.Connection, migrations: tuple[Migration, ...]) -> None:
+    """Log when the database was migrated by a newer Bastion than this one."""
+    known = {name for name, _ in migrations}
+    unknown = [name for name in applied_migrations(conn) if name not in known]
+    if unknown:
+        logger.warning(
+            "the database has migrations this version does not know (%s); "
+            "it was last opened by a newer Bastion",
+            ", ".join(unknown),
+        )

