@@ -29,10 +29,22 @@ class Engine:
     never draws and never starts threads beyond the model lane it owns.
     """
 
-    def __init__(self, home: Path | None = None, *, db_timeout: float = 30.0) -> None:
+    def __init__(self, home: Path | None = None, *, db_timeout: float | None = None) -> None:
+        """Open (creating if needed) Bastion's home and database.
+
+        Args:
+            home: the data folder; ``$BASTION_HOME`` or the platform's data dir if None.
+            db_timeout: seconds to wait for another process holding the database;
+                ``$BASTION_DB_TIMEOUT`` or 30 if None.
+
+        Raises:
+            EnvironmentFault: the home is not writable or the database cannot be used.
+        """
         guard.activate()
         self.home = paths.prepare_home(home or paths.default_home())
         self.log_path = log_to_file(self.home)
+        if db_timeout is None:
+            db_timeout = paths.env_float("BASTION_DB_TIMEOUT", 30.0)
         self.db = Database(self.home / "bastion.db", timeout=db_timeout)
         self.models = ModelRegistry(self.db)
         self.conversations = ConversationStore(self.db)
@@ -44,8 +56,9 @@ class Engine:
     def list_models(self) -> list[ModelEntry]:
         return self.models.list()
 
-    def import_model(self, path: Path, model_id: str | None = None, copy: bool = False
-                     ) -> ModelEntry:  # fmt: skip
+    def import_model(
+        self, path: Path, model_id: str | None = None, copy: bool = False
+    ) -> ModelEntry:
         """Validate a GGUF file from its header and register it (copied into the home if asked)."""
         return self.models.import_file(
             path, model_id, copy_into=self.home / "models" if copy else None

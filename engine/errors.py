@@ -68,5 +68,5 @@ class NetworkBlocked(BastionError, ConnectionRefusedError):
         BastionError.__init__(self, message, hint)
 
 
-class Cancelled(Exception):  # noqa: N818 -- the name says what happened, like anki's Interrupted
+class Cancelled(Exception):
     """A job was cancelled by the user. Every edge treats it as a normal end."""

@@ -49,6 +49,14 @@ def prepare_home(home: Path) -> Path:
     return home
 
 
+def env_float(name: str, default: float) -> float:
+    """A number from the environment, or ``default`` when unset or not a number."""
+    try:
+        return float(os.environ[name])
+    except (KeyError, ValueError):
+        return default
+
+
 def builtin_models_dirs() -> list[Path]:
     """Folders where set-up puts the default models (first match wins)."""
     dirs = []

@@ -32,9 +32,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 import zipfile
 from pathlib import Path
+
+if sys.version_info < (3, 11):  # noqa: UP036 -- this script is what tells older Pythons
+    sys.exit(f"Bastion needs Python 3.11 or newer; this is {platform.python_version()}")
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV = Path(os.environ.get("BASTION_VENV", ROOT / ".venv")).resolve()
@@ -60,7 +64,7 @@ def venv_bin(name: str) -> Path:
 
 def run(cmd: list[str], env: dict[str, str] | None = None) -> None:
     log("$ " + " ".join(cmd))
-    result = subprocess.run(cmd, env=env)
+    result = subprocess.run(cmd, env=env, check=False)
     if result.returncode != 0:
         fail(f"command failed with exit code {result.returncode}: {' '.join(cmd[:4])} ...")
 
@@ -92,7 +96,9 @@ def nvidia_driver_present() -> bool:
     if smi is None:
         return False
     try:
-        result = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20)
+        result = subprocess.run(
+            [smi, "-L"], capture_output=True, text=True, timeout=20, check=False
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
     return result.returncode == 0 and "GPU" in result.stdout
@@ -117,11 +123,8 @@ def llama_backend() -> str:
     nvcc = find_nvcc()
     if nvcc and nvidia_driver_present():
         return "cuda"
-    if nvcc:
-        # A CUDA toolkit without a driver (a build box, a container without the GPU passed
-        # through) would give a slow build of a library that then fails to load.
-        log("nvcc found but no NVIDIA driver or GPU: building llama.cpp for the CPU "
-            "(set BASTION_LLAMA_BACKEND=cuda to force a CUDA build)")
+    # nvcc without a driver (a build box, a container without the GPU passed through)
+    # would give a slow build of a library that then fails to load: build for the CPU.
     return "cpu"
 
 
@@ -207,15 +210,31 @@ def ensure_llama(backend: str, recorded_backend: str | None) -> None:
             nvcc = find_nvcc()
             if nvcc:
                 env.setdefault("CUDACXX", nvcc)
-        log(f"building llama-cpp-python {version} for {backend} (once per machine; "
-            f"about 10 minutes on 2 cores, CMAKE_ARGS={env['CMAKE_ARGS']!r})")
+        if backend == "cpu" and find_nvcc():
+            log(
+                "nvcc found but no NVIDIA driver or GPU: building llama.cpp for the CPU "
+                "(set BASTION_LLAMA_BACKEND=cuda to force a CUDA build)"
+            )
+        log(
+            f"building llama-cpp-python {version} for {backend} (once per machine; "
+            f"about 10 minutes on 2 cores, CMAKE_ARGS={env['CMAKE_ARGS']!r})"
+        )
         tmp = Path(tempfile.mkdtemp(prefix="bastion-llama-"))
         started = time.monotonic()
         # --no-cache-dir: pip's own cache keys a built wheel by the source archive only,
         # so a CPU build could later be served for a CUDA request. The wheelhouse above is
         # keyed by backend instead.
-        pip("wheel", requirement, "--no-deps", "--no-binary", "llama-cpp-python",
-            "--no-cache-dir", "-w", str(tmp), env=env)
+        pip(
+            "wheel",
+            requirement,
+            "--no-deps",
+            "--no-binary",
+            "llama-cpp-python",
+            "--no-cache-dir",
+            "-w",
+            str(tmp),
+            env=env,
+        )
         built = sorted(tmp.glob("llama_cpp_python-*.whl"))
         if not built:
             fail("llama-cpp-python built no wheel")
@@ -317,7 +336,7 @@ def setup(extras: str) -> None:
 def exec_in_venv(argv: list[str]) -> None:
     executable = str(venv_bin(argv[0]))
     if IS_WINDOWS:
-        raise SystemExit(subprocess.run([executable, *argv[1:]]).returncode)
+        raise SystemExit(subprocess.run([executable, *argv[1:]], check=False).returncode)
     os.execv(executable, [executable, *argv[1:]])
 
 
@@ -333,7 +352,7 @@ def run_tests(pytest_args: list[str]) -> int:
     failed = []
     for name, cmd in steps:
         log(f"{name}: {' '.join(Path(c).name if i == 0 else c for i, c in enumerate(cmd))}")
-        if subprocess.run(cmd, cwd=ROOT, env=env).returncode != 0:
+        if subprocess.run(cmd, cwd=ROOT, env=env, check=False).returncode != 0:
             failed.append(name)
     if failed:
         log("failed: " + ", ".join(failed))
@@ -343,8 +362,6 @@ def run_tests(pytest_args: list[str]) -> int:
 
 
 def main(argv: list[str]) -> int:
-    if sys.version_info < (3, 11):
-        fail(f"Python 3.11 or newer is needed; this is {platform.python_version()}")
     command = argv[0] if argv else "run"
     rest = argv[1:]
     if command == "setup":

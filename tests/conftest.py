@@ -58,13 +58,21 @@ class CLIResult:
 def cli(home: Path) -> Callable[..., CLIResult]:
     """Run the installed ``bastion`` command in a subprocess against ``home``."""
 
-    def run(*args: str, input: str | None = None, timeout: float = 240,
-            env: dict[str, str] | None = None) -> CLIResult:  # fmt: skip
+    def run(
+        *args: str,
+        input: str | None = None,
+        timeout: float = 240,
+        env: dict[str, str] | None = None,
+    ) -> CLIResult:
         full_env = {**os.environ, "BASTION_HOME": str(home), **(env or {})}
         proc = subprocess.run(
             [str(BIN / "bastion"), *args],
-            input=input, capture_output=True, text=True, timeout=timeout, env=full_env,
-        )  # fmt: skip
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=full_env,
+        )
         return CLIResult(proc.returncode, proc.stdout, proc.stderr)
 
     return run
@@ -81,8 +89,14 @@ def assert_one_line_error(result: CLIResult, code: int, *needles: str) -> None:
         assert needle.lower() in lines[0].lower(), (needle, lines[0])
 
 
-def write_gguf(path: Path, arch: str = "llama", *, general_type: str | None = None,
-               context_length: int = 2048, n_tensors: int = 2) -> Path:  # fmt: skip
+def write_gguf(
+    path: Path,
+    arch: str = "llama",
+    *,
+    general_type: str | None = None,
+    context_length: int = 2048,
+    n_tensors: int = 2,
+) -> Path:
     """A small but valid GGUF file (header-valid; too small to be a useful model)."""
     import gguf
 

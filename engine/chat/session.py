@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from engine.chat.context import fit_messages
+from engine.chat.context import FittedPrompt, fit_messages
 from engine.chat.templates import ChatMessage, ChatTemplate
-from engine.errors import InvalidInput
+from engine.errors import InvalidInput, OperationFailed
 from engine.jobs import JobContext
 from engine.models import hardware
 from engine.models.registry import ModelEntry, ModelRegistry
@@ -21,7 +21,6 @@ from engine.models.runtime import (
     LoadSpec,
     ModelLane,
     SamplingParams,
-    TokenChunk,
 )
 from engine.store.conversations import ConversationStore
 
@@ -156,6 +155,11 @@ class ChatService:
 
         The question and the (growing) answer are written to the database before and
         during generation; a cancelled answer is kept with its ``interrupted`` flag set.
+
+        Raises:
+            InvalidInput: empty prompt; NotFound: unknown model or conversation;
+            ContextOverflow: the prompt alone does not fit; Cancelled: cancelled before
+            generation started (nothing was written).
         """
         ctx = ctx or JobContext()
         prompt = request.prompt.strip()
@@ -166,15 +170,13 @@ class ChatService:
             conversation = self._store.get(request.conversation_id)
         model_id = request.model_id or (conversation.model if conversation else None)
         entry, load_s = self.prepare(model_id)
+        ctx.check_cancelled()
         # Time to first token is counted from here: loading is reported apart (load_s).
         started = time.perf_counter()
         spec = load_spec_for(entry)
-        template, add_bos = self._template(entry, spec)
-
         system_text = request.system
         if system_text is None and conversation is not None:
             system_text = conversation.system_prompt
-        system = ChatMessage("system", system_text) if system_text else None
         history = []
         if conversation is not None:
             history = [
@@ -182,16 +184,7 @@ class ChatService:
                 for m in self._store.messages(conversation.id)
                 if m.role in ("user", "assistant") and m.content.strip()
             ]
-
-        def encode(messages: list[ChatMessage]) -> list[int]:
-            text = template.render(messages)
-            skip_bos = bool(template.bos_token) and text.startswith(template.bos_token)
-            return self._lane.call(lambda m: m.tokenize(text, add_bos and not skip_bos))
-
-        reserve = min(request.sampling.max_tokens, spec.n_ctx // 4)
-        fitted = fit_messages(
-            system, history, ChatMessage("user", prompt), encode, spec.n_ctx, reserve
-        )
+        fitted = self._fit(entry, spec, system_text, history, prompt, request.sampling)
         if fitted.dropped and on_notice is not None:
             on_notice(
                 f"the conversation is longer than {entry.id}'s {spec.n_ctx}-token context: "
@@ -200,40 +193,18 @@ class ChatService:
 
         if conversation is None:
             conversation = self._store.create(model=entry.id, system_prompt=system_text)
-        self._store.add_message(conversation.id, "user", prompt, model=entry.id,
-                                prompt_tokens=len(fitted.tokens))  # fmt: skip
-        # The answer is recorded as interrupted until it is complete.
-        answer_msg = self._store.add_message(
-            conversation.id, "assistant", "", model=entry.id, interrupted=True
+        self._store.add_message(
+            conversation.id, "user", prompt, model=entry.id, prompt_tokens=len(fitted.tokens)
         )
-        pieces: list[str] = []
-        done: GenerationDone | None = None
-        last_save = time.monotonic()
-        try:
-            for event in self._lane.stream(fitted.tokens, request.sampling, ctx, started):
-                if isinstance(event, TokenChunk):
-                    text = event.text
-                    if not pieces:
-                        text = text.lstrip()
-                        if not text:
-                            continue
-                    pieces.append(text)
-                    if on_text is not None:
-                        on_text(text)
-                    if time.monotonic() - last_save >= SAVE_INTERVAL_S:
-                        self._store.update_message(
-                            answer_msg.id, content="".join(pieces), interrupted=True
-                        )
-                        last_save = time.monotonic()
-                else:
-                    done = event
-        finally:
-            if done is None:  # an error or an interrupt in the middle: keep what we have
-                self._store.update_message(answer_msg.id, content="".join(pieces),
-                                           interrupted=True)  # fmt: skip
-        answer = "".join(pieces).rstrip()
+        # The answer is recorded as interrupted until it is complete.
+        answer_id = self._store.add_message(
+            conversation.id, "assistant", "", model=entry.id, interrupted=True
+        ).id
+        answer, done = self._stream(
+            answer_id, fitted.tokens, request.sampling, ctx, started, on_text
+        )
         self._store.update_message(
-            answer_msg.id,
+            answer_id,
             content=answer,
             completion_tokens=done.completion_tokens,
             ttft_ms=done.ttft_s * 1000 if done.ttft_s is not None else None,
@@ -243,14 +214,16 @@ class ChatService:
         )
         log.info(
             "answer: %d prompt + %d completion tokens, %.1f tok/s, stop=%s",
-            done.prompt_tokens, done.completion_tokens, done.tokens_per_second or 0.0,
+            done.prompt_tokens,
+            done.completion_tokens,
+            done.tokens_per_second or 0.0,
             done.stop_reason,
-        )  # fmt: skip
+        )
         return ChatResult(
             answer=answer,
             model=entry.id,
             conversation_id=conversation.id,
-            message_id=answer_msg.id,
+            message_id=answer_id,
             prompt_tokens=done.prompt_tokens,
             completion_tokens=done.completion_tokens,
             tokens_per_second=done.tokens_per_second,
@@ -260,3 +233,59 @@ class ChatService:
             stop_reason=done.stop_reason,
             dropped_messages=fitted.dropped,
         )
+
+    def _fit(
+        self,
+        entry: ModelEntry,
+        spec: LoadSpec,
+        system_text: str | None,
+        history: list[ChatMessage],
+        prompt: str,
+        sampling: SamplingParams,
+    ) -> FittedPrompt:
+        template, add_bos = self._template(entry, spec)
+
+        def encode(messages: list[ChatMessage]) -> list[int]:
+            text = template.render(messages)
+            skip_bos = bool(template.bos_token) and text.startswith(template.bos_token)
+            return self._lane.call(lambda m: m.tokenize(text, add_bos and not skip_bos))
+
+        system = ChatMessage("system", system_text) if system_text else None
+        reserve = min(sampling.max_tokens, spec.n_ctx // 4)
+        return fit_messages(
+            system, history, ChatMessage("user", prompt), encode, spec.n_ctx, reserve
+        )
+
+    def _stream(
+        self,
+        answer_id: int,
+        tokens: list[int],
+        sampling: SamplingParams,
+        ctx: JobContext,
+        started: float,
+        on_text: Callable[[str], None] | None,
+    ) -> tuple[str, GenerationDone]:
+        """Generate, hand text to ``on_text``, and save the answer every half second."""
+        pieces: list[str] = []
+        done: GenerationDone | None = None
+        last_save = time.monotonic()
+        try:
+            for event in self._lane.stream(tokens, sampling, ctx, started):
+                if isinstance(event, GenerationDone):
+                    done = event
+                    continue
+                text = event.text if pieces else event.text.lstrip()
+                if not text:
+                    continue
+                pieces.append(text)
+                if on_text is not None:
+                    on_text(text)
+                if time.monotonic() - last_save >= SAVE_INTERVAL_S:
+                    self._store.update_message(answer_id, content="".join(pieces), interrupted=True)
+                    last_save = time.monotonic()
+        finally:
+            if done is None:  # an error or an interrupt in the middle: keep what we have
+                self._store.update_message(answer_id, content="".join(pieces), interrupted=True)
+        if done is None:
+            raise OperationFailed("generation ended without finishing")
+        return "".join(pieces).rstrip(), done

@@ -27,7 +27,7 @@ class ChatMessage:
     content: str
 
 
-class _TemplateException(Exception):  # noqa: N818 -- raised by templates via raise_exception()
+class _TemplateException(Exception):
     pass
 
 
@@ -64,7 +64,7 @@ class ChatTemplate:
         self.eos_token = eos_token
         try:
             self._template = _compile(self.source)
-        except Exception:  # noqa: BLE001 -- a broken template in a file falls back, not crashes
+        except Exception:
             self.from_model = False
             self.source = CHATML
             self._template = _compile(CHATML)

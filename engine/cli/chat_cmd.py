@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import click
@@ -11,8 +12,9 @@ from engine.cli.output import emit_json, note
 from engine.errors import Cancelled, NotFound
 from engine.jobs import JobContext
 
-HELP_TEXT = "Commands: /new starts a new conversation, /exit (or Ctrl-D) quits. " \
-    "Ctrl-C stops an answer."  # fmt: skip
+HELP_TEXT = (
+    "Commands: /new starts a new conversation, /exit (or Ctrl-D) quits. Ctrl-C stops an answer."
+)
 
 
 def _write(text: str) -> None:
@@ -30,9 +32,17 @@ def _write(text: str) -> None:
 @click.option("--temperature", type=click.FloatRange(0.0, 5.0), default=0.7, show_default=True)
 @click.option("--seed", type=int, help="Random seed, for repeatable answers.")
 @json_option
-def chat(prompt: str | None, model_id: str | None, collection: str | None, system: str | None,
-         conversation_id: int | None, max_tokens: int, temperature: float, seed: int | None,
-         as_json: bool) -> None:  # fmt: skip
+def chat(
+    prompt: str | None,
+    model_id: str | None,
+    collection: str | None,
+    system: str | None,
+    conversation_id: int | None,
+    max_tokens: int,
+    temperature: float,
+    seed: int | None,
+    as_json: bool,
+) -> None:
     """Chat with a local model: one answer when PROMPT is given ('-' reads stdin),
     an interactive session otherwise."""
     from engine.chat.session import ChatRequest
@@ -55,9 +65,11 @@ def chat(prompt: str | None, model_id: str | None, collection: str | None, syste
     with cancel_on_signals(job) as seen:
         try:
             result = engine.chat(
-                request, job, on_text=None if as_json else _write,
+                request,
+                job,
+                on_text=None if as_json else _write,
                 on_notice=lambda msg: note(f"bastion: note: {msg}"),
-            )  # fmt: skip
+            )
         except Cancelled:
             raise SystemExit(128 + seen.get("signal", 2)) from None
     if as_json:
@@ -69,8 +81,9 @@ def chat(prompt: str | None, model_id: str | None, collection: str | None, syste
         raise SystemExit(128 + seen.get("signal", 2))
 
 
-def _interactive(model_id: str | None, system: str | None, conversation_id: int | None,
-                 sampling: object) -> None:  # fmt: skip
+def _interactive(
+    model_id: str | None, system: str | None, conversation_id: int | None, sampling: object
+) -> None:
     from engine.chat.session import ChatRequest
     from engine.models.runtime import SamplingParams
 
@@ -82,10 +95,8 @@ def _interactive(model_id: str | None, system: str | None, conversation_id: int 
     note("loading model...")
     entry, load_s = engine.load_model(model_id)
     note(f"{entry.id} ready ({load_s:.1f} s). {HELP_TEXT}")
-    try:
+    with contextlib.suppress(ImportError):
         import readline  # noqa: F401 -- line editing and history for input()
-    except ImportError:
-        pass
     while True:
         try:
             line = input("you> ")
@@ -112,8 +123,9 @@ def _interactive(model_id: str | None, system: str | None, conversation_id: int 
         _write(f"{entry.id}> ")
         with cancel_on_signals(job):
             try:
-                result = engine.chat(request, job, on_text=_write,
-                                     on_notice=lambda msg: note(f"\n(note: {msg})"))  # fmt: skip
+                result = engine.chat(
+                    request, job, on_text=_write, on_notice=lambda msg: note(f"\n(note: {msg})")
+                )
             except Cancelled:
                 note("\n[stopped]")
                 continue
@@ -122,6 +134,8 @@ def _interactive(model_id: str | None, system: str | None, conversation_id: int 
         if result.interrupted:
             note("[stopped: the partial answer is kept]")
         elif result.stop_reason in ("length", "context"):
-            note(f"[answer cut at {result.completion_tokens} tokens: "
-                 f"{'--max-tokens' if result.stop_reason == 'length' else 'context full'}]")
+            note(
+                f"[answer cut at {result.completion_tokens} tokens: "
+                f"{'--max-tokens' if result.stop_reason == 'length' else 'context full'}]"
+            )
         system = None  # the conversation keeps its system prompt

@@ -31,7 +31,7 @@ def get_engine() -> Engine:
         engine = Engine()
         root.meta["bastion.engine"] = engine
         root.call_on_close(engine.close)
-    return engine  # type: ignore[no-any-return]
+    return engine
 
 
 @contextlib.contextmanager

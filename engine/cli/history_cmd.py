@@ -30,9 +30,17 @@ def list_conversations(limit: int | None, as_json: bool) -> None:
         return
     table(
         ["ID", "UPDATED", "MODEL", "MESSAGES", "TITLE"],
-        [[c.id, c.updated_at[:16].replace("T", " "), c.model or "-", c.message_count,
-          c.title or ""] for c in items],
-    )  # fmt: skip
+        [
+            [
+                c.id,
+                c.updated_at[:16].replace("T", " "),
+                c.model or "-",
+                c.message_count,
+                c.title or "",
+            ]
+            for c in items
+        ],
+    )
 
 
 @history_group.command("show")
@@ -67,9 +75,11 @@ def search(text: str, limit: int, as_json: bool) -> None:
         return
     table(
         ["CONVERSATION", "ROLE", "SNIPPET", "TITLE"],
-        [[h.conversation_id, h.role, " ".join(h.snippet.split()), h.conversation_title or ""]
-         for h in hits],
-    )  # fmt: skip
+        [
+            [h.conversation_id, h.role, " ".join(h.snippet.split()), h.conversation_title or ""]
+            for h in hits
+        ],
+    )
 
 
 @history_group.command("export")

@@ -29,17 +29,28 @@ def list_models(as_json: bool) -> None:
     table(
         ["ID", "ARCH", "QUANT", "PARAMS", "CONTEXT", "SIZE", "BASE"],
         [
-            [e.id, e.arch, e.quant, human_count(e.params), e.context_length,
-             human_size(e.size_bytes), e.base or ""]
+            [
+                e.id,
+                e.arch,
+                e.quant,
+                human_count(e.params),
+                e.context_length,
+                human_size(e.size_bytes),
+                e.base or "",
+            ]
             for e in entries
         ],
-    )  # fmt: skip
+    )
 
 
 @models_group.command("import")
 @click.argument("path", type=click.Path(path_type=Path))
-@click.option("--id", "model_id", help="Id to register the model under (default: from the file name).")
-@click.option("--copy", is_flag=True, help="Copy the file into Bastion's home instead of using it in place.")
+@click.option(
+    "--id", "model_id", help="Id to register the model under (default: from the file name)."
+)
+@click.option(
+    "--copy", is_flag=True, help="Copy the file into Bastion's home instead of using it in place."
+)
 @json_option
 def import_model(path: Path, model_id: str | None, copy: bool, as_json: bool) -> None:
     """Validate a GGUF file from its header and register it."""
@@ -47,8 +58,10 @@ def import_model(path: Path, model_id: str | None, copy: bool, as_json: bool) ->
     if as_json:
         emit_json(entry.to_public())
     else:
-        click.echo(f"Imported {entry.id}: {entry.arch}, {human_count(entry.params)} parameters, "
-                   f"{entry.quant}, context {entry.context_length}, {human_size(entry.size_bytes)}")
+        click.echo(
+            f"Imported {entry.id}: {entry.arch}, {human_count(entry.params)} parameters, "
+            f"{entry.quant}, context {entry.context_length}, {human_size(entry.size_bytes)}"
+        )
 
 
 @models_group.command("info")
@@ -71,25 +84,37 @@ def model_info(model_id: str, as_json: bool) -> None:
         ("quantization", info["quant"]),
         ("size", human_size(info["size_bytes"])),
         ("context length", f"{info['context_length']} (loads with {load['context']})"),
-        ("chat template", "from the model file" if info["has_chat_template"] else
-         "none in the file; ChatML is used"),
+        (
+            "chat template",
+            "from the model file"
+            if info["has_chat_template"]
+            else "none in the file; ChatML is used",
+        ),
         ("base / adapter", f"{info['base']} + {info['adapter']}" if info["base"] else "-"),
         ("threads", load["threads"]),
         ("gpu layers", load["gpu_layers"]),
-        ("memory needed", f"about {human_size(fit['estimated_bytes'])} "
-         f"({'fits' if fit['fits_in_ram'] else 'does NOT fit'} in "
-         f"{human_size(hw['ram_available_bytes'])} of free RAM); runs on {fit['runs_on']}"),
-        ("machine", f"{hw['cpu']}, {hw['physical_cores']} cores, "
-         f"{human_size(hw['ram_total_bytes'])} RAM, "
-         + (", ".join(f"{g['name']} {human_size(g['total_bytes'])}" for g in hw["gpus"])
-            or "no GPU")),
-    ]  # fmt: skip
+        (
+            "memory needed",
+            f"about {human_size(fit['estimated_bytes'])} "
+            f"({'fits' if fit['fits_in_ram'] else 'does NOT fit'} in "
+            f"{human_size(hw['ram_available_bytes'])} of free RAM); runs on {fit['runs_on']}",
+        ),
+        (
+            "machine",
+            f"{hw['cpu']}, {hw['physical_cores']} cores, "
+            f"{human_size(hw['ram_total_bytes'])} RAM, "
+            + (
+                ", ".join(f"{g['name']} {human_size(g['total_bytes'])}" for g in hw["gpus"])
+                or "no GPU"
+            ),
+        ),
+    ]
     width = max(len(k) for k, _ in lines)
     for key, value in lines:
         click.echo(f"{key.ljust(width)}  {value}")
 
 
-def _setting(value: str | None, name: str) -> int | None | str:
+def _setting(value: str | None, name: str) -> int | str | None:
     """Parse a settings option: a number, or 'auto' to clear the override."""
     if value is None:
         return "unchanged"
@@ -98,8 +123,9 @@ def _setting(value: str | None, name: str) -> int | None | str:
     try:
         return int(value)
     except ValueError:
-        raise click.BadParameter(f"expected a number or 'auto', not {value!r}",
-                                 param_hint=f"--{name}") from None  # fmt: skip
+        raise click.BadParameter(
+            f"expected a number or 'auto', not {value!r}", param_hint=f"--{name}"
+        ) from None
 
 
 @models_group.command("set")
@@ -108,8 +134,9 @@ def _setting(value: str | None, name: str) -> int | None | str:
 @click.option("--context", help="Context window in tokens (a number or 'auto').")
 @click.option("--threads", help="CPU threads (a number or 'auto').")
 @json_option
-def set_model(model_id: str, gpu_layers: str | None, context: str | None,
-              threads: str | None, as_json: bool) -> None:  # fmt: skip
+def set_model(
+    model_id: str, gpu_layers: str | None, context: str | None, threads: str | None, as_json: bool
+) -> None:
     """Override how a model is loaded."""
     changes = {
         key: parsed
@@ -121,8 +148,10 @@ def set_model(model_id: str, gpu_layers: str | None, context: str | None,
         emit_json(entry.to_public())
     else:
         s = entry.settings
-        click.echo(f"{entry.id}: gpu layers {s.gpu_layers or 'auto'}, "
-                   f"context {s.context or 'auto'}, threads {s.threads or 'auto'}")
+        click.echo(
+            f"{entry.id}: gpu layers {s.gpu_layers or 'auto'}, "
+            f"context {s.context or 'auto'}, threads {s.threads or 'auto'}"
+        )
 
 
 @models_group.command("remove")

@@ -136,10 +136,18 @@ def _scalar_formats() -> dict[int, str]:
     from gguf import GGUFValueType as T
 
     return {
-        T.UINT8: "B", T.INT8: "b", T.UINT16: "H", T.INT16: "h", T.UINT32: "I",
-        T.INT32: "i", T.FLOAT32: "f", T.UINT64: "Q", T.INT64: "q", T.FLOAT64: "d",
+        T.UINT8: "B",
+        T.INT8: "b",
+        T.UINT16: "H",
+        T.INT16: "h",
+        T.UINT32: "I",
+        T.INT32: "i",
+        T.FLOAT32: "f",
+        T.UINT64: "Q",
+        T.INT64: "q",
+        T.FLOAT64: "d",
         T.BOOL: "?",
-    }  # fmt: skip
+    }
 
 
 def _read_value(cur: _Cursor, vtype: int, key: str, formats: dict[int, str]) -> Any:
@@ -155,7 +163,9 @@ def _read_value(cur: _Cursor, vtype: int, key: str, formats: dict[int, str]) -> 
         if count > _MAX_COUNT * 100:
             raise InvalidModelFile(f"{cur.path.name} declares an impossible array length for {key}")
         # Every element takes at least one byte (strings: eight for the length).
-        min_item = 8 if item_type == T.STRING else struct.calcsize("<" + formats.get(item_type, "B"))
+        min_item = (
+            8 if item_type == T.STRING else struct.calcsize("<" + formats.get(item_type, "B"))
+        )
         if cur.pos + count * min_item > cur.size:
             raise cur._truncated(f"the array {key}")
         if count <= _SMALL_ARRAY:
@@ -298,7 +308,9 @@ def read_gguf_info(path: Path) -> GGUFInfo:
         version=version,
         architecture=arch,
         file_kind=str(metadata.get("general.type", "model")),
-        name=metadata.get("general.name") if isinstance(metadata.get("general.name"), str) else None,
+        name=metadata.get("general.name")
+        if isinstance(metadata.get("general.name"), str)
+        else None,
         params=sum(t.n_elements for t in tensors),
         quant=_quant_name(metadata.get("general.file_type"), tensors),
         context_length=arch_int("context_length"),

@@ -73,7 +73,7 @@ def gpu_offload_supported() -> bool:
         import llama_cpp
 
         return bool(llama_cpp.llama_supports_gpu_offload())
-    except Exception:  # noqa: BLE001 -- a broken build means "no offload", not a crash
+    except Exception:
         return False
 
 
@@ -84,8 +84,11 @@ def _nvidia_gpus() -> list[GPU]:
     try:
         out = subprocess.run(
             [smi, "--query-gpu=name,memory.total,memory.free", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=10, check=True,
-        ).stdout  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return []
     gpus = []

@@ -94,9 +94,7 @@ def _now() -> str:
 def load_catalogue() -> list[dict[str, Any]]:
     """The default models set-up installs (``resources/catalogue.toml``)."""
     path = resources_dir() / "catalogue.toml"
-    models: list[dict[str, Any]] = tomllib.loads(path.read_text(encoding="utf-8")).get(
-        "model", []
-    )
+    models: list[dict[str, Any]] = tomllib.loads(path.read_text(encoding="utf-8")).get("model", [])
     return models
 
 
@@ -136,8 +134,9 @@ class ModelRegistry:
 
     # -- writing --------------------------------------------------------------------
 
-    def import_file(self, path: Path, model_id: str | None = None, copy_into: Path | None = None
-                    ) -> ModelEntry:  # fmt: skip
+    def import_file(
+        self, path: Path, model_id: str | None = None, copy_into: Path | None = None
+    ) -> ModelEntry:
         """Validate a GGUF file from its header and register it.
 
         Args:
@@ -155,8 +154,7 @@ class ModelRegistry:
         if info.file_kind == "adapter":
             raise InvalidModelFile(
                 f"{path.name} is a LoRA adapter, not a model",
-                hint="adapters are registered together with their base model by 'bastion "
-                "finetune'",
+                hint="adapters are registered together with their base model by 'bastion finetune'",
             )
         model_id = validate_id(model_id or derive_id(path))
         self._check_free(model_id, str(info.path))
@@ -221,8 +219,15 @@ class ModelRegistry:
             if rows:
                 raise AlreadyExists(f"this file is registered already as {rows[0]['id']!r}")
 
-    def _insert(self, model_id: str, info: GGUFInfo, *, builtin: bool,
-                base: str | None = None, adapter: str | None = None) -> None:  # fmt: skip
+    def _insert(
+        self,
+        model_id: str,
+        info: GGUFInfo,
+        *,
+        builtin: bool,
+        base: str | None = None,
+        adapter: str | None = None,
+    ) -> None:
         small_meta = {
             k: v
             for k, v in info.metadata.items()
@@ -233,11 +238,21 @@ class ModelRegistry:
             "chat_template, metadata, base, adapter, settings, builtin, created_at) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, '{}', ?, ?)",
             (
-                model_id, str(info.path), info.architecture, info.quant, info.params,
-                info.context_length, info.size_bytes, info.chat_template,
-                json.dumps(small_meta), base, adapter, int(builtin), _now(),
+                model_id,
+                str(info.path),
+                info.architecture,
+                info.quant,
+                info.params,
+                info.context_length,
+                info.size_bytes,
+                info.chat_template,
+                json.dumps(small_meta),
+                base,
+                adapter,
+                int(builtin),
+                _now(),
             ),
-        )  # fmt: skip
+        )
 
     def _register_builtins(self) -> None:
         """Put the catalogue's models that set-up installed into this home's registry.

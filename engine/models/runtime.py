@@ -114,9 +114,13 @@ class LoadedModel:
         return list(self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True))
 
     def generate(
-        self, tokens: list[int], params: SamplingParams, ctx: JobContext, started: float,
+        self,
+        tokens: list[int],
+        params: SamplingParams,
+        ctx: JobContext,
+        started: float,
         emit: Callable[[StreamEvent], None],
-    ) -> None:  # fmt: skip
+    ) -> None:
         """Generate after ``tokens``, calling ``emit`` for each piece of text, then once done."""
         if params.seed is not None:
             self.llm.set_seed(params.seed)
@@ -213,7 +217,7 @@ class ModelLane:
             assert isinstance(task, _Task)
             try:
                 task.result = task.fn()
-            except BaseException as exc:  # noqa: BLE001 -- handed to the caller, re-raised there
+            except BaseException as exc:
                 task.error = exc
             finally:
                 task.done.set()
@@ -258,8 +262,14 @@ class ModelLane:
             started = time.perf_counter()
             self._model = LoadedModel(spec)
             elapsed = time.perf_counter() - started
-            log.info("loaded %s in %.2f s (ctx %d, threads %d, gpu layers %d)",
-                     spec.model_id, elapsed, spec.n_ctx, spec.n_threads, spec.n_gpu_layers)
+            log.info(
+                "loaded %s in %.2f s (ctx %d, threads %d, gpu layers %d)",
+                spec.model_id,
+                elapsed,
+                spec.n_ctx,
+                spec.n_threads,
+                spec.n_gpu_layers,
+            )
             return elapsed
 
         task = self.submit(do_load)
@@ -276,9 +286,7 @@ class ModelLane:
         If the consumer stops iterating early, generation is cancelled at the next token.
         """
         events: queue.SimpleQueue[StreamEvent | BaseException] = queue.SimpleQueue()
-        task = self.submit(
-            lambda: self._generate(tokens, params, ctx, started, events.put)
-        )
+        task = self.submit(lambda: self._generate(tokens, params, ctx, started, events.put))
         finished = False
         try:
             while True:
@@ -294,8 +302,14 @@ class ModelLane:
                 ctx.cancel("stream closed")
             task.done.wait()
 
-    def _generate(self, tokens: list[int], params: SamplingParams, ctx: JobContext,
-                  started: float, put: Callable[[Any], None]) -> None:  # fmt: skip
+    def _generate(
+        self,
+        tokens: list[int],
+        params: SamplingParams,
+        ctx: JobContext,
+        started: float,
+        put: Callable[[Any], None],
+    ) -> None:
         try:
             if self._model is None:
                 raise OperationFailed("no model is loaded")

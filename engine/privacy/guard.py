@@ -62,10 +62,26 @@ TELEMETRY_SWITCHES = {
 # Frames in these modules are plumbing; the "caller" named in an error is the first frame
 # outside them.
 _PLUMBING = (
-    "socket", "ssl", "http.", "urllib", "urllib3", "requests", "httpx", "httpcore",
-    "aiohttp", "asyncio", "selectors", "smtplib", "ftplib", "engine.privacy", "anyio",
-    "h11", "h2", "concurrent.", "threading",
-)  # fmt: skip
+    "socket",
+    "ssl",
+    "http.",
+    "urllib",
+    "urllib3",
+    "requests",
+    "httpx",
+    "httpcore",
+    "aiohttp",
+    "asyncio",
+    "selectors",
+    "smtplib",
+    "ftplib",
+    "engine.privacy",
+    "anyio",
+    "h11",
+    "h2",
+    "concurrent.",
+    "threading",
+)
 _LOCAL_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback", ""}
 
 
@@ -75,10 +91,11 @@ class BlockedAttempt:
     caller: str
 
 
-_state_lock = threading.Lock()
-_installed = False
-_allowances = 0
-_blocked: list[BlockedAttempt] = []
+class _State:
+    lock = threading.Lock()
+    installed = False
+    allowances = 0
+    blocked: list[BlockedAttempt] = []  # noqa: RUF012 -- one process-wide list on purpose
 
 
 def set_environment_switches() -> None:
@@ -144,8 +161,8 @@ def _target(address: Any) -> tuple[Any, str] | None:
 def _refuse(target: str) -> None:
     caller = _describe_caller(sys._getframe(2))
     attempt = BlockedAttempt(target, caller)
-    with _state_lock:
-        _blocked.append(attempt)
+    with _State.lock:
+        _State.blocked.append(attempt)
     message = (
         f"Bastion blocked a network connection to {target} attempted by {caller}: "
         "nothing leaves this machine unless you ask for a download"
@@ -155,7 +172,7 @@ def _refuse(target: str) -> None:
 
 
 def _audit(event: str, args: tuple[Any, ...]) -> None:
-    if not event.startswith("socket.") or _allowances > 0:
+    if not event.startswith("socket.") or _State.allowances > 0:
         return
     if event in ("socket.connect", "socket.sendto", "socket.sendmsg"):
         sock = args[0]
@@ -176,35 +193,33 @@ def _audit(event: str, args: tuple[Any, ...]) -> None:
 
 def activate() -> None:
     """Install the guard in this process (idempotent)."""
-    global _installed
     set_environment_switches()
-    with _state_lock:
-        if _installed:
+    with _State.lock:
+        if _State.installed:
             return
         sys.addaudithook(_audit)
-        _installed = True
+        _State.installed = True
     log.debug("network guard active")
 
 
 def is_active() -> bool:
-    return _installed
+    return _State.installed
 
 
 def blocked_attempts() -> list[BlockedAttempt]:
     """Connections refused so far in this process, oldest first."""
-    with _state_lock:
-        return list(_blocked)
+    with _State.lock:
+        return list(_State.blocked)
 
 
 @contextlib.contextmanager
 def allow_network(reason: str) -> Iterator[None]:
     """Let connections through while an explicitly requested download runs."""
-    global _allowances
     log.info("network allowed: %s", reason)
-    with _state_lock:
-        _allowances += 1
+    with _State.lock:
+        _State.allowances += 1
     try:
         yield
     finally:
-        with _state_lock:
-            _allowances -= 1
+        with _State.lock:
+            _State.allowances -= 1

@@ -1,10 +1,9 @@
-"""Stored conversations: messages, progressive saving of answers, full-text search, export."""
+"""Stored conversations: messages, progressive saving of answers, titles, export."""
 
 from __future__ import annotations
 
 import builtins
 import json
-import re
 import sqlite3
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -13,23 +12,36 @@ from typing import Any, Final
 
 from engine.errors import InvalidInput, NotFound
 from engine.store.db import Database
+from engine.store.search import (
+    SNIPPET_ELLIPSIS,
+    SNIPPET_END,
+    SNIPPET_START,
+    SearchHit,
+    fts_query,
+    search_messages,
+)
+
+# SearchHit, fts_query and the snippet marks moved to engine.store.search; they are
+# re-exported so imports from this module keep working.
+__all__ = [
+    "EXPORT_FORMATS",
+    "ROLES",
+    "SNIPPET_ELLIPSIS",
+    "SNIPPET_END",
+    "SNIPPET_START",
+    "TITLE_MAX_CHARS",
+    "Clock",
+    "Conversation",
+    "ConversationStore",
+    "Message",
+    "SearchHit",
+    "fts_query",
+    "title_from",
+]
 
 ROLES: Final = ("system", "user", "assistant")
 EXPORT_FORMATS: Final = ("md", "json")
 TITLE_MAX_CHARS: Final = 60
-# Marks around matched words in SearchHit.snippet; the CLI and GUI restyle them.
-SNIPPET_START: Final = "["
-SNIPPET_END: Final = "]"
-SNIPPET_ELLIPSIS: Final = "…"
-_SNIPPET_TOKENS: Final = 16
-_SNIPPET_CONTEXT_CHARS: Final = 40
-
-# Scripts written without spaces between words. FTS5's unicode61 tokenizer makes a whole
-# run of them one token, so "日本" would not find "日本語を話す"; such terms are also
-# looked up as plain substrings.
-_UNSPACED_SCRIPT: Final = re.compile(
-    "[\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]"
-)
 
 _HISTORY_HINT: Final = "run `bastion history list` to see the stored conversations"
 
@@ -79,18 +91,6 @@ class Message:
         return asdict(self)
 
 
-@dataclass(frozen=True)
-class SearchHit:
-    """A message that matched a search, with a snippet marking the matched words."""
-
-    conversation_id: int
-    conversation_title: str | None
-    message_id: int
-    role: str
-    snippet: str
-    created_at: str
-
-
 _CONVERSATION_SELECT: Final = """
 SELECT c.id, c.title, c.model, c.system_prompt, c.created_at, c.updated_at,
        (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id) AS message_count
@@ -134,22 +134,6 @@ def title_from(text: str) -> str | None:
                 return line
             return line[: TITLE_MAX_CHARS - 1].rstrip() + "…"
     return None
-
-
-def fts_query(text: str) -> str:
-    """Turn what a user typed into an FTS5 query that cannot be a syntax error.
-
-    Each whitespace-separated term becomes a quoted phrase (inner quotes doubled), so
-    operators (``AND``, ``NEAR``, ``*``, ``col:``) are searched as words; the terms
-    are ANDed.
-
-    Raises:
-        InvalidInput: The text is empty or blank.
-    """
-    terms = text.split()
-    if not terms:
-        raise InvalidInput("the search text is empty", hint="give one or more words to look for")
-    return " ".join('"' + term.replace('"', '""') + '"' for term in terms)
 
 
 class ConversationStore:
@@ -283,10 +267,19 @@ class ConversationStore:
                 " completion_tokens, ttft_ms, duration_ms, tokens_per_second, interrupted,"
                 " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
-                    conversation_id, role, content, model, prompt_tokens, completion_tokens,
-                    ttft_ms, duration_ms, tokens_per_second, int(interrupted), now,
+                    conversation_id,
+                    role,
+                    content,
+                    model,
+                    prompt_tokens,
+                    completion_tokens,
+                    ttft_ms,
+                    duration_ms,
+                    tokens_per_second,
+                    int(interrupted),
+                    now,
                 ),
-            )  # fmt: skip
+            )
             title = title_from(content) if role == "user" else None
             if title is not None:
                 conn.execute(
@@ -325,10 +318,15 @@ class ConversationStore:
                 " tokens_per_second = COALESCE(?, tokens_per_second), interrupted = ?"
                 " WHERE id = ?",
                 (
-                    content, completion_tokens, ttft_ms, duration_ms, tokens_per_second,
-                    int(interrupted), message_id,
+                    content,
+                    completion_tokens,
+                    ttft_ms,
+                    duration_ms,
+                    tokens_per_second,
+                    int(interrupted),
+                    message_id,
                 ),
-            )  # fmt: skip
+            )
             if cursor.rowcount == 0:
                 raise NotFound(f"no message {message_id}")
 
@@ -370,49 +368,7 @@ class ConversationStore:
         Raises:
             InvalidInput: The text is empty or blank.
         """
-        query = fts_query(text)
-        rows = self._db.query(
-            "SELECT m.conversation_id, c.title, m.id, m.role, m.created_at,"
-            " snippet(messages_fts, 0, ?, ?, ?, ?) AS snippet"
-            " FROM messages_fts"
-            " JOIN messages m ON m.id = messages_fts.rowid"
-            " JOIN conversations c ON c.id = m.conversation_id"
-            " WHERE messages_fts MATCH ? ORDER BY rank LIMIT ?",
-            (SNIPPET_START, SNIPPET_END, SNIPPET_ELLIPSIS, _SNIPPET_TOKENS, query, limit),
-        )
-        hits = [
-            SearchHit(
-                conversation_id=row[0], conversation_title=row[1], message_id=row[2],
-                role=row[3], created_at=row[4], snippet=row[5],
-            )
-            for row in rows
-        ]  # fmt: skip
-        if len(hits) < limit and _UNSPACED_SCRIPT.search(text):
-            seen = {hit.message_id for hit in hits}
-            hits += [
-                hit
-                for hit in self._substring_search(text.split(), limit)
-                if hit.message_id not in seen
-            ][: limit - len(hits)]
-        return hits
-
-    def _substring_search(self, terms: builtins.list[str], limit: int) -> builtins.list[SearchHit]:
-        # A full scan with LIKE: fine for a personal history, and only for these scripts.
-        where = " AND ".join("m.content LIKE ? ESCAPE '\\'" for _ in terms)
-        patterns = ["%" + re.sub(r"([\\%_])", r"\\\1", term) + "%" for term in terms]
-        rows = self._db.query(
-            "SELECT m.conversation_id, c.title, m.id, m.role, m.created_at, m.content"
-            " FROM messages m JOIN conversations c ON c.id = m.conversation_id"
-            f" WHERE {where} ORDER BY m.id DESC LIMIT ?",
-            (*patterns, limit),
-        )
-        return [
-            SearchHit(
-                conversation_id=row[0], conversation_title=row[1], message_id=row[2],
-                role=row[3], created_at=row[4], snippet=_substring_snippet(row[5], terms[0]),
-            )
-            for row in rows
-        ]  # fmt: skip
+        return search_messages(self._db, text, limit)
 
     def export(self, conversation_id: int, fmt: str) -> str:
         """A conversation as Markdown (``md``) or one JSON object (``json``).
@@ -430,24 +386,6 @@ class ConversationStore:
             document["messages"] = [message.to_dict() for message in messages]
             return json.dumps(document, indent=2, ensure_ascii=False) + "\n"
         return _markdown(conversation, messages)
-
-
-def _substring_snippet(content: str, term: str) -> str:
-    """A snippet like FTS5's, around the first occurrence of ``term``."""
-    at = content.lower().find(term.lower())
-    if at < 0:  # matched through LIKE's ASCII case folding only; show the start
-        return content[: 2 * _SNIPPET_CONTEXT_CHARS]
-    start = max(at - _SNIPPET_CONTEXT_CHARS, 0)
-    end = min(at + len(term) + _SNIPPET_CONTEXT_CHARS, len(content))
-    return (
-        (SNIPPET_ELLIPSIS if start > 0 else "")
-        + content[start:at]
-        + SNIPPET_START
-        + content[at : at + len(term)]
-        + SNIPPET_END
-        + content[at + len(term) : end]
-        + (SNIPPET_ELLIPSIS if end < len(content) else "")
-    )
 
 
 def _markdown(conversation: Conversation, messages: builtins.list[Message]) -> str:
