@@ -16,6 +16,7 @@ from engine.models.gguf_info import read_gguf_info
 from engine.models.registry import ModelEntry, ModelRegistry
 from engine.models.runtime import ModelLane
 from engine.privacy import guard
+from engine.privacy.secrets import SecretStore
 from engine.store.conversations import Conversation, ConversationStore, Message, SearchHit
 from engine.store.db import Database
 
@@ -48,6 +49,7 @@ class Engine:
         self.db = Database(self.home / "bastion.db", timeout=db_timeout)
         self.models = ModelRegistry(self.db)
         self.conversations = ConversationStore(self.db)
+        self.secrets = SecretStore(self.home)
         self._lane = ModelLane()
         self._chat = ChatService(self._lane, self.models, self.conversations)
 

@@ -164,3 +164,9 @@ def test_two_processes_chat_on_one_database_at_once(home: Path) -> None:
     assert db.execute("SELECT count(*) FROM messages").fetchone()[0] == 4
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     db.close()
+
+
+def test_model_that_llama_cpp_cannot_load(cli, tiny_gguf: Path) -> None:
+    assert cli("models", "import", str(tiny_gguf), "--id", "tiny").code == 0
+    assert_one_line_error(cli("chat", "Hi", "-m", "tiny"), 1, "could not load model tiny")
+    assert cli("history", "list", "--json").json() == []
