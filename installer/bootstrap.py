@@ -161,6 +161,7 @@ def ensure_torch(backend: str) -> None:
     # No NVIDIA GPU: the CPU build. A local wheel (pip's find-links) wins; otherwise the
     # PyTorch CPU index.
     spec = f"torch=={TORCH_VERSION}+cpu"
+    log(f"installing PyTorch {spec} (the CPU build: there is no NVIDIA GPU)")
     probe = subprocess.run(
         [str(venv_bin("python")), "-m", "pip", "--disable-pip-version-check", "install", spec],
         check=False,
