@@ -14,7 +14,7 @@ from engine.chat.templates import ChatMessage, ChatTemplate
 from engine.errors import InvalidInput, OperationFailed
 from engine.jobs import JobContext
 from engine.models import hardware
-from engine.models.registry import ModelEntry, ModelRegistry
+from engine.models.registry import ModelEntry, ModelRegistry, ModelSettings
 from engine.models.runtime import (
     GenerationDone,
     LoadedModel,
@@ -124,12 +124,24 @@ class ChatService:
         self._models = models
         self._store = store
         self._templates: dict[LoadSpec, tuple[ChatTemplate, bool]] = {}
+        self._specs: dict[tuple[str, str, str | None, ModelSettings], LoadSpec] = {}
 
     def prepare(self, model_id: str | None) -> tuple[ModelEntry, float]:
         """Load a model ahead of the first question. Returns it and the seconds spent."""
         entry = self._models.get(model_id or self._models.default_id())
-        spec = load_spec_for(entry)
-        return entry, self._lane.load(spec)
+        return entry, self._lane.load(self._spec(entry))
+
+    def _spec(self, entry: ModelEntry) -> LoadSpec:
+        """The load spec of ``entry``, decided once per process and settings.
+
+        Deciding again would re-read the header and ask the GPU for its free memory --
+        which the loaded model itself has reduced, so the answer would differ and force a
+        reload on every message.
+        """
+        key = (entry.id, entry.path, entry.adapter, entry.settings)
+        if key not in self._specs:
+            self._specs[key] = load_spec_for(entry)
+        return self._specs[key]
 
     def _template(self, entry: ModelEntry, spec: LoadSpec) -> tuple[ChatTemplate, bool]:
         """The chat template and whether to add BOS when tokenizing (cached per model)."""
@@ -173,7 +185,7 @@ class ChatService:
         ctx.check_cancelled()
         # Time to first token is counted from here: loading is reported apart (load_s).
         started = time.perf_counter()
-        spec = load_spec_for(entry)
+        spec = self._spec(entry)
         system_text = request.system
         if system_text is None and conversation is not None:
             system_text = conversation.system_prompt

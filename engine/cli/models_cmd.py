@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import click
@@ -147,10 +148,10 @@ def set_model(
     if as_json:
         emit_json(entry.to_public())
     else:
-        s = entry.settings
+        shown = {k: "auto" if v is None else v for k, v in asdict(entry.settings).items()}
         click.echo(
-            f"{entry.id}: gpu layers {s.gpu_layers or 'auto'}, "
-            f"context {s.context or 'auto'}, threads {s.threads or 'auto'}"
+            f"{entry.id}: gpu layers {shown['gpu_layers']}, context {shown['context']}, "
+            f"threads {shown['threads']}"
         )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sqlite3
 from dataclasses import dataclass
 from typing import Final
 
@@ -77,17 +78,7 @@ def search_messages(db: Database, text: str, limit: int) -> list[SearchHit]:
         " WHERE messages_fts MATCH ? ORDER BY rank LIMIT ?",
         (SNIPPET_START, SNIPPET_END, SNIPPET_ELLIPSIS, _SNIPPET_TOKENS, query, limit),
     )
-    hits = [
-        SearchHit(
-            conversation_id=row[0],
-            conversation_title=row[1],
-            message_id=row[2],
-            role=row[3],
-            created_at=row[4],
-            snippet=row[5],
-        )
-        for row in rows
-    ]
+    hits = [_hit(row, row[5]) for row in rows]
     if len(hits) < limit and _UNSPACED_SCRIPT.search(text):
         seen = {hit.message_id for hit in hits}
         hits += [
@@ -106,17 +97,19 @@ def _substring_search(db: Database, terms: list[str], limit: int) -> list[Search
         f" WHERE {where} ORDER BY m.id DESC LIMIT ?",
         (*patterns, limit),
     )
-    return [
-        SearchHit(
-            conversation_id=row[0],
-            conversation_title=row[1],
-            message_id=row[2],
-            role=row[3],
-            created_at=row[4],
-            snippet=_substring_snippet(row[5], terms[0]),
-        )
-        for row in rows
-    ]
+    return [_hit(row, _substring_snippet(row[5], terms[0])) for row in rows]
+
+
+def _hit(row: sqlite3.Row, snippet: str) -> SearchHit:
+    """A hit from a row of (conversation id, title, message id, role, created_at, ...)."""
+    return SearchHit(
+        conversation_id=row[0],
+        conversation_title=row[1],
+        message_id=row[2],
+        role=row[3],
+        created_at=row[4],
+        snippet=snippet,
+    )
 
 
 def _substring_snippet(content: str, term: str) -> str:
