@@ -17,6 +17,7 @@ from engine.models.registry import ModelEntry, ModelRegistry
 from engine.models.runtime import ModelLane
 from engine.privacy import guard
 from engine.privacy.secrets import SecretStore
+from engine.rag.service import Documents
 from engine.store.conversations import Conversation, ConversationStore, Message, SearchHit
 from engine.store.db import Database
 
@@ -52,6 +53,7 @@ class Engine:
         self.secrets = SecretStore(self.home)
         self._lane = ModelLane()
         self._chat = ChatService(self._lane, self.models, self.conversations)
+        self.documents = Documents(self.db, self.home)
 
     # -- models ----------------------------------------------------------------------
 
@@ -116,8 +118,15 @@ class Engine:
         on_text: Callable[[str], None] | None = None,
         on_notice: Callable[[str], None] | None = None,
     ) -> ChatResult:
-        """Answer one prompt, streaming text to ``on_text``; see ``ChatService.send``."""
-        return self._chat.send(request, ctx, on_text, on_notice)
+        """Answer one prompt, streaming text to ``on_text``; see ``ChatService.send``.
+
+        With ``request.collection`` the answer comes from that collection's documents,
+        with citations.
+        """
+        grounding = None
+        if request.collection is not None:
+            grounding = self.documents.ground(request.collection, request.prompt, request.k)
+        return self._chat.send(request, ctx, on_text, on_notice, grounding)
 
     # -- history ---------------------------------------------------------------------
 

@@ -65,8 +65,25 @@ def test_migrations_recorded_by_name_and_idempotent(tmp_path: Path) -> None:
         names = [row["name"] for row in db.query("SELECT name FROM migrations ORDER BY rowid")]
         tables = {row[0] for row in db.query("SELECT name FROM sqlite_master WHERE type='table'")}
         ConversationStore(db).create("m")
-    assert names == [name for name, _ in MIGRATIONS] == ["m001_conversations", "m002_models"]
-    assert {"conversations", "messages", "messages_fts", "models", "migrations"} <= tables
+    assert names == [name for name, _ in MIGRATIONS]
+    assert names[:4] == [
+        "m001_conversations",
+        "m002_models",
+        "m003_collections",
+        "m004_message_citations",
+    ]
+    assert {
+        "conversations",
+        "messages",
+        "messages_fts",
+        "models",
+        "migrations",
+        "collections",
+        "documents",
+        "chunks",
+        "chunks_fts",
+        "embeddings",
+    } <= tables
 
     with Database(path) as db:
         again = db.query("SELECT name, applied_at FROM migrations ORDER BY rowid")

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.chat.context import FittedPrompt, fit_messages
 from engine.chat.templates import ChatMessage, ChatTemplate
@@ -22,7 +22,10 @@ from engine.models.runtime import (
     ModelLane,
     SamplingParams,
 )
-from engine.store.conversations import ConversationStore
+from engine.store.conversations import Conversation, ConversationStore
+
+if TYPE_CHECKING:
+    from engine.rag.grounding import Citation, Grounding
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +44,8 @@ class ChatRequest:
     conversation_id: int | None = None
     system: str | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
-
-
-@dataclass(frozen=True)
-class Citation:
-    n: int
-    path: str
-    page: int | None
-    snippet: str
-    score: float
+    collection: str | None = None  # answer from this document collection, with citations
+    k: int = 6  # passages retrieved from the collection
 
 
 @dataclass(frozen=True)
@@ -88,7 +84,7 @@ class ChatResult:
             "stop_reason": self.stop_reason,
             "interrupted": self.interrupted,
             "dropped_messages": self.dropped_messages,
-            "citations": [c.__dict__ for c in self.citations],
+            "citations": [c.to_public() for c in self.citations],
         }
 
 
@@ -162,11 +158,15 @@ class ChatService:
         ctx: JobContext | None = None,
         on_text: Callable[[str], None] | None = None,
         on_notice: Callable[[str], None] | None = None,
+        grounding: Grounding | None = None,
     ) -> ChatResult:
         """Answer ``request.prompt``, streaming text to ``on_text`` as it is generated.
 
         The question and the (growing) answer are written to the database before and
         during generation; a cancelled answer is kept with its ``interrupted`` flag set.
+        With ``grounding`` (retrieved passages), the model answers from numbered sources
+        and the result carries the citations -- or, when retrieval found nothing usable,
+        the model is not asked and the answer says why.
 
         Raises:
             InvalidInput: empty prompt; NotFound: unknown model or conversation;
@@ -196,7 +196,16 @@ class ChatService:
                 for m in self._store.messages(conversation.id)
                 if m.role in ("user", "assistant") and m.content.strip()
             ]
-        fitted = self._fit(entry, spec, system_text, history, prompt, request.sampling)
+        if grounding is not None and grounding.canned_answer is not None:
+            return self._canned(
+                entry, conversation, system_text, prompt, grounding, on_text, load_s
+            )
+        model_system = system_text
+        if grounding is not None:
+            model_system = self._grounded_system(
+                entry, spec, prompt, system_text, grounding, request.sampling
+            )
+        fitted = self._fit(entry, spec, model_system, history, prompt, request.sampling)
         if fitted.dropped and on_notice is not None:
             on_notice(
                 f"the conversation is longer than {entry.id}'s {spec.n_ctx}-token context: "
@@ -212,9 +221,17 @@ class ChatService:
         answer_id = self._store.add_message(
             conversation.id, "assistant", "", model=entry.id, interrupted=True
         ).id
+        prefix = ""
+        if grounding is not None and grounding.notice:
+            prefix = grounding.notice + "\n\n"
+            if on_text is not None:
+                on_text(prefix)
         answer, done = self._stream(
-            answer_id, fitted.tokens, request.sampling, ctx, started, on_text
+            answer_id, fitted.tokens, request.sampling, ctx, started, on_text, prefix
         )
+        citations = tuple(grounding.citations) if grounding is not None else ()
+        if citations:
+            self._store.set_citations(answer_id, [c.to_public() for c in citations])
         self._store.update_message(
             answer_id,
             content=answer,
@@ -244,6 +261,65 @@ class ChatService:
             load_s=load_s,
             stop_reason=done.stop_reason,
             dropped_messages=fitted.dropped,
+            citations=citations,
+        )
+
+    def _grounded_system(
+        self,
+        entry: ModelEntry,
+        spec: LoadSpec,
+        prompt: str,
+        user_system: str | None,
+        grounding: Grounding,
+        sampling: SamplingParams,
+    ) -> str:
+        """The system prompt with as many sources as the context leaves room for."""
+
+        def count(text: str) -> int:
+            return len(self._lane.call(lambda m: m.tokenize(text, False)))
+
+        reserve = min(sampling.max_tokens, spec.n_ctx // 4)
+        # Template markers and the question take the rest; 64 tokens of slack for markers.
+        budget = spec.n_ctx - reserve - count(prompt) - 64
+        return grounding.system_prompt(count, budget, user_system)
+
+    def _canned(
+        self,
+        entry: ModelEntry,
+        conversation: Conversation | None,
+        system_text: str | None,
+        prompt: str,
+        grounding: Grounding,
+        on_text: Callable[[str], None] | None,
+        load_s: float,
+    ) -> ChatResult:
+        """Record a question that retrieval says cannot be answered, with the reason."""
+        answer = grounding.canned_answer or ""
+        if conversation is None:
+            conversation = self._store.create(model=entry.id, system_prompt=system_text)
+        self._store.add_message(conversation.id, "user", prompt, model=entry.id)
+        message = self._store.add_message(
+            conversation.id, "assistant", answer, model=entry.id, completion_tokens=0
+        )
+        citations = tuple(grounding.citations)
+        if citations:
+            self._store.set_citations(message.id, [c.to_public() for c in citations])
+        if on_text is not None:
+            on_text(answer)
+        return ChatResult(
+            answer=answer,
+            model=entry.id,
+            conversation_id=conversation.id,
+            message_id=message.id,
+            prompt_tokens=0,
+            completion_tokens=0,
+            tokens_per_second=None,
+            ttft_s=None,
+            total_s=0.0,
+            load_s=load_s,
+            stop_reason="no_sources",
+            dropped_messages=0,
+            citations=citations,
         )
 
     def _fit(
@@ -276,9 +352,13 @@ class ChatService:
         ctx: JobContext,
         started: float,
         on_text: Callable[[str], None] | None,
+        prefix: str = "",
     ) -> tuple[str, GenerationDone]:
-        """Generate, hand text to ``on_text``, and save the answer every half second."""
-        pieces: list[str] = []
+        """Generate, hand text to ``on_text``, and save the answer every half second.
+
+        ``prefix`` (a notice already shown) is kept at the head of the stored answer.
+        """
+        pieces: list[str] = [prefix] if prefix else []
         done: GenerationDone | None = None
         last_save = time.monotonic()
         try:

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from typing import TYPE_CHECKING
 
 import click
 
 from engine.cli.common import cancel_on_signals, get_engine, json_option
 from engine.cli.output import emit_json, note
-from engine.errors import Cancelled, NotFound
+from engine.errors import Cancelled
 from engine.jobs import JobContext
+
+if TYPE_CHECKING:
+    from engine.chat.session import ChatResult
+    from engine.models.runtime import SamplingParams
 
 HELP_TEXT = (
     "Commands: /new starts a new conversation, /exit (or Ctrl-D) quits. Ctrl-C stops an answer."
@@ -48,9 +53,6 @@ def chat(
     from engine.chat.session import ChatRequest
     from engine.models.runtime import SamplingParams
 
-    if collection is not None:
-        # Document collections come with document search; until then every name is unknown.
-        raise NotFound(f"no collection {collection!r}", hint="no collections exist yet")
     if prompt == "-":
         prompt = sys.stdin.read()
     sampling = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
@@ -58,9 +60,9 @@ def chat(
     if prompt is None:
         if as_json:
             raise click.UsageError("--json needs a PROMPT (the interactive chat prints text)")
-        _interactive(model_id, system, conversation_id, sampling)
+        _interactive(model_id, system, conversation_id, sampling, collection)
         return
-    request = ChatRequest(prompt, model_id, conversation_id, system, sampling)
+    request = ChatRequest(prompt, model_id, conversation_id, system, sampling, collection)
     job = JobContext()
     with cancel_on_signals(job) as seen:
         try:
@@ -76,19 +78,36 @@ def chat(
         emit_json(result.to_json())
     else:
         _write("\n")
+        _show_citations(result)
     if result.interrupted:
         note(f"[interrupted: the partial answer is kept in conversation {result.conversation_id}]")
         raise SystemExit(128 + seen.get("signal", 2))
 
 
+def _show_citations(result: ChatResult) -> None:
+    """Sources under an answer from documents: number, file, page or lines, snippet."""
+    for c in result.citations:
+        if c.page:
+            where = f"p. {c.page}"
+        elif c.line_start:
+            where = f"lines {c.line_start}-{c.line_end}"
+        else:
+            where = ""
+        _write(f"  [{c.n}] {c.path} {where}\n      {c.snippet[:160]}\n")
+
+
 def _interactive(
-    model_id: str | None, system: str | None, conversation_id: int | None, sampling: object
+    model_id: str | None,
+    system: str | None,
+    conversation_id: int | None,
+    sampling: SamplingParams,
+    collection: str | None,
 ) -> None:
     from engine.chat.session import ChatRequest
-    from engine.models.runtime import SamplingParams
 
-    assert isinstance(sampling, SamplingParams)
     engine = get_engine()
+    if collection is not None:
+        engine.documents.get(collection)  # an unknown name fails before the model loads
     if conversation_id is not None:
         conversation = engine.conversations.get(conversation_id)
         model_id = model_id or conversation.model
@@ -119,7 +138,7 @@ def _interactive(
             note("(new conversation)")
             continue
         job = JobContext()
-        request = ChatRequest(text, entry.id, conversation_id, system, sampling)
+        request = ChatRequest(text, entry.id, conversation_id, system, sampling, collection)
         _write(f"{entry.id}> ")
         with cancel_on_signals(job):
             try:
@@ -130,6 +149,7 @@ def _interactive(
                 note("\n[stopped]")
                 continue
         _write("\n")
+        _show_citations(result)
         conversation_id = result.conversation_id
         if result.interrupted:
             note("[stopped: the partial answer is kept]")

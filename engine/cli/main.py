@@ -12,6 +12,8 @@ import sys
 import click
 
 from engine.cli.chat_cmd import chat
+from engine.cli.collections_cmd import collections_group, search
+from engine.cli.eval_cmd import eval_group
 from engine.cli.history_cmd import history_group
 from engine.cli.models_cmd import models_group
 from engine.cli.output import error_line
@@ -41,6 +43,9 @@ def cli(verbose: bool) -> None:
 cli.add_command(models_group)
 cli.add_command(chat)
 cli.add_command(history_group)
+cli.add_command(collections_group)
+cli.add_command(search)
+cli.add_command(eval_group)
 
 
 def main(argv: list[str] | None = None) -> int:

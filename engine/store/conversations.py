@@ -85,6 +85,7 @@ class Message:
     tokens_per_second: float | None
     interrupted: bool
     created_at: str
+    citations: list[dict[str, Any]] | None = None  # sources of an answer from documents
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a JSON-ready dict."""
@@ -99,7 +100,7 @@ FROM conversations c
 
 _MESSAGE_COLUMNS: Final = (
     "id, conversation_id, role, content, model, prompt_tokens, completion_tokens, "
-    "ttft_ms, duration_ms, tokens_per_second, interrupted, created_at"
+    "ttft_ms, duration_ms, tokens_per_second, interrupted, created_at, citations"
 )
 
 
@@ -118,6 +119,7 @@ def _conversation(row: sqlite3.Row) -> Conversation:
 def _message(row: sqlite3.Row) -> Message:
     values = dict(zip(row.keys(), tuple(row), strict=True))
     values["interrupted"] = bool(values["interrupted"])
+    values["citations"] = json.loads(values["citations"]) if values["citations"] else None
     return Message(**values)
 
 
@@ -329,6 +331,13 @@ class ConversationStore:
             )
             if cursor.rowcount == 0:
                 raise NotFound(f"no message {message_id}")
+
+    def set_citations(self, message_id: int, citations: builtins.list[dict[str, Any]]) -> None:
+        """Keep the sources an answer from documents was given (and may cite)."""
+        self._db.execute(
+            "UPDATE messages SET citations = ? WHERE id = ?",
+            (json.dumps(citations, ensure_ascii=False), message_id),
+        )
 
     def rename(self, conversation_id: int, title: str) -> None:
         """Set a conversation's title (``updated_at`` is left alone: it tracks messages).

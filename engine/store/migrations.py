@@ -87,10 +87,88 @@ CREATE TABLE models (
 );
 """
 
+# Document collections. SQLite is the source of truth: documents with their state, chunks
+# with provenance, and vectors (float16, keyed by embedder and chunk text so identical text
+# is embedded once). The FAISS files under collections/<id>/ are a cache of these rows.
+M003_COLLECTIONS: Final = """
+CREATE TABLE collections (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL UNIQUE,
+    embedder TEXT NOT NULL,
+    generation INTEGER NOT NULL DEFAULT 0,
+    created_at TEXT NOT NULL
+);
+
+CREATE TABLE collection_sources (
+    collection_id INTEGER NOT NULL REFERENCES collections(id) ON DELETE CASCADE,
+    path TEXT NOT NULL,
+    include TEXT NOT NULL DEFAULT '[]',
+    exclude TEXT NOT NULL DEFAULT '[]',
+    PRIMARY KEY (collection_id, path)
+);
+
+CREATE TABLE documents (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    collection_id INTEGER NOT NULL REFERENCES collections(id) ON DELETE CASCADE,
+    path TEXT NOT NULL,
+    size INTEGER,
+    mtime_ns INTEGER,
+    content_hash TEXT,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'indexed', 'failed', 'skipped')),
+    error TEXT,
+    chunk_count INTEGER NOT NULL DEFAULT 0,
+    pages INTEGER,
+    updated_at TEXT NOT NULL,
+    UNIQUE (collection_id, path)
+);
+
+CREATE TABLE chunks (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    document_id INTEGER NOT NULL REFERENCES documents(id) ON DELETE CASCADE,
+    ordinal INTEGER NOT NULL,
+    text TEXT NOT NULL,
+    page INTEGER,
+    line_start INTEGER,
+    line_end INTEGER,
+    heading TEXT,
+    text_hash TEXT NOT NULL,
+    UNIQUE (document_id, ordinal)
+);
+CREATE INDEX chunks_text_hash ON chunks(text_hash);
+
+CREATE TABLE embeddings (
+    embedder TEXT NOT NULL,
+    text_hash TEXT NOT NULL,
+    vector BLOB NOT NULL,
+    PRIMARY KEY (embedder, text_hash)
+) WITHOUT ROWID;
+
+CREATE VIRTUAL TABLE chunks_fts USING fts5(
+    text, heading, content='chunks', content_rowid='id',
+    tokenize='unicode61 remove_diacritics 2'
+);
+
+CREATE TRIGGER chunks_fts_insert AFTER INSERT ON chunks BEGIN
+    INSERT INTO chunks_fts(rowid, text, heading) VALUES (new.id, new.text, new.heading);
+END;
+
+CREATE TRIGGER chunks_fts_delete AFTER DELETE ON chunks BEGIN
+    INSERT INTO chunks_fts(chunks_fts, rowid, text, heading)
+    VALUES ('delete', old.id, old.text, old.heading);
+END;
+"""
+
+# Answers from a collection keep the sources they cited.
+M004_MESSAGE_CITATIONS: Final = """
+ALTER TABLE messages ADD COLUMN citations TEXT;
+"""
+
 # Append only. See the module docstring.
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     ("m001_conversations", M001_CONVERSATIONS),
     ("m002_models", M002_MODELS),
+    ("m003_collections", M003_COLLECTIONS),
+    ("m004_message_citations", M004_MESSAGE_CITATIONS),
 )
 
 _CREATE_TABLE: Final = (

@@ -1,0 +1,42 @@
+"""``bastion eval``: measuring retrieval quality on questions with known sources."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from engine.cli.common import get_engine, json_option
+from engine.cli.output import emit_json, table
+
+
+@click.group("eval")
+def eval_group() -> None:
+    """Evaluate retrieval quality."""
+
+
+@eval_group.command("retrieval")
+@click.option("-c", "--collection", required=True, help="The collection to evaluate.")
+@click.option(
+    "--qa",
+    "qa_path",
+    required=True,
+    type=click.Path(path_type=Path),
+    help='JSONL lines of {"question", "file", "page"?}.',
+)
+@json_option
+def retrieval(collection: str, qa_path: Path, as_json: bool) -> None:
+    """recall@1, recall@5, MRR and nDCG@10 for dense, keyword and hybrid search."""
+    report = get_engine().documents.evaluate(collection, qa_path)
+    if as_json:
+        emit_json(report)
+        return
+    metrics = ["recall@1", "recall@5", "mrr", "ndcg@10"]
+    table(
+        ["MODE", *metrics],
+        [
+            [mode, *(f"{report[mode][m]:.3f}" for m in metrics)]
+            for mode in ("dense", "keyword", "hybrid")
+        ],
+    )
+    click.echo(f"{report['questions']} questions")

@@ -1,0 +1,1 @@
+"""Documents: loading, chunking, embedding, indexing and retrieval with citations."""

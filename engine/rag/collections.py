@@ -1,0 +1,389 @@
+"""Document collections in SQLite: collections, their sources, documents with state, chunks."""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from engine.errors import AlreadyExists, InvalidInput, NotFound
+from engine.store.db import Database
+
+if TYPE_CHECKING:
+    import numpy as np
+
+_NAME_RE = re.compile(r"^[\w][\w .+-]{0,63}$")
+STATES = ("pending", "indexed", "failed", "skipped")
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class Collection:
+    id: int
+    name: str
+    embedder: str
+    generation: int  # bumped by every committed change to the collection's chunks
+    created_at: str
+
+
+@dataclass(frozen=True)
+class Source:
+    """A file or folder the user added, with the patterns it was added with."""
+
+    path: str
+    include: tuple[str, ...]
+    exclude: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Document:
+    id: int
+    path: str
+    size: int | None
+    mtime_ns: int | None
+    content_hash: str | None
+    state: str
+    error: str | None
+    chunk_count: int
+    pages: int | None
+
+    def to_public(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "state": self.state,
+            "chunks": self.chunk_count,
+            "error": self.error,
+            "pages": self.pages,
+        }
+
+
+@dataclass(frozen=True)
+class NewChunk:
+    ordinal: int
+    text: str
+    page: int | None
+    line_start: int | None
+    line_end: int | None
+    heading: str | None
+    text_hash: str
+
+
+@dataclass(frozen=True)
+class StoredChunk:
+    id: int
+    document_id: int
+    path: str
+    ordinal: int
+    text: str
+    page: int | None
+    line_start: int | None
+    line_end: int | None
+    heading: str | None
+
+
+def _collection(row: sqlite3.Row) -> Collection:
+    return Collection(row["id"], row["name"], row["embedder"], row["generation"], row["created_at"])
+
+
+def _document(row: sqlite3.Row) -> Document:
+    return Document(
+        id=row["id"],
+        path=row["path"],
+        size=row["size"],
+        mtime_ns=row["mtime_ns"],
+        content_hash=row["content_hash"],
+        state=row["state"],
+        error=row["error"],
+        chunk_count=row["chunk_count"],
+        pages=row["pages"],
+    )
+
+
+def _chunk(row: sqlite3.Row) -> StoredChunk:
+    return StoredChunk(
+        id=row["id"],
+        document_id=row["document_id"],
+        path=row["path"],
+        ordinal=row["ordinal"],
+        text=row["text"],
+        page=row["page"],
+        line_start=row["line_start"],
+        line_end=row["line_end"],
+        heading=row["heading"],
+    )
+
+
+class CollectionStore:
+    """Reads and writes the collection tables; every write is one short transaction."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    # -- collections ----------------------------------------------------------------
+
+    def create(self, name: str, embedder: str) -> Collection:
+        name = name.strip()
+        if not _NAME_RE.match(name):
+            raise InvalidInput(
+                f"invalid collection name {name!r}",
+                hint="use up to 64 letters, digits, spaces, '.', '+', '_' or '-'",
+            )
+        try:
+            self.db.execute(
+                "INSERT INTO collections (name, embedder, created_at) VALUES (?, ?, ?)",
+                (name, embedder, _now()),
+            )
+        except sqlite3.IntegrityError as exc:
+            raise AlreadyExists(f"a collection named {name!r} exists already") from exc
+        return self.get(name)
+
+    def get(self, name: str) -> Collection:
+        row = self.db.query_one("SELECT * FROM collections WHERE name = ?", (name,))
+        if row is None:
+            known = ", ".join(c.name for c in self.all()) or "none"
+            raise NotFound(f"no collection {name!r}", hint=f"collections: {known}")
+        return _collection(row)
+
+    def all(self) -> list[Collection]:
+        return [_collection(r) for r in self.db.query("SELECT * FROM collections ORDER BY name")]
+
+    def remove(self, collection: Collection) -> None:
+        self.db.execute("DELETE FROM collections WHERE id = ?", (collection.id,))
+
+    def set_embedder(self, collection: Collection, embedder: str) -> None:
+        """Switch the embedder; every document must then be indexed again."""
+        with self.db.transaction() as conn:
+            conn.execute(
+                "UPDATE collections SET embedder = ?, generation = generation + 1 WHERE id = ?",
+                (embedder, collection.id),
+            )
+            conn.execute(
+                "UPDATE documents SET state = 'pending', content_hash = NULL WHERE "
+                "collection_id = ? AND state = 'indexed'",
+                (collection.id,),
+            )
+
+    def generation(self, collection_id: int) -> int:
+        row = self.db.query_one("SELECT generation FROM collections WHERE id = ?", (collection_id,))
+        return int(row[0]) if row else -1
+
+    def summary(self, collection: Collection) -> dict[str, int]:
+        counts = dict.fromkeys(STATES, 0)
+        for row in self.db.query(
+            "SELECT state, count(*) AS n FROM documents WHERE collection_id = ? GROUP BY state",
+            (collection.id,),
+        ):
+            counts[row["state"]] = row["n"]
+        total = self.db.query_one(
+            "SELECT coalesce(sum(chunk_count), 0) FROM documents "
+            "WHERE collection_id = ? AND state = 'indexed'",
+            (collection.id,),
+        )
+        counts["chunks"] = int(total[0]) if total else 0
+        counts["files"] = sum(counts[s] for s in STATES)
+        return counts
+
+    # -- sources --------------------------------------------------------------------
+
+    def add_source(self, collection: Collection, source: Source) -> None:
+        self.db.execute(
+            "INSERT INTO collection_sources (collection_id, path, include, exclude) "
+            "VALUES (?, ?, ?, ?) ON CONFLICT (collection_id, path) DO UPDATE SET "
+            "include = excluded.include, exclude = excluded.exclude",
+            (collection.id, source.path, json.dumps(source.include), json.dumps(source.exclude)),
+        )
+
+    def sources(self, collection: Collection) -> list[Source]:
+        rows = self.db.query(
+            "SELECT path, include, exclude FROM collection_sources WHERE collection_id = ? "
+            "ORDER BY path",
+            (collection.id,),
+        )
+        return [
+            Source(r["path"], tuple(json.loads(r["include"])), tuple(json.loads(r["exclude"])))
+            for r in rows
+        ]
+
+    # -- documents ------------------------------------------------------------------
+
+    def documents(self, collection: Collection) -> list[Document]:
+        rows = self.db.query(
+            "SELECT * FROM documents WHERE collection_id = ? ORDER BY path", (collection.id,)
+        )
+        return [_document(r) for r in rows]
+
+    def mark_pending(self, collection: Collection, paths: Sequence[str]) -> None:
+        """Record new or changed files as waiting to be indexed (one transaction)."""
+        with self.db.transaction() as conn:
+            conn.executemany(
+                "INSERT INTO documents (collection_id, path, state, updated_at) "
+                "VALUES (?, ?, 'pending', ?) ON CONFLICT (collection_id, path) DO UPDATE SET "
+                "state = 'pending', error = NULL, updated_at = excluded.updated_at",
+                [(collection.id, p, _now()) for p in paths],
+            )
+
+    def touch(self, document_id: int, size: int, mtime_ns: int) -> None:
+        """A file whose metadata changed but whose content did not."""
+        self.db.execute(
+            "UPDATE documents SET size = ?, mtime_ns = ?, state = 'indexed', updated_at = ? "
+            "WHERE id = ?",
+            (size, mtime_ns, _now(), document_id),
+        )
+
+    def remove_documents(self, collection: Collection, ids: Sequence[int]) -> None:
+        if not ids:
+            return
+        with self.db.transaction() as conn:
+            conn.executemany("DELETE FROM documents WHERE id = ?", [(i,) for i in ids])
+            conn.execute(
+                "UPDATE collections SET generation = generation + 1 WHERE id = ?", (collection.id,)
+            )
+
+    def finish_document(
+        self,
+        collection: Collection,
+        document_id: int,
+        *,
+        state: str,
+        error: str | None = None,
+        size: int | None = None,
+        mtime_ns: int | None = None,
+        content_hash: str | None = None,
+        pages: int | None = None,
+    ) -> None:
+        """Close a document's indexing: its state, numbers, and a new collection generation."""
+        with self.db.transaction() as conn:
+            count = conn.execute(
+                "SELECT count(*) FROM chunks WHERE document_id = ?", (document_id,)
+            ).fetchone()[0]
+            conn.execute(
+                "UPDATE documents SET state = ?, error = ?, size = ?, mtime_ns = ?, "
+                "content_hash = ?, chunk_count = ?, pages = ?, updated_at = ? WHERE id = ?",
+                (state, error, size, mtime_ns, content_hash, count, pages, _now(), document_id),
+            )
+            conn.execute(
+                "UPDATE collections SET generation = generation + 1 WHERE id = ?", (collection.id,)
+            )
+
+    # -- chunks and vectors ---------------------------------------------------------
+
+    def clear_chunks(self, document_id: int) -> None:
+        """Drop a document's chunks and forget its content hash, together.
+
+        The hash says "these chunks are complete for this content"; keeping it beside
+        partial chunks would let a later run take them for finished.
+        """
+        with self.db.transaction() as conn:
+            conn.execute("DELETE FROM chunks WHERE document_id = ?", (document_id,))
+            conn.execute(
+                "UPDATE documents SET content_hash = NULL, chunk_count = 0 WHERE id = ?",
+                (document_id,),
+            )
+
+    def missing_vectors(self, embedder: str, hashes: Sequence[str]) -> set[str]:
+        """Which of ``hashes`` have no stored vector for ``embedder`` yet."""
+        found: set[str] = set()
+        unique = list(dict.fromkeys(hashes))
+        for start in range(0, len(unique), 500):
+            part = unique[start : start + 500]
+            rows = self.db.query(
+                f"SELECT text_hash FROM embeddings WHERE embedder = ? AND text_hash IN "
+                f"({','.join('?' * len(part))})",
+                (embedder, *part),
+            )
+            found.update(r[0] for r in rows)
+        return set(unique) - found
+
+    def write_batch(
+        self,
+        document_id: int,
+        embedder: str,
+        chunks: Sequence[NewChunk],
+        vectors: dict[str, np.ndarray],
+    ) -> None:
+        """Store a batch of chunks and the vectors computed for them, in one transaction."""
+        import numpy as np
+
+        with self.db.transaction() as conn:
+            conn.executemany(
+                "INSERT OR IGNORE INTO embeddings (embedder, text_hash, vector) VALUES (?, ?, ?)",
+                [(embedder, h, v.astype(np.float16).tobytes()) for h, v in vectors.items()],
+            )
+            conn.executemany(
+                "INSERT INTO chunks (document_id, ordinal, text, page, line_start, line_end, "
+                "heading, text_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        document_id,
+                        c.ordinal,
+                        c.text,
+                        c.page,
+                        c.line_start,
+                        c.line_end,
+                        c.heading,
+                        c.text_hash,
+                    )
+                    for c in chunks
+                ],
+            )
+
+    def chunks(self, ids: Sequence[int]) -> dict[int, StoredChunk]:
+        """Chunks of indexed documents by id (others are left out)."""
+        result: dict[int, StoredChunk] = {}
+        for start in range(0, len(ids), 500):
+            part = list(ids[start : start + 500])
+            rows = self.db.query(
+                "SELECT c.*, d.path FROM chunks c JOIN documents d ON d.id = c.document_id "
+                f"WHERE d.state = 'indexed' AND c.id IN ({','.join('?' * len(part))})",
+                tuple(part),
+            )
+            result.update((r["id"], _chunk(r)) for r in rows)
+        return result
+
+    def indexed_vectors(self, collection: Collection) -> tuple[np.ndarray, np.ndarray]:
+        """(chunk ids, float32 vectors) of every indexed chunk: what the FAISS cache holds."""
+        import numpy as np
+
+        rows = self.db.query(
+            "SELECT c.id, e.vector FROM chunks c JOIN documents d ON d.id = c.document_id "
+            "JOIN embeddings e ON e.text_hash = c.text_hash AND e.embedder = ? "
+            "WHERE d.collection_id = ? AND d.state = 'indexed' ORDER BY c.id",
+            (collection.embedder, collection.id),
+        )
+        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        if not rows:
+            return ids, np.zeros((0, 0), dtype=np.float32)
+        blob = b"".join(r[1] for r in rows)
+        vectors = np.frombuffer(blob, dtype=np.float16).reshape(len(rows), -1)
+        return ids, vectors.astype(np.float32)
+
+    def count_chunks_of(self, collection: Collection, file: str, page: int | None) -> int:
+        """Indexed chunks of the file named ``file`` (path, path suffix or name) and page."""
+        pattern = "%/" + re.sub(r"([\\%_])", r"\\\1", file.lstrip("/"))
+        row = self.db.query_one(
+            "SELECT count(*) FROM chunks c JOIN documents d ON d.id = c.document_id "
+            "WHERE d.collection_id = ? AND d.state = 'indexed' "
+            "AND (d.path = ? OR d.path LIKE ? ESCAPE '\\') AND (? IS NULL OR c.page = ?)",
+            (collection.id, file, pattern, page, page),
+        )
+        return int(row[0]) if row else 0
+
+    def keyword_search(
+        self, collection: Collection, fts_query: str, limit: int
+    ) -> list[tuple[int, float]]:
+        """(chunk id, bm25) of the best keyword matches among indexed chunks."""
+        rows = self.db.query(
+            "SELECT c.id, bm25(chunks_fts) AS score FROM chunks_fts "
+            "JOIN chunks c ON c.id = chunks_fts.rowid JOIN documents d ON d.id = c.document_id "
+            "WHERE chunks_fts MATCH ? AND d.collection_id = ? AND d.state = 'indexed' "
+            "ORDER BY score LIMIT ?",
+            (fts_query, collection.id, limit),
+        )
+        return [(r[0], float(r[1])) for r in rows]

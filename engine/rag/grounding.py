@@ -1,0 +1,185 @@
+"""Answers from documents: numbered sources in the prompt, citations out, no guessing.
+
+The model gets the retrieved passages as numbered sources and is told to answer only
+from them and to cite them as [n]. When the collection is empty, or nothing retrieved
+is relevant, the model is not asked at all: the answer says so, and the passages that
+were retrieved are still returned so the user can look for themselves.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.rag.retrieval import SearchResult, content_words
+
+# Cosine similarity (all-MiniLM-L6-v2) below which a passage is taken as unrelated to the
+# question: unrelated pairs score ~0.0-0.15, paraphrases 0.5+, loose topical matches ~0.3.
+MIN_RELEVANCE = 0.25
+SNIPPET_CHARS = 240
+_SENTENCE = re.compile(r"(?<=[.!?])\s+")
+
+INSTRUCTIONS = (
+    "Answer the question using only the numbered sources below. Cite the sources you use "
+    "as [1], [2] and so on. If the sources do not contain the answer, say that they do "
+    "not, instead of guessing."
+)
+
+
+@dataclass(frozen=True)
+class Citation:
+    n: int
+    path: str
+    page: int | None
+    snippet: str
+    score: float
+    line_start: int | None = None
+    line_end: int | None = None
+
+    def to_public(self) -> dict[str, Any]:
+        return {
+            "n": self.n,
+            "path": self.path,
+            "page": self.page,
+            "snippet": self.snippet,
+            "score": self.score,
+            "line_start": self.line_start,
+            "line_end": self.line_end,
+        }
+
+
+def _snippet(text: str, question: str) -> str:
+    """The part of a passage that best matches the question: its sentence with most of the
+    question's content words, widened with neighbours up to ``SNIPPET_CHARS``."""
+    flat = " ".join(text.split())
+    if len(flat) <= SNIPPET_CHARS:
+        return flat
+    sentences = _SENTENCE.split(flat)
+    words = set(content_words(question))
+    scores = [len(words & set(content_words(s))) for s in sentences]
+    best = max(range(len(sentences)), key=lambda i: (scores[i], -i))
+    lo = hi = best
+    out = sentences[best]
+    while True:
+        grown = False
+        if hi + 1 < len(sentences) and len(out) + len(sentences[hi + 1]) + 1 <= SNIPPET_CHARS:
+            hi += 1
+            out = f"{out} {sentences[hi]}"
+            grown = True
+        if lo > 0 and len(out) + len(sentences[lo - 1]) + 1 <= SNIPPET_CHARS:
+            lo -= 1
+            out = f"{sentences[lo]} {out}"
+            grown = True
+        if not grown:
+            break
+    if len(out) > SNIPPET_CHARS:
+        out = out[: SNIPPET_CHARS - 1]
+    return ("…" if lo > 0 else "") + out + ("…" if hi < len(sentences) - 1 else "")
+
+
+def _label(r: SearchResult) -> str:
+    name = os.path.basename(r.chunk.path)
+    if r.chunk.page is not None:
+        return f"{name}, page {r.chunk.page}"
+    if r.chunk.line_start is not None:
+        return f"{name}, lines {r.chunk.line_start}-{r.chunk.line_end}"
+    return name
+
+
+def citations_of(results: list[SearchResult], question: str) -> list[Citation]:
+    return [
+        Citation(
+            n,
+            r.chunk.path,
+            r.chunk.page,
+            _snippet(r.chunk.text, question),
+            round(r.score, 6),
+            r.chunk.line_start,
+            r.chunk.line_end,
+        )
+        for n, r in enumerate(results, 1)
+    ]
+
+
+@dataclass
+class Grounding:
+    """What retrieval gives the chat for one question."""
+
+    collection: str
+    question: str
+    results: list[SearchResult]
+    canned_answer: str | None = None  # set: do not ask the model, answer this
+    notice: str | None = None  # said in front of the answer (e.g. still indexing)
+    citations: list[Citation] = field(default_factory=list)
+
+    def system_prompt(
+        self, count_tokens: Callable[[str], int], budget: int, user_system: str | None = None
+    ) -> str:
+        """Instructions plus as many sources as fit in ``budget`` tokens (best first).
+
+        Sets ``citations`` to the sources actually given to the model.
+        """
+        head = f"{user_system}\n\n{INSTRUCTIONS}" if user_system else INSTRUCTIONS
+        used = count_tokens(head) + 8
+        parts = [head, "", "Sources:"]
+        kept: list[SearchResult] = []
+        for r in self.results:
+            block = f"[{len(kept) + 1}] ({_label(r)})\n{r.chunk.text.strip()}"
+            cost = count_tokens(block) + 2
+            if used + cost > budget:
+                if not kept:  # always give at least the best source, cut to fit
+                    room = max(budget - used, 0)
+                    words = block.split()
+                    block = " ".join(words[: max(room * 3 // 4, 1)])
+                    parts.append(block)
+                    kept.append(r)
+                break
+            parts.append(block)
+            kept.append(r)
+            used += cost
+        self.citations = citations_of(kept, self.question)
+        return "\n".join(parts)
+
+
+def ground(
+    collection_name: str, question: str, results: list[SearchResult], summary: dict[str, int]
+) -> Grounding:
+    """Decide how to answer from what retrieval found and the collection's state."""
+    if summary.get("indexed", 0) == 0:
+        if summary.get("pending", 0):
+            answer = (
+                f"The collection “{collection_name}” is still being indexed and has no "
+                "searchable documents yet, so I cannot answer from it. Try again when "
+                "indexing has finished."
+            )
+        else:
+            answer = (
+                f"The collection “{collection_name}” has no indexed documents, so I "
+                "cannot answer from it. Add documents with: bastion collections add "
+                f'"{collection_name}" PATH'
+            )
+        return Grounding(collection_name, question, results, canned_answer=answer)
+    relevant = [r for r in results if (r.dense_score or 0.0) >= MIN_RELEVANCE]
+    if not relevant:
+        grounding = Grounding(
+            collection_name,
+            question,
+            results,
+            canned_answer=(
+                f"I found nothing relevant to this question in “{collection_name}”, so I "
+                "will not guess. The closest passages are listed below."
+            ),
+        )
+        grounding.citations = citations_of(results, grounding.question)
+        return grounding
+    notice = None
+    if summary.get("pending", 0):
+        notice = (
+            f"Note: “{collection_name}” is still being indexed ({summary['indexed']} of "
+            f"{summary['indexed'] + summary['pending']} files searchable); this answer "
+            "may miss documents."
+        )
+    return Grounding(collection_name, question, relevant, notice=notice)

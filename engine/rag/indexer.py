@@ -1,0 +1,320 @@
+"""Indexing a collection: incremental, resumable after a kill at any moment, cancellable.
+
+SQLite is the source of truth and every step commits before the next starts:
+
+1. the sources are scanned; files that are new, changed (size or mtime) or left pending
+   by an earlier run are marked ``pending`` in one transaction, and documents whose
+   files are gone are deleted (their chunks go with them);
+2. each pending document is processed alone: its old chunks and content hash are
+   cleared, its chunks are written in batches as they are embedded, and only the last
+   transaction marks it ``indexed`` (or ``failed`` / ``skipped`` with the reason).
+
+A kill at any moment leaves each document either finished or ``pending``; the next run
+clears a pending document's partial chunks and does it again, so the result is exactly
+what a clean run produces. Vectors are stored by chunk-text hash, so text that was
+already embedded (an earlier attempt, a duplicate file) is not embedded again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.errors import Cancelled
+from engine.jobs import JobContext
+from engine.rag.collections import Collection, CollectionStore, Document, NewChunk
+from engine.rag.scanner import FoundFile, scan
+
+log = logging.getLogger(__name__)
+
+BATCH = 64  # chunks embedded and committed together
+_HASH_BLOCK = 1 << 20
+
+
+@dataclass
+class IndexReport:
+    """What one run did. ``to_public`` is the contract's ``collections add|sync`` output."""
+
+    indexed: int = 0
+    skipped: int = 0
+    unchanged: int = 0
+    removed: int = 0
+    chunks: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    missing_sources: list[str] = field(default_factory=list)
+    cancelled: bool = False
+    seconds: float = 0.0
+
+    def to_public(self) -> dict[str, Any]:
+        return {
+            "indexed": self.indexed,
+            "skipped": self.skipped,
+            "failed": [{"path": p, "error": e} for p, e in self.failed],
+            "chunks": self.chunks,
+            "unchanged": self.unchanged,
+            "removed": self.removed,
+            "missing_sources": self.missing_sources,
+            "cancelled": self.cancelled,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+class _FileChanged(Exception):
+    pass
+
+
+def _sha256(path: str, ctx: JobContext) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(_HASH_BLOCK):
+            digest.update(block)
+            ctx.check_cancelled()
+    return digest.hexdigest()
+
+
+def _batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+class Indexer:
+    """Runs indexing jobs for collections of one database."""
+
+    def __init__(self, store: CollectionStore, embedder_for: Callable[[str], Any]) -> None:
+        self._store = store
+        self._embedder_for = embedder_for
+
+    def run(self, collection: Collection, ctx: JobContext) -> IndexReport:
+        """Bring ``collection`` up to date with its sources; see the module docstring."""
+        started = time.monotonic()
+        report = IndexReport()
+        try:
+            pending = self._plan(collection, report)
+            self._process_all(collection, pending, report, ctx)
+        except Cancelled:
+            report.cancelled = True
+            log.info("indexing of %s cancelled; committed work is kept", collection.name)
+        report.seconds = time.monotonic() - started
+        return report
+
+    def _plan(self, collection: Collection, report: IndexReport) -> list[Document]:
+        found: dict[str, FoundFile] = {}
+        live_roots: list[str] = []
+        missing_files: list[str] = []
+        existing = {d.path: d for d in self._store.documents(collection)}
+        for source in self._store.sources(collection):
+            root = Path(source.path)
+            if not root.exists():
+                prefix = source.path.rstrip(os.sep) + os.sep
+                if any(p.startswith(prefix) for p in existing):
+                    # A folder that is gone (an unmounted drive, a renamed share): keep its
+                    # documents rather than drop hours of indexing; say so.
+                    report.missing_sources.append(source.path)
+                else:
+                    missing_files.append(source.path)
+                continue
+            live_roots.append(source.path)
+            for f in scan(source):
+                found[f.path] = f
+
+        def under_live_root(path: str) -> bool:
+            return any(path == r or path.startswith(r.rstrip(os.sep) + os.sep) for r in live_roots)
+
+        gone = [
+            d.id
+            for p, d in existing.items()
+            if p not in found and (under_live_root(p) or p in missing_files)
+        ]
+        self._store.remove_documents(collection, gone)
+        report.removed = len(gone)
+        # A file named directly that does not exist: recorded as failed, said once.
+        for path in missing_files:
+            if path not in existing or existing[path].state != "failed":
+                self._store.mark_pending(collection, [path])
+                row = next(d for d in self._store.documents(collection) if d.path == path)
+                self._store.finish_document(
+                    collection, row.id, state="failed", error="no such file or folder"
+                )
+            report.failed.append((path, "no such file or folder"))
+
+        todo = []
+        for path, f in found.items():
+            doc = existing.get(path)
+            if (
+                doc is None
+                or doc.state == "pending"
+                or doc.size != f.size
+                or doc.mtime_ns != f.mtime_ns
+            ):
+                todo.append(path)
+            else:
+                report.unchanged += 1
+        self._store.mark_pending(collection, sorted(todo))
+        wanted = set(todo)
+        return [d for d in self._store.documents(collection) if d.path in wanted]
+
+    def _process_all(
+        self, collection: Collection, pending: list[Document], report: IndexReport, ctx: JobContext
+    ) -> None:
+        total = len(pending)
+        ctx.report(0, total, "scanning done")
+        for done, doc in enumerate(pending):
+            ctx.check_cancelled()
+            name = os.path.basename(doc.path)
+            ctx.report(done, total, f"{name} · {report.chunks} chunks")
+            for attempt in range(2):
+                try:
+                    self._process(collection, doc, report, ctx)
+                    break
+                except _FileChanged:
+                    if attempt == 1:
+                        msg = "the file changed while it was being indexed; sync again later"
+                        self._store.finish_document(collection, doc.id, state="failed", error=msg)
+                        report.failed.append((doc.path, msg))
+        ctx.report(total, total, f"done · {report.chunks} chunks")
+
+    def _process(
+        self, collection: Collection, doc: Document, report: IndexReport, ctx: JobContext
+    ) -> None:
+        from engine.rag.chunking import chunk_sections
+        from engine.rag.loaders import DocumentError, detect_kind, load_document
+
+        path = doc.path
+        try:
+            before = os.stat(path)
+        except OSError as exc:
+            self._fail(
+                collection, doc, report, f"cannot read: {(exc.strerror or str(exc)).lower()}"
+            )
+            return
+        kind = detect_kind(Path(path))
+        if kind is None:
+            ext = Path(path).suffix or "no extension"
+            self._store.finish_document(
+                collection,
+                doc.id,
+                state="skipped",
+                error=f"unsupported file type ({ext})",
+                size=before.st_size,
+                mtime_ns=before.st_mtime_ns,
+            )
+            report.skipped += 1
+            return
+        try:
+            content_hash = _sha256(path, ctx)
+        except OSError as exc:
+            self._fail(
+                collection, doc, report, f"cannot read: {(exc.strerror or str(exc)).lower()}"
+            )
+            return
+        if doc.content_hash == content_hash and doc.chunk_count > 0:
+            self._store.touch(doc.id, before.st_size, before.st_mtime_ns)  # renamed or touched
+            report.unchanged += 1
+            return
+
+        embedder = self._embedder_for(collection.embedder)
+        self._store.clear_chunks(doc.id)
+        written = 0
+        pages: set[int] = set()
+        try:
+            sections = load_document(Path(path), ctx.check_cancelled)
+            chunks = chunk_sections(sections, embedder.count_tokens)
+            for batch in _batched(chunks, BATCH):
+                new = [
+                    NewChunk(
+                        c.ordinal,
+                        c.text,
+                        c.page,
+                        c.line_start,
+                        c.line_end,
+                        c.heading,
+                        hashlib.sha256(c.text.encode("utf-8")).hexdigest(),
+                    )
+                    for c in batch
+                ]
+                pages.update(c.page for c in new if c.page is not None)
+                missing = self._store.missing_vectors(
+                    collection.embedder, [c.text_hash for c in new]
+                )
+                to_embed = [c for c in new if c.text_hash in missing]
+                to_embed = list({c.text_hash: c for c in to_embed}.values())
+                vectors = {}
+                if to_embed:
+                    matrix = embedder.encode(
+                        [c.text for c in to_embed], check_cancelled=ctx.check_cancelled
+                    )
+                    vectors = {c.text_hash: matrix[i] for i, c in enumerate(to_embed)}
+                self._store.write_batch(doc.id, collection.embedder, new, vectors)
+                written += len(new)
+                ctx.check_cancelled()
+        except DocumentError as exc:
+            self._store.clear_chunks(doc.id)
+            self._store.finish_document(
+                collection,
+                doc.id,
+                state=exc.state,
+                error=exc.message,
+                size=before.st_size,
+                mtime_ns=before.st_mtime_ns,
+            )
+            if exc.state == "failed":
+                report.failed.append((path, exc.message))
+            else:
+                report.skipped += 1
+            return
+        except OSError as exc:
+            self._store.clear_chunks(doc.id)
+            self._fail(
+                collection, doc, report, f"cannot read: {(exc.strerror or str(exc)).lower()}"
+            )
+            return
+
+        try:
+            after = os.stat(path)
+        except OSError:
+            after = None
+        if after is None or (after.st_size, after.st_mtime_ns) != (
+            before.st_size,
+            before.st_mtime_ns,
+        ):
+            self._store.clear_chunks(doc.id)
+            raise _FileChanged
+        if written == 0:
+            self._store.finish_document(
+                collection,
+                doc.id,
+                state="skipped",
+                error="no text",
+                size=before.st_size,
+                mtime_ns=before.st_mtime_ns,
+                content_hash=content_hash,
+            )
+            report.skipped += 1
+            return
+        self._store.finish_document(
+            collection,
+            doc.id,
+            state="indexed",
+            size=before.st_size,
+            mtime_ns=before.st_mtime_ns,
+            content_hash=content_hash,
+            pages=len(pages) or None,
+        )
+        report.indexed += 1
+        report.chunks += written
+
+    def _fail(self, collection: Collection, doc: Document, report: IndexReport, msg: str) -> None:
+        self._store.finish_document(collection, doc.id, state="failed", error=msg)
+        report.failed.append((doc.path, msg))

@@ -1,0 +1,239 @@
+"""Retrieval: dense search in the FAISS cache, keyword search in FTS5, fused by reciprocal rank.
+
+The FAISS index of a collection is a cache of the vectors in SQLite. It is tagged with
+the collection's ``generation`` (bumped by every committed change); when the tags differ,
+or the files are missing or damaged, it is rebuilt from SQLite and saved again.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.errors import InvalidInput
+from engine.rag.collections import Collection, CollectionStore, StoredChunk
+
+log = logging.getLogger(__name__)
+
+# Reciprocal rank fusion constant: 60 is the value of the original paper (Cormack et al.,
+# 2009) and works across corpora without tuning.
+RRF_K = 60
+# Each method contributes this many candidates per wanted result (at least 50).
+CANDIDATES_PER_RESULT = 4
+MODES = ("dense", "keyword", "hybrid")
+
+# Words that carry no topic: left out of keyword queries so that "what is the ..."
+# questions rank by their content words. Short and English-only on purpose.
+_STOPWORDS = frozenset(
+    {
+        "a",
+        "an",
+        "and",
+        "are",
+        "as",
+        "at",
+        "be",
+        "by",
+        "can",
+        "did",
+        "do",
+        "does",
+        "for",
+        "from",
+        "had",
+        "has",
+        "have",
+        "how",
+        "i",
+        "in",
+        "is",
+        "it",
+        "its",
+        "of",
+        "on",
+        "or",
+        "that",
+        "the",
+        "their",
+        "there",
+        "these",
+        "this",
+        "to",
+        "was",
+        "were",
+        "what",
+        "when",
+        "where",
+        "which",
+        "who",
+        "why",
+        "will",
+        "with",
+        "you",
+        "your",
+        "about",
+        "into",
+        "me",
+        "my",
+        "we",
+        "our",
+    }
+)
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    chunk: StoredChunk
+    score: float  # the fused score in hybrid mode, else the method's own
+    dense_score: float | None  # cosine similarity, when dense search found it
+    dense_rank: int | None
+    keyword_rank: int | None
+
+    def to_public(self) -> dict[str, Any]:
+        return {
+            "path": self.chunk.path,
+            "page": self.chunk.page,
+            "text": self.chunk.text,
+            "score": self.score,
+            "line_start": self.chunk.line_start,
+            "line_end": self.chunk.line_end,
+            "heading": self.chunk.heading,
+            "dense_score": self.dense_score,
+        }
+
+
+def content_words(text: str) -> list[str]:
+    """The lower-cased words of ``text`` that carry a topic (stopwords left out)."""
+    return [w for w in _WORD.findall(text.lower()) if w not in _STOPWORDS]
+
+
+def keyword_query(text: str) -> str | None:
+    """An FTS5 query OR-ing the content words of ``text`` (None when there are none)."""
+    words = content_words(text) or _WORD.findall(text.lower())
+    if not words:
+        return None
+    return " OR ".join('"' + w.replace('"', '""') + '"' for w in dict.fromkeys(words))
+
+
+class Retriever:
+    """Searches collections; keeps each collection's vector index loaded once per process."""
+
+    def __init__(
+        self, store: CollectionStore, home: Path, embedder_for: Callable[[str], Any]
+    ) -> None:
+        self._store = store
+        self._home = home
+        self._embedder_for = embedder_for
+        self._indexes: dict[int, tuple[int, Any]] = {}
+        self._lock = threading.Lock()
+
+    def index_folder(self, collection: Collection) -> Path:
+        return self._home / "collections" / str(collection.id)
+
+    def vector_index(self, collection: Collection) -> Any:
+        """The collection's vector index at its current generation (loaded or rebuilt)."""
+        from engine.rag.vector_index import VectorIndex
+
+        generation = self._store.generation(collection.id)
+        with self._lock:
+            cached = self._indexes.get(collection.id)
+            if cached is not None and cached[0] == generation:
+                return cached[1]
+            folder = self.index_folder(collection)
+            index = VectorIndex.load(folder)
+            meta = index.meta if index is not None else {}
+            if (
+                index is None
+                or meta.get("generation") != generation
+                or meta.get("embedder") != collection.embedder
+            ):
+                index = self._rebuild(collection, generation)
+            self._indexes[collection.id] = (generation, index)
+            return index
+
+    def _rebuild(self, collection: Collection, generation: int) -> Any:
+        from engine.rag.vector_index import VectorIndex
+
+        ids, vectors = self._store.indexed_vectors(collection)
+        dimension = (
+            vectors.shape[1] if len(ids) else self._embedder_for(collection.embedder).dimension
+        )
+        index = VectorIndex.build(ids, vectors, dimension)
+        index.save(
+            self.index_folder(collection),
+            meta={"generation": generation, "embedder": collection.embedder},
+        )
+        log.info(
+            "rebuilt the vector index of %s from SQLite (%d vectors)", collection.name, len(ids)
+        )
+        return index
+
+    def refresh(self, collection: Collection) -> None:
+        """Bring the saved index up to date (after indexing) so the next search is fast."""
+        self.vector_index(collection)
+
+    def forget(self, collection: Collection) -> None:
+        with self._lock:
+            self._indexes.pop(collection.id, None)
+
+    def dense(self, collection: Collection, query: str, k: int) -> list[tuple[int, float]]:
+        index = self.vector_index(collection)
+        if len(index) == 0:
+            return []
+        vector = self._embedder_for(collection.embedder).encode([query])[0]
+        return [(int(i), float(s)) for i, s in index.search(vector, k)]
+
+    def keyword(self, collection: Collection, query: str, k: int) -> list[tuple[int, float]]:
+        fts = keyword_query(query)
+        if fts is None:
+            return []
+        # bm25() is lower-is-better; flip the sign so every score is higher-is-better.
+        return [(i, -s) for i, s in self._store.keyword_search(collection, fts, k)]
+
+    def search(
+        self, collection: Collection, query: str, k: int = 5, mode: str = "hybrid"
+    ) -> list[SearchResult]:
+        """The ``k`` best chunks for ``query``: dense, keyword, or both fused (RRF)."""
+        if not query.strip():
+            raise InvalidInput("the query is empty")
+        if mode not in MODES:
+            raise InvalidInput(f"unknown search mode {mode!r}", hint=f"use one of {MODES}")
+        if k < 1:
+            raise InvalidInput("k must be at least 1")
+        pool = max(k * CANDIDATES_PER_RESULT, 50)
+        dense = self.dense(collection, query, pool) if mode != "keyword" else []
+        keyword = self.keyword(collection, query, pool) if mode != "dense" else []
+        dense_rank = {cid: r for r, (cid, _) in enumerate(dense, 1)}
+        dense_score = dict(dense)
+        keyword_rank = {cid: r for r, (cid, _) in enumerate(keyword, 1)}
+        if mode == "dense":
+            ranked = dense
+        elif mode == "keyword":
+            ranked = keyword
+        else:
+            fused: dict[int, float] = {}
+            for ranks in (dense_rank, keyword_rank):
+                for cid, rank in ranks.items():
+                    fused[cid] = fused.get(cid, 0.0) + 1.0 / (RRF_K + rank)
+            ranked = sorted(fused.items(), key=lambda kv: kv[1], reverse=True)
+        # Over-fetch: chunks of documents being re-indexed drop out in the join.
+        chunks = self._store.chunks([cid for cid, _ in ranked[: k * 2]])
+        results = []
+        for cid, score in ranked:
+            chunk = chunks.get(cid)
+            if chunk is None:
+                continue
+            results.append(
+                SearchResult(
+                    chunk, score, dense_score.get(cid), dense_rank.get(cid), keyword_rank.get(cid)
+                )
+            )
+            if len(results) == k:
+                break
+        return results

@@ -1,0 +1,318 @@
+"""The embedder: offline loading, int8 export and its cache, fallbacks, clear errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.errors import Cancelled, InvalidInput, NotFound, OperationFailed
+from engine.rag import embedder as emb
+from engine.rag.embedder import (
+    DEFAULT_EMBEDDER,
+    INT8_FILE,
+    STATUS_FILE,
+    Embedder,
+    clear_embedder_cache,
+    get_embedder,
+    resolve_embedder,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+OFFLINE_SCRIPT = """
+import json, sys
+from pathlib import Path
+from engine.privacy import guard
+guard.activate()
+from engine.rag.embedder import get_embedder
+e = get_embedder(cache_dir=Path(sys.argv[1]), backend=sys.argv[2])
+v = e.encode(["an offline check", "a second, longer sentence to embed in the same batch"])
+print(json.dumps({"backend": e.backend, "dimension": e.dimension,
+                  "norms": [float(x) for x in (v * v).sum(axis=1)],
+                  "blocked": len(guard.blocked_attempts())}))
+"""
+
+# Not the probe set the export is checked on: the check must hold on other text too.
+VARIED = [
+    "Where can I find the warranty terms for my washing machine?",
+    "The board approved a dividend of 0.45 EUR per share for fiscal year 2023.",
+    "Mitochondria are the site of oxidative phosphorylation in eukaryotic cells.",
+    "for i in range(10): print(i ** 2)",
+    "Bitte senden Sie die unterschriebene Vollmacht bis Freitag zurück.",
+    "invoice",
+    "The defendant's motion to dismiss was denied because the complaint stated a plausible "
+    "claim, and discovery will proceed on the schedule set at the initial conference, with "
+    "depositions of both engineers expected before the end of the quarter and expert "
+    "reports due thirty days after that.",
+    "Mount the drive read-only, then copy the logs from /var/log to the backup server.",
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _clean_process_cache() -> Iterator[None]:
+    clear_embedder_cache()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv(emb.BACKEND_ENV, raising=False)
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("TRANSFORMERS_OFFLINE", "1")
+        yield
+    clear_embedder_cache()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, object]]:
+    """The default embedder exported to int8 in a fresh process with the network guard on."""
+    cache = tmp_path_factory.mktemp("embedders")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", emb.BACKEND_ENV: ""}
+    proc = subprocess.run(
+        [sys.executable, "-c", OFFLINE_SCRIPT, str(cache), "onnx-int8"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=ROOT,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return cache, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def int8(exported: tuple[Path, dict[str, object]]) -> Embedder:
+    return get_embedder(cache_dir=exported[0], backend="onnx-int8")
+
+
+@pytest.fixture(scope="module")
+def fp32(exported: tuple[Path, dict[str, object]]) -> Embedder:
+    return get_embedder(cache_dir=exported[0], backend="torch-fp32")
+
+
+def _tiny_model(folder: Path, pooling: str = "mean") -> Path:
+    """A 2-layer, 32-wide random BERT as a sentence-transformers folder (exports in ~1 s)."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    src = resolve_embedder(DEFAULT_EMBEDDER)
+    folder.mkdir(parents=True)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+    )
+    BertModel(config).save_pretrained(folder)  # type: ignore[no-untyped-call]
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(src / name, folder / name)
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {
+            "idx": 1,
+            "name": "1",
+            "path": "1_Pooling",
+            "type": "sentence_transformers.models.Pooling",
+        },
+    ]
+    (folder / "modules.json").write_text(json.dumps(modules))
+    (folder / "1_Pooling").mkdir()
+    pool = {
+        "word_embedding_dimension": 32,
+        "pooling_mode_mean_tokens": pooling == "mean",
+        "pooling_mode_max_tokens": pooling == "max",
+        "pooling_mode_cls_token": pooling == "cls",
+    }
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(pool))
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 64}))
+    return folder
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.asarray(np.sum(a * b, axis=1))
+
+
+# -- the default embedder -----------------------------------------------------------------
+
+
+def test_default_exports_and_embeds_offline_in_a_fresh_process(
+    exported: tuple[Path, dict[str, object]],
+) -> None:
+    cache, result = exported
+    assert result["backend"] == "onnx-int8"
+    assert result["dimension"] == 384
+    assert result["blocked"] == 0  # nothing even tried to connect
+    assert np.allclose(result["norms"], 1.0, atol=1e-5)  # type: ignore[arg-type]
+    (folder,) = [p for p in cache.iterdir() if p.is_dir()]
+    status = json.loads((folder / STATUS_FILE).read_text())
+    assert status["ok"] and status["min_cosine"] >= emb.MIN_PROBE_COSINE
+    assert not list(folder.glob(".export-*"))  # the temporary work folder is gone
+
+
+def test_default_embedder_vectors_are_unit_length_and_semantic(int8: Embedder) -> None:
+    assert (int8.model_id, int8.dimension, int8.max_tokens) == (DEFAULT_EMBEDDER, 384, 256)
+    vectors = int8.encode(
+        [
+            "A cat is sleeping on the sofa.",
+            "The kitten naps on the couch.",
+            "Interest rates rose by half a percentage point.",
+        ]
+    )
+    assert vectors.shape == (3, 384) and vectors.dtype == np.float32
+    assert vectors.flags["C_CONTIGUOUS"]
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    similar, unrelated = vectors[0] @ vectors[1], vectors[0] @ vectors[2]
+    assert similar > unrelated + 0.3, (similar, unrelated)
+    assert int8.encode([]).shape == (0, 384)
+
+
+def test_int8_agrees_with_fp32_on_varied_text(int8: Embedder, fp32: Embedder) -> None:
+    assert (int8.backend, fp32.backend) == ("onnx-int8", "torch-fp32")
+    cosines = _cos(int8.encode(VARIED), fp32.encode(VARIED))
+    assert cosines.min() >= 0.98, cosines
+    # Alone (as a query is embedded), each text holds too. int8 activations are scaled per
+    # batch, so the same text differs slightly between batches; fp32 is the fixed point.
+    one_by_one = np.stack([int8.encode([t])[0] for t in VARIED])
+    assert _cos(one_by_one, fp32.encode(VARIED)).min() >= 0.98
+
+
+def test_export_is_reused_by_a_later_load(
+    exported: tuple[Path, dict[str, object]], int8: Embedder
+) -> None:
+    cache = exported[0]
+    (folder,) = [p for p in cache.iterdir() if p.is_dir()]
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    clear_embedder_cache()
+    again = get_embedder(cache_dir=cache, backend="onnx-int8")
+    assert again is not int8 and again.backend == "onnx-int8"
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
+
+
+def test_the_process_cache_returns_the_same_object(
+    exported: tuple[Path, dict[str, object]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(emb, "_cuda_available", lambda: False)
+    clear_embedder_cache()
+    first = get_embedder(cache_dir=exported[0])
+    assert first.backend == "onnx-int8"  # auto picks int8 on a CPU-only machine
+    assert get_embedder(cache_dir=exported[0]) is first
+    assert get_embedder(cache_dir=exported[0], backend="onnx-int8") is first
+
+
+def test_the_environment_forces_a_backend(
+    exported: tuple[Path, dict[str, object]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(emb.BACKEND_ENV, "torch-fp32")
+    forced = get_embedder(cache_dir=exported[0])
+    assert forced.backend == "torch-fp32"
+    assert get_embedder(cache_dir=exported[0], backend="torch-fp32") is forced
+    # An explicit argument wins over the environment.
+    assert get_embedder(cache_dir=exported[0], backend="onnx-int8").backend == "onnx-int8"
+    monkeypatch.setenv(emb.BACKEND_ENV, "int4")
+    with pytest.raises(InvalidInput, match=emb.BACKEND_ENV):
+        get_embedder(cache_dir=exported[0])
+    with pytest.raises(InvalidInput, match="backend"):
+        get_embedder(cache_dir=exported[0], backend="fp8")
+
+
+def test_count_tokens_matches_the_tokenizer(int8: Embedder, fp32: Embedder) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(resolve_embedder(DEFAULT_EMBEDDER)))
+    texts = [*VARIED, "", "word " * 400]  # the long one: counts are never truncated
+    expected = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    assert int8.count_tokens(texts) == expected
+    assert fp32.count_tokens(texts) == expected
+    assert expected[-1] == 400
+    assert int8.count_tokens([]) == []
+
+
+def test_encode_stops_when_cancelled(int8: Embedder) -> None:
+    calls = []
+
+    def check() -> None:
+        calls.append(1)
+        if len(calls) == 2:
+            raise Cancelled("stop")
+
+    with pytest.raises(Cancelled):
+        int8.encode(["one", "two", "three", "four"], batch_size=2, check_cancelled=check)
+    assert len(calls) == 2
+    with pytest.raises(InvalidInput):
+        int8.encode(["x"], batch_size=0)
+
+
+# -- other folders, fallbacks and errors ---------------------------------------------------
+
+
+def test_a_missing_or_unknown_embedder_is_not_found(tmp_path: Path) -> None:
+    with pytest.raises(NotFound, match="unknown embedder"):
+        get_embedder(str(tmp_path / "nowhere"), cache_dir=tmp_path)
+    with pytest.raises(NotFound):
+        get_embedder("no-such-model-id", cache_dir=tmp_path)
+
+
+def test_a_folder_that_is_no_model_is_invalid(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InvalidInput, match="not a sentence-transformers model folder"):
+        get_embedder(str(tmp_path / "empty"), cache_dir=tmp_path)
+
+
+def test_a_broken_model_folder_gives_a_clear_error(tmp_path: Path) -> None:
+    folder = _tiny_model(tmp_path / "broken")
+    (folder / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(InvalidInput, match="cannot be loaded") as info:
+        get_embedder(str(folder), cache_dir=tmp_path / "cache")
+    assert str(folder) in str(info.value)
+
+
+def test_a_local_folder_is_exported_and_loaded_by_path(tmp_path: Path) -> None:
+    folder = _tiny_model(tmp_path / "tiny")
+    embedder = get_embedder(str(folder), cache_dir=tmp_path / "cache", backend="onnx-int8")
+    assert (embedder.model_id, embedder.dimension, embedder.max_tokens) == (str(folder), 32, 64)
+    vectors = embedder.encode(["short", "a longer text " * 20])
+    reference = get_embedder(str(folder), backend="torch-fp32").encode(
+        ["short", "a longer text " * 20]
+    )
+    assert _cos(vectors, reference).min() > 0.98
+
+
+def test_an_unsupported_layout_falls_back_to_torch(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(emb, "_cuda_available", lambda: False)
+    folder = _tiny_model(tmp_path / "maxpool", pooling="max")
+    with caplog.at_level(logging.WARNING, logger="engine.rag.embedder"):
+        embedder = get_embedder(str(folder), cache_dir=tmp_path / "cache")
+    assert embedder.backend == "torch-fp32"
+    assert "pooling" in caplog.text and "torch-fp32" in caplog.text
+    with pytest.raises(OperationFailed, match="onnx-int8"):
+        get_embedder(str(folder), cache_dir=tmp_path / "cache", backend="onnx-int8")
+
+
+def test_a_failed_quality_check_is_remembered_and_falls_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(emb, "_cuda_available", lambda: False)
+    monkeypatch.setattr(emb, "MIN_PROBE_COSINE", 1.01)  # no export can pass this
+    folder = _tiny_model(tmp_path / "tiny")
+    with caplog.at_level(logging.WARNING, logger="engine.rag.embedder"):
+        embedder = get_embedder(str(folder), cache_dir=tmp_path / "cache")
+    assert embedder.backend == "torch-fp32"
+    assert "min cosine" in caplog.text
+    (status_file,) = (tmp_path / "cache").glob(f"*/{STATUS_FILE}")
+    assert json.loads(status_file.read_text())["ok"] is False
+    stamp = status_file.stat().st_mtime_ns
+    clear_embedder_cache()
+    assert get_embedder(str(folder), cache_dir=tmp_path / "cache").backend == "torch-fp32"
+    assert status_file.stat().st_mtime_ns == stamp  # remembered: no second export
+    # Forcing int8 still works: the user asked for it knowingly.
+    forced = get_embedder(str(folder), cache_dir=tmp_path / "cache", backend="onnx-int8")
+    assert forced.backend == "onnx-int8" and (status_file.parent / INT8_FILE).is_file()

@@ -1,0 +1,311 @@
+"""Document loaders on real files: PDFs, encodings, Markdown, HTML, DOCX, damage and size."""
+
+from __future__ import annotations
+
+import random
+import tracemalloc
+from pathlib import Path
+
+import pytest
+
+from engine.errors import Cancelled
+from engine.jobs import JobContext
+from engine.rag.loaders import DocumentError, Section, detect_kind, load_document
+
+
+def write_pdf(path: Path, pages: list[list[str]]) -> Path:
+    """A minimal valid PDF whose pages carry the given lines in Helvetica (a real text layer)."""
+
+    def escape(line: str) -> str:
+        return line.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")
+
+    n = len(pages)
+    kids = " ".join(f"{4 + 2 * i} 0 R" for i in range(n))
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        f"<< /Type /Pages /Kids [{kids}] /Count {n} >>".encode(),
+        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica /Encoding /WinAnsiEncoding >>",
+    ]
+    for i, lines in enumerate(pages):
+        ops = ["BT /F1 11 Tf 14 TL 72 740 Td", *(f"({escape(line)}) Tj T*" for line in lines)]
+        stream = "\n".join([*ops, "ET"]).encode("cp1252")
+        objects.append(
+            f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] "
+            f"/Resources << /Font << /F1 3 0 R >> >> /Contents {5 + 2 * i} 0 R >>".encode()
+        )
+        objects.append(b"<< /Length %d >>\nstream\n%s\nendstream" % (len(stream), stream))
+    out = bytearray(b"%PDF-1.4\n")
+    offsets = []
+    for number, body in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n%s\nendobj\n" % (number, body)
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (
+        len(objects) + 1,
+        xref,
+    )
+    path.write_bytes(bytes(out))
+    return path
+
+
+PAGE_LINES = [
+    [f"Page one line {k}: the quick brown fox jumps over the lazy dog." for k in range(3)],
+    [f"Page two line {k}: sphinx of black quartz, judge my vow." for k in range(3)],
+    [f"Page three line {k}: pack my box with five dozen liquor jugs." for k in range(3)],
+]
+
+
+def failure(path: Path) -> DocumentError:
+    with pytest.raises(DocumentError) as info:
+        list(load_document(path))
+    return info.value
+
+
+def test_detect_kind_by_extension_and_name() -> None:
+    assert detect_kind(Path("a/Report.PDF")) == "pdf"
+    assert detect_kind(Path("notes.md")) == "markdown"
+    assert detect_kind(Path("page.htm")) == "html"
+    assert detect_kind(Path("letter.docx")) == "docx"
+    assert detect_kind(Path("data.csv")) == "text"
+    assert detect_kind(Path("main.rs")) == "code"
+    assert detect_kind(Path("Makefile")) == "code"
+    assert detect_kind(Path("photo.jpg")) is None
+    assert detect_kind(Path("old.doc")) is None
+
+
+def test_pdf_pages_are_kept_apart(tmp_path: Path) -> None:
+    sections = list(load_document(write_pdf(tmp_path / "three.pdf", PAGE_LINES)))
+    assert {s.page for s in sections} == {1, 2, 3}
+    for section in sections:
+        assert section.line_start is None
+        words = {1: "Page one", 2: "Page two", 3: "Page three"}
+        others = [w for p, w in words.items() if p != section.page]
+        assert words[section.page or 0] in section.text
+        assert not any(w in section.text for w in others)
+    assert "line 2: pack my box" in sections[-1].text
+
+
+def test_encrypted_pdf_fails(tmp_path: Path) -> None:
+    from pypdf import PdfReader, PdfWriter
+
+    plain = write_pdf(tmp_path / "plain.pdf", PAGE_LINES)
+    writer = PdfWriter(clone_from=PdfReader(plain))
+    writer.encrypt(user_password="secret", owner_password="owner")
+    locked = tmp_path / "locked.pdf"
+    with locked.open("wb") as f:
+        writer.write(f)
+    error = failure(locked)
+    assert error.state == "failed"
+    assert "encrypted" in error.message and "password" in error.message
+
+
+def test_pdf_with_only_an_owner_password_is_read(tmp_path: Path) -> None:
+    from pypdf import PdfReader, PdfWriter
+
+    writer = PdfWriter(clone_from=PdfReader(write_pdf(tmp_path / "p.pdf", PAGE_LINES)))
+    writer.encrypt(user_password="", owner_password="owner")
+    path = tmp_path / "no-edit.pdf"
+    with path.open("wb") as f:
+        writer.write(f)
+    assert [s.page for s in load_document(path)] == [1, 2, 3]
+
+
+def test_corrupt_pdf_fails(tmp_path: Path) -> None:
+    path = tmp_path / "broken.pdf"
+    path.write_bytes(b"%PDF-1.7\n" + random.Random(1).randbytes(3000))
+    error = failure(path)
+    assert error.state == "failed"
+    assert error.message.startswith("corrupt PDF")
+
+
+def test_pdf_without_text_layer_fails(tmp_path: Path) -> None:
+    from pypdf import PdfWriter
+
+    writer = PdfWriter()
+    for _ in range(3):
+        writer.add_blank_page(612, 792)
+    path = tmp_path / "scanned.pdf"
+    with path.open("wb") as f:
+        writer.write(f)
+    error = failure(path)
+    assert error.state == "failed"
+    assert "no text layer" in error.message
+
+
+def test_zero_byte_file_is_skipped(tmp_path: Path) -> None:
+    (tmp_path / "empty.txt").touch()
+    error = failure(tmp_path / "empty.txt")
+    assert (error.state, error.message) == ("skipped", "empty file")
+
+
+def test_whitespace_only_file_is_skipped(tmp_path: Path) -> None:
+    (tmp_path / "blank.md").write_text("\n   \n\t\n")
+    assert failure(tmp_path / "blank.md").state == "skipped"
+
+
+def test_unsupported_type_is_skipped(tmp_path: Path) -> None:
+    (tmp_path / "photo.jpg").write_bytes(b"\xff\xd8\xff\xe0")
+    error = failure(tmp_path / "photo.jpg")
+    assert error.state == "skipped"
+    assert ".jpg" in error.message
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        bytes(range(256)) * 50,  # NUL bytes
+        random.Random(0).randbytes(20_000).replace(b"\x00", b"\x01"),  # no NUL, no text
+    ],
+    ids=["nul-bytes", "noise"],
+)
+def test_binary_data_named_txt_fails(tmp_path: Path, data: bytes) -> None:
+    path = tmp_path / "disguised.txt"
+    path.write_bytes(data)
+    error = failure(path)
+    assert error.state == "failed"
+    assert "binary" in error.message
+
+
+def test_latin1_text_is_decoded(tmp_path: Path) -> None:
+    text = "Le café est très bon. Über alles, naïve façade, déjà vu. Grüße aus München.\n"
+    path = tmp_path / "latin1.txt"
+    path.write_bytes((text * 3).encode("latin-1"))
+    (section,) = load_document(path)
+    assert "café" in section.text and "Über" in section.text and "façade" in section.text
+    assert (section.line_start, section.line_end) == (1, 3)
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-8-sig"])
+def test_utf16_and_bom_text_is_decoded(tmp_path: Path, encoding: str) -> None:
+    path = tmp_path / "wide.txt"
+    path.write_bytes("Grüße aus Köln\nzweite Zeile: 東京\r\ndritte\n".encode(encoding))
+    (section,) = load_document(path)
+    assert section.text == "Grüße aus Köln\nzweite Zeile: 東京\ndritte"
+    assert (section.line_start, section.line_end) == (1, 3)
+
+
+def test_stray_latin1_after_the_sample_does_not_crash(tmp_path: Path) -> None:
+    path = tmp_path / "mostly.txt"
+    ascii_start = b"plain ascii line\n" * 5000  # longer than the encoding sample
+    path.write_bytes(ascii_start + b"caf\xe9 cr\xe8me \x81\n" + "naïve\n".encode())
+    sections = list(load_document(path))
+    assert sections[-1].text.endswith("café crème \ufffd\nnaïve")
+    assert sections[-1].line_end == 5002
+
+
+def test_permission_denied_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "secret.txt"
+    path.write_text("classified\n")
+
+    # Tests run as root, which reads a chmod 000 file anyway: make opening fail instead.
+    def deny(self: Path, *args: object, **kwargs: object) -> object:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "open", deny)
+    error = failure(path)
+    assert (error.state, error.message) == ("failed", "cannot read: permission denied")
+
+
+def test_missing_file_fails(tmp_path: Path) -> None:
+    error = failure(tmp_path / "gone.pdf")
+    assert (error.state, error.message) == ("failed", "file not found")
+
+
+def test_unicode_file_name_and_markdown_headings(tmp_path: Path) -> None:
+    path = tmp_path / "résumé 日本.md"
+    path.write_text(
+        "---\ntitle: CV\n---\nIntro line.\n\n# Experience\n\nWorked at ACME.\n"
+        "```sh\n# not a heading\n```\n\nSkills\n------\n\nPython, SQL.\n## Languages ##\nFrench\n",
+        encoding="utf-8",
+    )
+    sections = list(load_document(path))
+    assert [(s.heading, s.line_start, s.line_end) for s in sections] == [
+        (None, 1, 4),
+        ("Experience", 6, 11),
+        ("Skills", 13, 16),
+        ("Languages", 17, 18),
+    ]
+    assert "# not a heading" in sections[1].text
+    assert sections[3].text == "## Languages ##\nFrench"
+
+
+def test_html_drops_script_and_style_and_keeps_headings(tmp_path: Path) -> None:
+    path = tmp_path / "page.html"
+    path.write_text(
+        "<html><head><title>Manual</title><style>body { color: red }</style></head><body>"
+        "<script>var secret = 1;</script><p>Before &amp; after.</p>"
+        "<h1>Setup</h1><p>Install the <b>tool</b>.</p><h2>Usage</h2><ul><li>run</li>"
+        "<li>stop</li></ul></body></html>",
+        encoding="utf-8",
+    )
+    sections = list(load_document(path))
+    assert [s.heading for s in sections] == ["Manual", "Setup", "Usage"]
+    assert sections[0].text == "Before & after."
+    assert sections[1].text == "Setup\nInstall the tool."
+    assert sections[2].text == "Usage\nrun\nstop"
+    assert not any("secret" in s.text or "color" in s.text for s in sections)
+
+
+def test_docx_headings_and_paragraphs(tmp_path: Path) -> None:
+    import docx
+
+    document = docx.Document()
+    document.add_paragraph("Preamble paragraph.")
+    document.add_heading("Warranty", level=1)
+    document.add_paragraph("Two years from purchase.")
+    document.add_paragraph("Keep the receipt.")
+    table = document.add_table(rows=1, cols=2)
+    table.rows[0].cells[0].text, table.rows[0].cells[1].text = "Part", "Years"
+    path = tmp_path / "manual.docx"
+    document.save(str(path))
+    sections = list(load_document(path))
+    assert [s.heading for s in sections] == [None, "Warranty"]
+    assert sections[0].text == "Preamble paragraph."
+    assert sections[1].text == "Warranty\nTwo years from purchase.\nKeep the receipt.\nPart | Years"
+
+
+def test_corrupt_docx_fails(tmp_path: Path) -> None:
+    path = tmp_path / "broken.docx"
+    path.write_bytes(b"PK\x03\x04 not really a zip")
+    error = failure(path)
+    assert error.state == "failed" and "corrupt DOCX" in error.message
+
+
+def test_cancel_stops_between_pages(tmp_path: Path) -> None:
+    ctx = JobContext()
+    pdf = write_pdf(tmp_path / "three.pdf", PAGE_LINES)
+    sections = load_document(pdf, ctx.check_cancelled)
+    assert next(sections).page == 1
+    ctx.cancel()
+    with pytest.raises(Cancelled):
+        next(sections)
+
+
+@pytest.mark.slow
+def test_large_text_file_is_streamed(tmp_path: Path) -> None:
+    path = tmp_path / "big.log"
+    line = "2024-05-01 12:00:00 INFO worker handled request id=%07d in 12 ms\n"
+    n_lines = 800_000  # about 54 MB
+    with path.open("w", encoding="utf-8") as f:
+        for start in range(0, n_lines, 50_000):
+            f.write("".join(line % i for i in range(start, start + 50_000)))
+    assert path.stat().st_size > 50_000_000
+
+    tracemalloc.start()
+    try:
+        last: Section | None = None
+        sections = 0
+        for section in load_document(path):
+            sections += 1
+            last = section
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 32_000_000, f"peak {peak / 1e6:.1f} MB"
+    assert sections > 20
+    assert last is not None
+    assert last.line_end == n_lines
+    assert last.text.endswith(f"id={n_lines - 1:07d} in 12 ms")
+    assert last.text.count("\n") == (last.line_end or 0) - (last.line_start or 0)
