@@ -6,7 +6,7 @@ import json
 import random
 from pathlib import Path
 
-from tests.test_rag_loaders import write_pdf
+from tests.pdfgen import write_pdf
 
 FILLER = [
     "Lighthouses were built along dangerous coasts to warn ships of rocks and shoals.",

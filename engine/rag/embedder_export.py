@@ -1,0 +1,263 @@
+"""The embedder's int8 ONNX cache: export, quantize, check against fp32, and remember."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.paths import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+# Part of the cache key: bump it whenever the export recipe changes, so old exports are
+# not reused.
+EXPORT_RECIPE = "eager-opset17-dynamic-qint8-per-channel-fp32-short-v1"
+INT8_FILE = "model-int8.onnx"
+FP32_FILE = "model-fp32.onnx"
+STATUS_FILE = "status.json"
+
+_STALE_EXPORT_SECONDS = 3600
+
+# The reference (sentence-transformers fp32) and the candidate (the ONNX models in a
+# folder) are passed in by ``engine.rag.embedder``, which owns loading; this module
+# never imports it, so there is no cycle.
+ReferenceEncoder = Callable[[list[str]], np.ndarray]
+CandidateEncoder = Callable[[Path, list[str]], np.ndarray]
+
+
+class NoOnnx(Exception):
+    """The int8 ONNX path cannot serve this model; the message says why."""
+
+
+def cached_export(
+    model_id: str,
+    folder: Path,
+    transformer_dir: Path,
+    cache_dir: Path,
+    *,
+    reference: ReferenceEncoder,
+    candidate: CandidateEncoder,
+    probe: Sequence[str],
+    min_cosine: float,
+) -> tuple[Path, dict[str, Any]]:
+    """The cache folder of ``folder``'s ONNX models and their status, exported if needed.
+
+    A failed export or check is remembered (not retried by every process); a passed one
+    whose files went missing is done again.
+
+    Raises:
+        NoOnnx: the export cannot run here (a missing library, an unwritable cache) or
+            the model cannot be exported.
+    """
+    target = cache_dir / _model_digest(folder)
+    status = _read_status(target / STATUS_FILE)
+    present = (target / INT8_FILE).is_file() and (target / FP32_FILE).is_file()
+    if status is None or (status["ok"] and not present):
+        status = _export(
+            model_id,
+            folder,
+            transformer_dir,
+            target,
+            reference=reference,
+            candidate=candidate,
+            probe=probe,
+            min_cosine=min_cosine,
+        )
+    return target, status
+
+
+def forget_export(target: Path) -> None:
+    """Drop the status of a damaged export so that the next process exports again."""
+    (target / STATUS_FILE).unlink(missing_ok=True)
+
+
+def _export(
+    model_id: str,
+    folder: Path,
+    transformer_dir: Path,
+    target: Path,
+    *,
+    reference: ReferenceEncoder,
+    candidate: CandidateEncoder,
+    probe: Sequence[str],
+    min_cosine: float,
+) -> dict[str, Any]:
+    """Export, quantize and check the int8 model into ``target``; returns its status.
+
+    Every step writes into a private temporary folder and the results are renamed into
+    place, so two processes exporting at once both succeed and leave one good copy.
+    """
+    target.mkdir(parents=True, exist_ok=True)
+    _remove_stale_exports(target)
+    work = Path(tempfile.mkdtemp(dir=target, prefix=".export-"))
+    started = time.monotonic()
+    try:
+        try:
+            _export_fp32_onnx(transformer_dir, work / FP32_FILE)
+            _quantize(work / FP32_FILE, work / INT8_FILE)
+        except ImportError as exc:
+            raise NoOnnx(f"{exc.name or 'a library'} is needed to export to ONNX") from exc
+        except OSError as exc:  # disk full, unwritable cache: not the model's fault
+            raise NoOnnx(f"cannot write the int8 export in {target}: {exc}") from exc
+        except Exception as exc:
+            status = {"ok": False, "reason": f"the ONNX export failed: {exc}"}
+            atomic_write_bytes(target / STATUS_FILE, json.dumps(status).encode())
+            raise NoOnnx(status["reason"]) from exc
+        texts = list(probe)
+        fp32 = reference(texts)
+        int8 = candidate(work, texts)
+        cosine = float(np.min(np.sum(fp32 * int8, axis=1)))
+        ok = cosine >= min_cosine
+        for name in (FP32_FILE, INT8_FILE):
+            _fsync_file(work / name)
+            os.replace(work / name, target / name)
+        status = {
+            "ok": ok,
+            "min_cosine": round(cosine, 5),
+            "reason": "" if ok else f"int8 min cosine {cosine:.4f} < {min_cosine} to fp32",
+            "recipe": EXPORT_RECIPE,
+            "model": str(folder),
+            "seconds": round(time.monotonic() - started, 1),
+        }
+        atomic_write_bytes(target / STATUS_FILE, json.dumps(status, indent=1).encode())
+        log.info("exported embedder %s to int8 ONNX: %s", model_id, status)
+        return status
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _export_fp32_onnx(transformer_dir: Path, out: Path) -> None:
+    import inspect
+
+    import torch
+    from transformers import AutoModel
+
+    quiet_hf_progress()
+    # Eager attention exports as plain MatMul/Softmax, which ORT runs faster than the
+    # SDPA graph; the numbers are the same.
+    model = AutoModel.from_pretrained(str(transformer_dir), attn_implementation="eager").eval()
+    names = ["input_ids", "attention_mask"]
+    if "token_type_ids" in inspect.signature(model.forward).parameters:
+        names.append("token_type_ids")
+
+    class LastHiddenState(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, *args: torch.Tensor) -> torch.Tensor:
+            # Keyword arguments: transformers 5 reordered positional ones.
+            hidden: torch.Tensor = self.model(
+                **dict(zip(names, args, strict=True))
+            ).last_hidden_state
+            return hidden
+
+    example = tuple(torch.ones((2, 8), dtype=torch.long) for _ in names)
+    axes = {name: {0: "batch", 1: "sequence"} for name in [*names, "last_hidden_state"]}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer warnings about shape-dependent branches
+        torch.onnx.export(
+            LastHiddenState(),
+            example,
+            str(out),
+            input_names=names,
+            output_names=["last_hidden_state"],
+            dynamic_axes=axes,
+            opset_version=17,
+            dynamo=False,
+        )
+
+
+def _quantize(src: Path, dst: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with _quiet_root_logger():
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True)
+
+
+@contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """Drop the quantizer's advice to pre-process, logged with ``logging.warning``.
+
+    On a root logger without handlers that call would also run ``logging.basicConfig``
+    and send every later log of the process to stderr; a NullHandler prevents it.
+    """
+    root = logging.getLogger()
+    guard = logging.NullHandler()
+
+    def drop_advice(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Please consider to run pre-processing")
+
+    root.addHandler(guard)
+    root.addFilter(drop_advice)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop_advice)
+        root.removeHandler(guard)
+
+
+def quiet_hf_progress() -> None:
+    """The engine never draws progress bars; transformers 5 does on every load."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    except ImportError:
+        pass
+
+
+def _model_digest(folder: Path) -> str:
+    """Content hash of the model files plus the export recipe: the cache folder's name."""
+    digest = hashlib.sha256(EXPORT_RECIPE.encode())
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder)
+        # Docs and the ONNX/OpenVINO copies some repositories ship do not change the model.
+        if rel.parts[0] in ("onnx", "openvino") or rel.name.startswith(".") or rel.suffix == ".md":
+            continue
+        digest.update(str(rel).encode() + b"\0")
+        with path.open("rb") as fh:
+            digest.update(hashlib.file_digest(fh, "sha256").digest())
+    return digest.hexdigest()[:32]
+
+
+def _read_status(path: Path) -> dict[str, Any] | None:
+    try:
+        status = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return status if isinstance(status, dict) and "ok" in status else None
+
+
+def _fsync_file(path: Path) -> None:
+    with path.open("rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _remove_stale_exports(target: Path) -> None:
+    """Temporary folders left by killed exports (an hour old: no live export is that slow)."""
+    for stale in target.glob(".export-*"):
+        try:
+            if time.time() - stale.stat().st_mtime > _STALE_EXPORT_SECONDS:
+                shutil.rmtree(stale, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def default_cache_dir() -> Path:
+    """The user cache folder for exports, used when the caller names none."""
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("bastion", appauthor=False)) / "embedders"
