@@ -250,11 +250,11 @@ def test_cancel_stops_between_pages(tmp_path: Path) -> None:
 def test_large_text_file_is_streamed(tmp_path: Path) -> None:
     path = tmp_path / "big.log"
     line = "2024-05-01 12:00:00 INFO worker handled request id=%07d in 12 ms\n"
-    n_lines = 800_000  # about 54 MB
+    n_lines = 3_000_000  # about 203 MB: the size the issue names
     with path.open("w", encoding="utf-8") as f:
         for start in range(0, n_lines, 50_000):
             f.write("".join(line % i for i in range(start, start + 50_000)))
-    assert path.stat().st_size > 50_000_000
+    assert path.stat().st_size > 200_000_000
 
     tracemalloc.start()
     try:
