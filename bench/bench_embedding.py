@@ -27,7 +27,6 @@ import argparse
 import ast
 import math
 import os
-import platform
 import random
 import shutil
 import sys
@@ -40,29 +39,13 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
+
+from benchlib import append_report, machine  # noqa: E402 -- after the path is set
 
 CHUNK_WORDS = 130
 SEGMENT = 256
-
-
-def machine() -> str:
-    import psutil
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    ram = psutil.virtual_memory().total / 1024**3
-    return (
-        f"{cpu}, {psutil.cpu_count(logical=False)} cores / {os.cpu_count()} threads, "
-        f"{ram:.0f} GiB RAM, {platform.system()} {platform.release()}, "
-        f"Python {platform.python_version()}"
-    )
 
 
 def prose_paragraphs(roots: list[Path], limit_words: int) -> list[str]:
@@ -239,10 +222,7 @@ def main() -> int:
     print(report)
     shutil.rmtree(cache, ignore_errors=True)
     if not args.no_save:
-        out = ROOT / "bench" / "results" / "embedding.md"
-        out.parent.mkdir(exist_ok=True)
-        with out.open("a", encoding="utf-8") as fh:
-            fh.write(report + "\n")
+        append_report("embedding", report)
     return 0
 
 

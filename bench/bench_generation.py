@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -36,7 +35,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
+
+from benchlib import append_report, machine  # noqa: E402 -- after the path is set
 
 PROMPT = (
     "Write a long, detailed essay about the history of lighthouses, their keepers, "
@@ -61,25 +63,6 @@ for tok in llm.generate(tokens, temp=0.0, top_k=40, top_p=0.95, min_p=0.05, repe
     if count >= n:
         break
 """
-
-
-def machine() -> str:
-    import psutil
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    ram = psutil.virtual_memory().total / 1024**3
-    return (
-        f"{cpu}, {psutil.cpu_count(logical=False)} cores / {os.cpu_count()} threads, "
-        f"{ram:.0f} GiB RAM, {platform.system()} {platform.release()}, "
-        f"Python {platform.python_version()}"
-    )
 
 
 def bare_in_process(
@@ -285,10 +268,7 @@ def main() -> int:
         ]
     )
     print(report)
-    out = ROOT / "bench" / "results" / "generation.md"
-    out.parent.mkdir(exist_ok=True)
-    with out.open("a", encoding="utf-8") as fh:
-        fh.write(report + "\n")
+    append_report("generation", report)
     return 0
 
 

@@ -25,7 +25,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
+
+from benchlib import append_report, machine  # noqa: E402 -- after the path is set
 
 WORDS = [
     "lighthouse",
@@ -91,25 +94,6 @@ def make_text_corpus(root: Path, files: int, seed: int = 2) -> None:
         sub = root / f"folder-{f // 100:02d}"
         sub.mkdir(exist_ok=True)
         (sub / f"note-{f:04d}.txt").write_text("\n".join(_page_text(rng, 40)) + "\n")
-
-
-def machine() -> str:
-    import platform
-
-    import psutil
-
-    cpu = platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (
-        f"{cpu}, {psutil.cpu_count(logical=False)} cores, "
-        f"{psutil.virtual_memory().total / 1024**3:.0f} GiB RAM, Python {platform.python_version()}"
-    )
 
 
 def naive_baseline(texts: list[str]) -> float:
@@ -196,9 +180,7 @@ def main() -> int:
         ]
     )
     print(table)
-    out = ROOT / "bench" / "results" / "indexing.md"
-    with out.open("a", encoding="utf-8") as fh:
-        fh.write(table + "\n")
+    append_report("indexing", table)
     return 0
 
 

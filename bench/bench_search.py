@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
-import platform
 import statistics
 import sys
 import time
@@ -32,28 +30,12 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
+from benchlib import append_report, machine  # noqa: E402 -- after the path is set
+
 DIMENSION = 384
-
-
-def machine() -> str:
-    import psutil
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    ram = psutil.virtual_memory().total / 1024**3
-    return (
-        f"{cpu}, {psutil.cpu_count(logical=False)} cores / {os.cpu_count()} threads, "
-        f"{ram:.0f} GiB RAM, {platform.system()} {platform.release()}, "
-        f"Python {platform.python_version()}"
-    )
 
 
 def clustered_vectors(n: int, seed: int = 0, dimension: int = DIMENSION) -> np.ndarray:
@@ -188,10 +170,7 @@ def main() -> int:
     print(report)
     if args.no_save:
         return 0
-    out = ROOT / "bench" / "results" / "search.md"
-    out.parent.mkdir(exist_ok=True)
-    with out.open("a", encoding="utf-8") as fh:
-        fh.write(report + "\n")
+    append_report("search", report)
     return 0
 
 
