@@ -20,6 +20,7 @@ from engine.privacy.secrets import SecretStore
 from engine.rag.service import Documents
 from engine.store.conversations import Conversation, ConversationStore, Message, SearchHit
 from engine.store.db import Database
+from engine.train.service import Training
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class Engine:
         self._lane = ModelLane()
         self._chat = ChatService(self._lane, self.models, self.conversations)
         self.documents = Documents(self.db, self.home)
+        self.training = Training(self.models)
 
     # -- models ----------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ import click
 
 from engine.cli.chat_cmd import chat
 from engine.cli.collections_cmd import collections_group, search
+from engine.cli.dataset_cmd import dataset_group
 from engine.cli.eval_cmd import eval_group
 from engine.cli.history_cmd import history_group
 from engine.cli.models_cmd import models_group
@@ -46,6 +47,7 @@ cli.add_command(history_group)
 cli.add_command(collections_group)
 cli.add_command(search)
 cli.add_command(eval_group)
+cli.add_command(dataset_group)
 
 
 def main(argv: list[str] | None = None) -> int:

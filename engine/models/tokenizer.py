@@ -1,0 +1,49 @@
+"""Counting tokens with a model's own vocabulary, without loading its weights."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import sys
+import threading
+from collections.abc import Callable, Iterator
+
+_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr() -> Iterator[None]:
+    """Silence what llama.cpp writes straight to file descriptor 2 while a vocabulary loads.
+
+    A vocabulary-only load still creates a context, and llama.cpp warns about its size on
+    stderr, past Python's logging; the CLI's stderr must carry only Bastion's own lines.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+@functools.cache
+def _vocabulary(path: str) -> object:
+    from llama_cpp import Llama
+
+    with _LOCK, _quiet_native_stderr():
+        return Llama(model_path=path, vocab_only=True, verbose=False)
+
+
+def token_counter(model_path: str) -> Callable[[list[str]], list[int]]:
+    """A batch token counter using the GGUF model's tokenizer (loaded once per process)."""
+    vocab = _vocabulary(model_path)
+
+    def count(texts: list[str]) -> list[int]:
+        tokenize = vocab.tokenize  # type: ignore[attr-defined]
+        return [len(tokenize(t.encode("utf-8"), add_bos=False, special=True)) for t in texts]
+
+    return count

@@ -1,0 +1,1 @@
+"""Fine-tuning: training data, personal-data redaction, trainer process, backends and export."""
