@@ -45,6 +45,34 @@ def indexed(cli, corpus: tuple[Path, Path]) -> tuple[Path, Path]:
     return root, qa
 
 
+def _start_add(home: Path, root: Path, capture: bool) -> subprocess.Popen[str]:
+    """``bastion collections add docs ROOT`` in the background."""
+    out = subprocess.PIPE if capture else subprocess.DEVNULL
+    return subprocess.Popen(
+        [str(BIN / "bastion"), "collections", "add", "docs", str(root)],
+        env={**os.environ, "BASTION_HOME": str(home)},
+        stdout=out,
+        stderr=out,
+        text=True,
+    )
+
+
+def _signal_when(
+    proc: subprocess.Popen[str], home: Path, count_sql: str, threshold: int, sig: int
+) -> None:
+    """Send ``sig`` once ``count_sql`` on the home's database reaches ``threshold``."""
+    while proc.poll() is None:
+        try:
+            db = sqlite3.connect(home / "bastion.db", timeout=1)
+            n = db.execute(count_sql).fetchone()[0]
+            db.close()
+        except sqlite3.Error:
+            n = 0
+        if n >= threshold:
+            proc.send_signal(sig)
+            return
+
+
 def _chunk_rows(home: Path) -> list[tuple[str, int, str]]:
     db = sqlite3.connect(home / "bastion.db")
     rows = db.execute(
@@ -161,24 +189,8 @@ def test_kill_during_indexing_resumes_to_the_same_chunks(
             + "\n"
         )
     cli("collections", "create", "docs")
-    env = {**os.environ, "BASTION_HOME": str(home)}
-    proc = subprocess.Popen(
-        [str(BIN / "bastion"), "collections", "add", "docs", str(root)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    db_path = home / "bastion.db"
-    while proc.poll() is None:  # kill -9 once some chunks are committed
-        try:
-            db = sqlite3.connect(db_path, timeout=1)
-            n = db.execute("SELECT count(*) FROM chunks").fetchone()[0]
-            db.close()
-        except sqlite3.Error:
-            n = 0
-        if n >= 40:
-            proc.send_signal(signal.SIGKILL)
-            break
+    proc = _start_add(home, root, capture=False)
+    _signal_when(proc, home, "SELECT count(*) FROM chunks", 40, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "indexing finished before it could be killed"
     resumed = cli("collections", "add", "docs", str(root), "--json")
@@ -206,24 +218,10 @@ def test_ctrl_c_cancels_cleanly_and_keeps_what_was_committed(
             "\n".join(FACTS[i % 5][2] + f" Variant {k}." for k in range(300))
         )
     cli("collections", "create", "docs")
-    env = {**os.environ, "BASTION_HOME": str(home)}
-    proc = subprocess.Popen(
-        [str(BIN / "bastion"), "collections", "add", "docs", str(root)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    proc = _start_add(home, root, capture=True)
+    _signal_when(
+        proc, home, "SELECT count(*) FROM documents WHERE state = 'indexed'", 1, signal.SIGINT
     )
-    while proc.poll() is None:
-        try:
-            db = sqlite3.connect(home / "bastion.db", timeout=1)
-            n = db.execute("SELECT count(*) FROM documents WHERE state = 'indexed'").fetchone()[0]
-            db.close()
-        except sqlite3.Error:
-            n = 0
-        if n >= 1:
-            proc.send_signal(signal.SIGINT)
-            break
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "cancelled" in err and "Traceback" not in err

@@ -366,7 +366,8 @@ class ChatService:
                 if isinstance(event, GenerationDone):
                     done = event
                     continue
-                text = event.text if pieces else event.text.lstrip()
+                # The model's first piece often starts with a space; the prefix is not its.
+                text = event.text if len(pieces) > bool(prefix) else event.text.lstrip()
                 if not text:
                     continue
                 pieces.append(text)

@@ -6,7 +6,7 @@ import json
 import re
 import sqlite3
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -93,31 +93,11 @@ def _collection(row: sqlite3.Row) -> Collection:
 
 
 def _document(row: sqlite3.Row) -> Document:
-    return Document(
-        id=row["id"],
-        path=row["path"],
-        size=row["size"],
-        mtime_ns=row["mtime_ns"],
-        content_hash=row["content_hash"],
-        state=row["state"],
-        error=row["error"],
-        chunk_count=row["chunk_count"],
-        pages=row["pages"],
-    )
+    return Document(**{f.name: row[f.name] for f in fields(Document)})
 
 
 def _chunk(row: sqlite3.Row) -> StoredChunk:
-    return StoredChunk(
-        id=row["id"],
-        document_id=row["document_id"],
-        path=row["path"],
-        ordinal=row["ordinal"],
-        text=row["text"],
-        page=row["page"],
-        line_start=row["line_start"],
-        line_end=row["line_end"],
-        heading=row["heading"],
-    )
+    return StoredChunk(**{f.name: row[f.name] for f in fields(StoredChunk)})
 
 
 class CollectionStore:
@@ -227,6 +207,27 @@ class CollectionStore:
                 "VALUES (?, ?, 'pending', ?) ON CONFLICT (collection_id, path) DO UPDATE SET "
                 "state = 'pending', error = NULL, updated_at = excluded.updated_at",
                 [(collection.id, p, _now()) for p in paths],
+            )
+
+    def record_missing(self, collection: Collection, path: str) -> None:
+        """A source file that does not exist: failed, without chunks (one transaction)."""
+        with self.db.transaction() as conn:
+            conn.execute(
+                "INSERT INTO documents (collection_id, path, state, error, updated_at) "
+                "VALUES (?, ?, 'failed', 'no such file or folder', ?) "
+                "ON CONFLICT (collection_id, path) DO UPDATE SET state = 'failed', "
+                "error = excluded.error, content_hash = NULL, chunk_count = 0, "
+                "updated_at = excluded.updated_at",
+                (collection.id, path, _now()),
+            )
+            conn.execute(
+                "DELETE FROM chunks WHERE document_id = "
+                "(SELECT id FROM documents WHERE collection_id = ? AND path = ?)",
+                (collection.id, path),
+            )
+            conn.execute(
+                "UPDATE collections SET generation = generation + 1 WHERE id = ?",
+                (collection.id,),
             )
 
     def touch(self, document_id: int, size: int, mtime_ns: int) -> None:

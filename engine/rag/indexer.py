@@ -132,21 +132,14 @@ class Indexer:
         def under_live_root(path: str) -> bool:
             return any(path == r or path.startswith(r.rstrip(os.sep) + os.sep) for r in live_roots)
 
-        gone = [
-            d.id
-            for p, d in existing.items()
-            if p not in found and (under_live_root(p) or p in missing_files)
-        ]
+        gone = [d.id for p, d in existing.items() if p not in found and under_live_root(p)]
         self._store.remove_documents(collection, gone)
         report.removed = len(gone)
-        # A file named directly that does not exist: recorded as failed, said once.
+        # A file named directly that does not exist (never did, or was deleted): it stays in
+        # the collection as failed, without chunks, so `status` shows why it is not searchable.
         for path in missing_files:
             if path not in existing or existing[path].state != "failed":
-                self._store.mark_pending(collection, [path])
-                row = next(d for d in self._store.documents(collection) if d.path == path)
-                self._store.finish_document(
-                    collection, row.id, state="failed", error="no such file or folder"
-                )
+                self._store.record_missing(collection, path)
             report.failed.append((path, "no such file or folder"))
 
         todo = []
