@@ -55,7 +55,7 @@ class Engine:
         self._lane = ModelLane()
         self._chat = ChatService(self._lane, self.models, self.conversations)
         self.documents = Documents(self.db, self.home)
-        self.training = Training(self.models)
+        self.training = Training(self.models, self.db, self.home, self._chat.complete)
 
     # -- models ----------------------------------------------------------------------
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from engine.errors import Cancelled
 
@@ -18,10 +19,14 @@ class Progress:
     total: float | None
     label: str
     elapsed: float
+    eta: float | None = None  # the job's own estimate, when it knows better than the average
+    detail: Mapping[str, Any] | None = None  # job-specific numbers (e.g. loss, tokens/s)
 
     @property
     def eta_seconds(self) -> float | None:
-        """Seconds left at the average rate so far, or None while it cannot be told."""
+        """Seconds left: the job's estimate, else at the average rate so far, else None."""
+        if self.eta is not None:
+            return self.eta
         if not self.total or self.done <= 0 or self.elapsed <= 0:
             return None
         rate = self.done / self.elapsed
@@ -44,9 +49,18 @@ class JobContext:
     _started: float = field(default_factory=time.monotonic)
     reason: str | None = None
 
-    def report(self, done: float, total: float | None = None, label: str = "") -> None:
+    def report(
+        self,
+        done: float,
+        total: float | None = None,
+        label: str = "",
+        *,
+        eta: float | None = None,
+        detail: Mapping[str, Any] | None = None,
+    ) -> None:
         if self.on_progress is not None:
-            self.on_progress(Progress(done, total, label, time.monotonic() - self._started))
+            elapsed = time.monotonic() - self._started
+            self.on_progress(Progress(done, total, label, elapsed, eta, detail))
 
     def cancel(self, reason: str = "cancelled") -> None:
         self.reason = reason

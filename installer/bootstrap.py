@@ -3,7 +3,7 @@
 
     python3 installer/bootstrap.py run [ARGS...]   # set up, then start the main job
     python3 installer/bootstrap.py test [ARGS...]  # set up with dev tools, run lint, types, tests
-    python3 installer/bootstrap.py setup           # set up only
+    python3 installer/bootstrap.py setup [--dev] [--gpu]  # set up only (--gpu: Unsloth)
 
 Uses only the standard library, because it runs before anything is installed.
 Every step checks what is already there, so a second run takes about a second.
@@ -366,7 +366,10 @@ def main(argv: list[str]) -> int:
     command = argv[0] if argv else "run"
     rest = argv[1:]
     if command == "setup":
-        setup("dev" if "--dev" in rest else "")
+        extras = [name for name in ("dev", "gpu") if f"--{name}" in rest]
+        if "gpu" in extras and llama_backend() != "cuda":
+            fail("--gpu installs Unsloth, which needs an NVIDIA GPU with CUDA; none is usable here")
+        setup(",".join(extras))
         return 0
     if command == "run":
         setup("")

@@ -322,6 +322,23 @@ class ChatService:
             citations=citations,
         )
 
+    def complete(
+        self, model_id: str, prompt: str, max_tokens: int = 96, ctx: JobContext | None = None
+    ) -> str:
+        """One greedy answer to ``prompt`` that is not saved (used to compare models)."""
+        entry, _ = self.prepare(model_id)
+        spec = self._spec(entry)
+        sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, seed=0)
+        fitted = self._fit(entry, spec, None, [], prompt, sampling)
+        pieces = [
+            event.text
+            for event in self._lane.stream(
+                fitted.tokens, sampling, ctx or JobContext(), time.perf_counter()
+            )
+            if not isinstance(event, GenerationDone)
+        ]
+        return "".join(pieces).strip()
+
     def _fit(
         self,
         entry: ModelEntry,

@@ -15,6 +15,7 @@ from engine.cli.chat_cmd import chat
 from engine.cli.collections_cmd import collections_group, search
 from engine.cli.dataset_cmd import dataset_group
 from engine.cli.eval_cmd import eval_group
+from engine.cli.finetune_cmd import finetune
 from engine.cli.history_cmd import history_group
 from engine.cli.models_cmd import models_group
 from engine.cli.output import error_line
@@ -48,6 +49,7 @@ cli.add_command(collections_group)
 cli.add_command(search)
 cli.add_command(eval_group)
 cli.add_command(dataset_group)
+cli.add_command(finetune)
 
 
 def main(argv: list[str] | None = None) -> int:

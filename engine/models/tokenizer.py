@@ -8,6 +8,7 @@ import os
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 _LOCK = threading.Lock()
 
@@ -47,3 +48,30 @@ def token_counter(model_path: str) -> Callable[[list[str]], list[int]]:
         return [len(tokenize(t.encode("utf-8"), add_bos=False, special=True)) for t in texts]
 
     return count
+
+
+class Vocabulary:
+    """A GGUF model's tokenizer alone: text to token ids exactly as llama.cpp prompts it."""
+
+    def __init__(self, model_path: str) -> None:
+        self._vocab: Any = _vocabulary(model_path)
+
+    def tokenize(self, text: str, add_bos: bool = False) -> list[int]:
+        """Token ids of ``text``; special tokens written in it (``<|im_end|>``) are parsed."""
+        return list(self._vocab.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True))
+
+    def token_text(self, token_id: int) -> str:
+        piece = self._vocab.detokenize([token_id], special=True)
+        return str(piece.decode("utf-8", errors="replace"))
+
+    @property
+    def bos_id(self) -> int:
+        return int(self._vocab.token_bos())
+
+    @property
+    def eos_id(self) -> int:
+        return int(self._vocab.token_eos())
+
+    @property
+    def size(self) -> int:
+        return int(self._vocab.n_vocab())

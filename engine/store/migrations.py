@@ -163,12 +163,32 @@ M004_MESSAGE_CITATIONS: Final = """
 ALTER TABLE messages ADD COLUMN citations TEXT;
 """
 
+# Fine-tuning runs: one row per model name being (or having been) trained. The run's
+# files (spec, encoded data, checkpoints, adapter, report) are in ``run_dir``.
+M005_TRAINING_RUNS: Final = """
+CREATE TABLE training_runs (
+    name TEXT PRIMARY KEY,
+    base TEXT NOT NULL,
+    base_source TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('running', 'stopped', 'failed', 'done')),
+    run_dir TEXT NOT NULL,
+    pid INTEGER,
+    step INTEGER NOT NULL DEFAULT 0,
+    total_steps INTEGER,
+    error TEXT,
+    result TEXT,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+"""
+
 # Append only. See the module docstring.
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     ("m001_conversations", M001_CONVERSATIONS),
     ("m002_models", M002_MODELS),
     ("m003_collections", M003_COLLECTIONS),
     ("m004_message_citations", M004_MESSAGE_CITATIONS),
+    ("m005_training_runs", M005_TRAINING_RUNS),
 )
 
 _CREATE_TABLE: Final = (

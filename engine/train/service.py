@@ -1,4 +1,4 @@
-"""The training area as the engine facade uses it: checking and preparing datasets."""
+"""The training area as the engine facade uses it: datasets, fine-tuning, runs."""
 
 from __future__ import annotations
 
@@ -6,17 +6,41 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from engine.jobs import JobContext
 from engine.models.registry import ModelRegistry
 from engine.models.tokenizer import token_counter
+from engine.store.db import Database
+from engine.train.finetune import Complete, FineTuner, FinetuneRequest
+from engine.train.runs import RunRecord, RunStore
 
 DEFAULT_MAX_TOKENS = 1024
 
 
 class Training:
-    """Dataset checks and preparation; fine-tuning jobs come next."""
+    """Dataset checks and preparation, and fine-tuning runs."""
 
-    def __init__(self, models: ModelRegistry) -> None:
+    def __init__(
+        self, models: ModelRegistry, db: Database, home: Path, complete: Complete | None = None
+    ) -> None:
         self._models = models
+        self.runs = RunStore(db)
+        self._tuner = FineTuner(models, self.runs, home, complete)
+
+    def finetune(self, request: FinetuneRequest, ctx: JobContext | None = None) -> dict[str, Any]:
+        """Train a LoRA adapter in a child process, export it for llama.cpp and register it.
+
+        Returns the contract's ``finetune`` document (plus details: data, report path,
+        side-by-side answers). See ``engine.train.finetune``.
+
+        Raises:
+            InvalidInput / AlreadyExists / NotFound: refused before training started.
+            Cancelled: stopped by ``ctx``; a checkpoint is kept for ``resume``.
+            OperationFailed: out of memory, or the trainer died (checkpoint kept).
+        """
+        return self._tuner.run(request, ctx)
+
+    def list_runs(self) -> list[RunRecord]:
+        return self.runs.list()
 
     def check_dataset(
         self,

@@ -1,0 +1,369 @@
+"""A fine-tune from start to chat: checks, data, the training child, registration, report.
+
+Everything that can be refused is refused before the child starts: the name, the base
+model (unknown, itself a fine-tune, an architecture that can't be exported to llama.cpp,
+no GGUF to chat with), the data (bad lines, nothing left to learn), the settings. Then:
+
+1. the data is prepared like ``bastion dataset prepare`` (duplicates out, personal data
+   redacted unless ``redact=False``, a validation split) into the run's folder
+   ``<home>/adapters/<name>/``, and encoded with the GGUF model's template and vocabulary;
+2. the child process trains (``engine.train.worker``), checkpointing as it goes;
+3. the GGUF adapter is registered as model ``name`` (base + adapter), held-out prompts are
+   answered by base and fine-tune through llama.cpp, and ``report.md`` is written.
+
+A fine-tune needs a GGUF of its base to be chatted with. For a registry model that is the
+model itself; for a Hugging Face folder or cache id it is the registered GGUF with the
+same architecture and shapes (or the one named with ``gguf``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from engine.chat.templates import ChatTemplate
+from engine.errors import AlreadyExists, InvalidInput, NotFound
+from engine.jobs import JobContext
+from engine.models.registry import ModelEntry, ModelRegistry, validate_id
+from engine.train import arch as arches
+from engine.train.runs import RunStore, run_worker
+from engine.train.spec import Hyper, RunSpec
+
+Complete = Callable[[str, str], str]
+"""Answers one prompt with a registered model, without saving it: (model id, prompt)."""
+
+COMPARISONS = 3
+
+
+@dataclass(frozen=True)
+class FinetuneRequest:
+    name: str
+    base: str | None = None
+    data: Path | None = None
+    hyper: Hyper = field(default_factory=Hyper)
+    backend: str = "auto"
+    fmt: str | None = None
+    redact: bool = True
+    val_fraction: float = 0.1
+    merged: bool = False
+    resume: bool = False
+    gguf: str | None = None  # the registered GGUF to pair a Hugging Face base with
+
+
+@dataclass(frozen=True)
+class _Base:
+    kind: str  # "gguf" or "hf"
+    path: Path
+    entry: ModelEntry  # the GGUF chatted with
+    spec: arches.ArchSpec
+    source: str
+
+
+class FineTuner:
+    def __init__(
+        self, models: ModelRegistry, runs: RunStore, home: Path, complete: Complete | None
+    ) -> None:
+        self._models = models
+        self._runs = runs
+        self._home = home
+        self._complete = complete
+
+    def run(self, request: FinetuneRequest, ctx: JobContext | None = None) -> dict[str, Any]:
+        ctx = ctx or JobContext()
+        name = validate_id(request.name)
+        if request.resume:
+            spec, prepared = self._resume_spec(name)
+        else:
+            spec, prepared = self._new_run(name, request, ctx)
+        ctx.check_cancelled()
+        outcome = run_worker(self._runs, name, spec.folder, request.resume, ctx)
+        return self._finish(spec, outcome.done, outcome.start, prepared)
+
+    # -- checks and preparation ------------------------------------------------------
+
+    def _check_name(self, name: str) -> None:
+        if any(m.id == name for m in self._models.list()):
+            raise AlreadyExists(
+                f"a model named {name!r} exists already", hint="choose another --name"
+            )
+        run = self._runs.get(name)
+        if run is None:
+            return
+        if run.status == "running":
+            raise AlreadyExists(f"{name!r} is being trained now (process {run.pid})")
+        if run.status in ("stopped", "failed"):
+            raise AlreadyExists(
+                f"a {run.status} run named {name!r} exists (step {run.step} of "
+                f"{run.total_steps or '?'})",
+                hint="add --resume to continue it, or choose another --name",
+            )
+
+    def _resolve_base(self, source: str, gguf: str | None) -> _Base:
+        entry = next((m for m in self._models.list() if m.id == source), None)
+        if entry is not None:
+            if entry.adapter:
+                raise InvalidInput(
+                    f"{source!r} is a fine-tune itself",
+                    hint=f"train from its base {entry.base!r} with the same data",
+                )
+            spec = arches.for_gguf(entry.arch, f"model {source!r}")
+            return _Base("gguf", Path(entry.path), entry, spec, source)
+        folder = _hf_folder(source)
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        spec = arches.for_hf(config.get("model_type"), f"the model in {folder}")
+        return _Base("hf", folder, self._pair(config, spec, source, gguf), spec, source)
+
+    def _pair(
+        self, config: dict[str, Any], spec: arches.ArchSpec, source: str, gguf: str | None
+    ) -> ModelEntry:
+        if gguf is not None:
+            entry = self._models.get(gguf)
+            if entry.adapter or entry.arch != spec.gguf_arch:
+                raise InvalidInput(f"--gguf {gguf!r} is not a {spec.gguf_arch} base model")
+            return entry
+
+        def same_shape(m: ModelEntry) -> bool:
+            meta = m.metadata
+            a = m.arch
+            return (
+                not m.adapter
+                and a == spec.gguf_arch
+                and meta.get(f"{a}.block_count") == config.get("num_hidden_layers")
+                and meta.get(f"{a}.embedding_length") == config.get("hidden_size")
+                and meta.get(f"{a}.feed_forward_length") == config.get("intermediate_size")
+            )
+
+        matches = [m for m in self._models.list() if same_shape(m)]
+        if len(matches) == 1:
+            return matches[0]
+        if not matches:
+            raise InvalidInput(
+                f"no registered GGUF model has the architecture and shapes of {source}, so "
+                "the fine-tune could not be chatted with",
+                hint="import the base model's GGUF with `bastion models import`, or name "
+                "one with --gguf",
+            )
+        raise InvalidInput(
+            f"several registered GGUF models match {source}: " + ", ".join(m.id for m in matches),
+            hint="choose one with --gguf",
+        )
+
+    def _new_run(
+        self, name: str, request: FinetuneRequest, ctx: JobContext
+    ) -> tuple[RunSpec, dict[str, Any]]:
+        from engine.models.tokenizer import Vocabulary, token_counter
+        from engine.train.datasets import read_dataset
+        from engine.train.encode import ExampleEncoder
+        from engine.train.prepare import prepare
+        from engine.train.worker import write_encoded
+
+        if request.base is None or request.data is None:
+            raise InvalidInput("--base and --data are needed (or --resume with --name)")
+        self._check_name(name)
+        base = self._resolve_base(request.base, request.gguf)
+        hyper = request.hyper.check()
+        ctx.report(0, None, "checking the data")
+        report = read_dataset(
+            Path(request.data), request.fmt, token_counter(base.entry.path), hyper.max_length
+        )
+        if report.bad_lines:
+            first = report.bad_lines[0]
+            raise InvalidInput(
+                f"{len(report.bad_lines)} bad line(s) in {request.data}; line {first.line}: "
+                f"{first.error}",
+                hint=f"`bastion dataset check {request.data}` lists them all",
+            )
+        if not report.examples:
+            raise InvalidInput(f"{request.data} has no examples")
+        run_dir = self._home / "adapters" / name
+        shutil.rmtree(run_dir, ignore_errors=True)  # no run on record: leftovers only
+        run_dir.mkdir(parents=True)
+        prepared_path = run_dir / "prepared.jsonl"
+        prep = prepare(
+            report,
+            prepared_path,
+            redact_pii=request.redact,
+            val_fraction=request.val_fraction,
+            seed=hyper.seed,
+            ctx=ctx,
+        )
+        prepared = read_dataset(prepared_path)
+        splits = [
+            json.loads(line).get("split")
+            for line in prepared_path.read_text(encoding="utf-8").splitlines()
+        ]
+        vocab = Vocabulary(base.entry.path)
+        meta = base.entry.metadata
+        template = ChatTemplate(
+            base.entry.chat_template,
+            vocab.token_text(vocab.bos_id),
+            vocab.token_text(vocab.eos_id),
+        )
+        encoder = ExampleEncoder(
+            vocab,
+            template,
+            meta.get("tokenizer.ggml.add_bos_token", True) is not False,
+            hyper.max_length,
+        )
+        is_val = [splits[e.line - 1] == "validation" for e in prepared.examples]
+        train_ex = [e for e, v in zip(prepared.examples, is_val, strict=True) if not v]
+        val_ex = [e for e, v in zip(prepared.examples, is_val, strict=True) if v]
+        train, train_stats = encoder.encode_all(train_ex)
+        val, val_stats = encoder.encode_all(val_ex)
+        if not train:
+            raise InvalidInput(
+                f"no training example has an answer left within --max-length "
+                f"{hyper.max_length} tokens",
+                hint="raise --max-length or shorten the examples",
+            )
+        write_encoded(run_dir / "train.jsonl", train)
+        write_encoded(run_dir / "validation.jsonl", val)
+        a = base.entry.arch
+        spec = RunSpec(
+            name=name,
+            run_dir=str(run_dir),
+            base_kind=base.kind,
+            base_path=str(base.path),
+            arch=base.spec.gguf_arch,
+            n_head=int(meta.get(f"{a}.attention.head_count", 0)),
+            n_head_kv=int(
+                meta.get(f"{a}.attention.head_count_kv", meta.get(f"{a}.attention.head_count", 0))
+            ),
+            pad_id=vocab.eos_id,
+            cache_dir=str(self._home / "cache"),
+            backend=request.backend,
+            merged=request.merged,
+            hyper=hyper,
+        )
+        spec.save()
+        data = {
+            "file": str(request.data),
+            "format": report.format,
+            "examples_in": prep.examples_in,
+            "duplicates_removed": prep.duplicates_removed,
+            "redacted": request.redact,
+            "redactions": prep.redactions,
+            "train": len(train),
+            "validation": len(val),
+            "truncated": train_stats.truncated + val_stats.truncated,
+            "dropped_too_long": train_stats.dropped + val_stats.dropped,
+            "train_tokens": train_stats.tokens,
+        }
+        (run_dir / "data.json").write_text(json.dumps(data))
+        self._runs.start(name, base.entry.id, base.source, run_dir)
+        return spec, data
+
+    def _resume_spec(self, name: str) -> tuple[RunSpec, dict[str, Any]]:
+        run = self._runs.get(name)
+        if run is None:
+            raise NotFound(f"there is no fine-tune run named {name!r} to resume")
+        if run.status == "done":
+            raise InvalidInput(f"the run {name!r} finished already")
+        if run.status == "running":
+            raise AlreadyExists(f"{name!r} is being trained now (process {run.pid})")
+        spec = RunSpec.load(run.run_dir / "spec.json")
+        self._runs.start(name, run.base, run.base_source, run.run_dir)
+        data = json.loads((run.run_dir / "data.json").read_text(encoding="utf-8"))
+        return spec, data
+
+    # -- after training --------------------------------------------------------------
+
+    def _finish(
+        self, spec: RunSpec, done: dict[str, Any], start: dict[str, Any], data: dict[str, Any]
+    ) -> dict[str, Any]:
+        import math
+
+        run = self._runs.get(spec.name)
+        assert run is not None
+        entry = self._models.register_adapter_model(spec.name, run.base, Path(done["gguf"]))
+        comparisons, note = self._compare(spec, run.base, entry.id)
+        before, after = done.get("eval_loss_before"), done.get("eval_loss_after")
+        result: dict[str, Any] = {
+            "model": entry.id,
+            "adapter": done["gguf"],
+            "backend": done["backend"],
+            "train_loss": done["train_loss"],
+            "eval_loss_before": before,
+            "eval_loss_after": after,
+            "tokens_per_second": done["tokens_per_second"],
+            "perplexity_before": None if before is None else math.exp(min(before, 50)),
+            "perplexity_after": None if after is None else math.exp(min(after, 50)),
+            "backend_reason": start.get("reason"),
+            "device": done.get("device"),
+            "base": run.base,
+            "steps": done.get("steps"),
+            "train_seconds": done.get("train_seconds"),
+            "adapter_dir": done.get("adapter_dir"),
+            "merged_dir": done.get("merged_dir"),
+            "data": data,
+            "hyperparameters": asdict(spec.hyper),
+            "comparisons": comparisons,
+            "comparisons_note": note,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        from engine.train.report import write_report
+
+        result["report"] = str(write_report(spec.folder, result))
+        self._runs.update(spec.name, status="done", result=result)
+        return result
+
+    def _compare(
+        self, spec: RunSpec, base_id: str, tuned_id: str
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        from engine.train.datasets import read_dataset
+
+        if self._complete is None:
+            return [], "Side-by-side answers were not asked for."
+        prepared = read_dataset(spec.path("prepared.jsonl"))
+        lines = spec.path("prepared.jsonl").read_text(encoding="utf-8").splitlines()
+        held_out = [
+            e
+            for e in prepared.examples
+            if json.loads(lines[e.line - 1]).get("split") == "validation" and e.fmt != "text"
+        ][:COMPARISONS]
+        if not held_out:
+            return [], "No held-out chat examples to compare on."
+        rows = []
+        for example in held_out:
+            roles = [role for role, _ in example.turns]
+            first_answer = roles.index("assistant")
+            prompt = example.turns[first_answer - 1][1]
+            rows.append(
+                {
+                    "prompt": prompt,
+                    "expected": example.turns[first_answer][1],
+                    "base": self._complete(base_id, prompt),
+                    "fine_tuned": self._complete(tuned_id, prompt),
+                }
+            )
+        return rows, None
+
+
+def _hf_folder(source: str) -> Path:
+    """The local folder of a Hugging Face model: a path, or a hub id already in the cache."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise InvalidInput(f"{path} is not a Hugging Face model folder (no config.json)")
+        return path
+    if source.count("/") == 1 and not path.exists():
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            folder = Path(snapshot_download(source, local_files_only=True))
+        except (LocalEntryNotFoundError, OSError, ValueError):
+            folder = None
+        if folder is not None and (folder / "config.json").is_file():
+            return folder
+    raise NotFound(
+        f"{source!r} is not a registered model, a model folder, or a model in the local "
+        "Hugging Face cache",
+        hint="Bastion never downloads models by itself; `bastion models list` shows the "
+        "registered ones",
+    )

@@ -1,0 +1,455 @@
+"""The training child process: ``python -m engine.train.worker RUN_DIR [--resume]``.
+
+It reads ``RUN_DIR/spec.json`` and the encoded examples the parent wrote, trains a LoRA,
+and speaks only JSON lines on stdout, one event each::
+
+    {"event": "start", "backend": "peft", "reason": "...", "device": "cpu", "total_steps": 40}
+    {"event": "eval", "phase": "before", "loss": 2.31}
+    {"event": "progress", "step": 12, "total_steps": 40, "loss": 1.83, "lr": 0.0002,
+     "tokens_per_second": 812.5, "eta_seconds": 31.0, "epoch": 0.9}
+    {"event": "checkpoint", "step": 20}
+    {"event": "done", "train_loss": ..., "eval_loss_before": ..., "eval_loss_after": ...}
+    {"event": "error", "kind": "oom" | "invalid" | "failed", "message": "..."}
+
+Anything libraries print goes to stderr (the parent keeps it in the run's log).
+
+Stopping: SIGTERM, SIGINT, or the parent closing our stdin (it died) make the loop save a
+checkpoint after the current step and exit with ``stopped``. A checkpoint is also saved
+every ``save_every`` steps; it holds the LoRA weights, the optimizer state and where the
+run was, so ``--resume`` continues the same sequence of batches.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import IO, Any
+
+from engine.errors import InvalidInput
+from engine.train.encode import Encoded
+from engine.train.spec import RunSpec
+
+EXIT_STOPPED = 3
+EXIT_OOM = 4
+EXIT_INVALID = 5
+EXIT_FAILED = 6
+_KEEP_CHECKPOINTS = 2
+_PROGRESS_EVERY_S = 0.25
+
+
+class Events:
+    """Writes one JSON object per line to the real stdout, which nothing else may use."""
+
+    def __init__(self) -> None:
+        sys.stdout.flush()
+        self._out: IO[str] = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
+        os.dup2(2, 1)  # print() from any library now lands on stderr
+        self._lock = threading.Lock()
+
+    def __call__(self, event: str, **fields: Any) -> None:
+        with self._lock:
+            self._out.write(json.dumps({"event": event, **fields}) + "\n")
+            self._out.flush()
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT or when the parent's end of stdin closes."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: self.event.set())
+        signal.signal(signal.SIGINT, lambda *_: self.event.set())
+        threading.Thread(target=self._watch_parent, daemon=True).start()
+
+    def _watch_parent(self) -> None:
+        try:  # the raw descriptor: a buffered reader would hold a lock at shutdown
+            while os.read(0, 1):
+                pass
+        except OSError:
+            pass
+        self.event.set()
+
+    @property
+    def stopped(self) -> bool:
+        return self.event.is_set()
+
+
+def read_encoded(path: Path) -> list[Encoded]:
+    examples = []
+    with path.open(encoding="utf-8") as fh:
+        for line in fh:
+            record = json.loads(line)
+            examples.append(Encoded(record["ids"], [bool(t) for t in record["t"]], False))
+    return examples
+
+
+def write_encoded(path: Path, examples: list[Encoded]) -> None:
+    from engine.paths import atomic_write_bytes
+
+    lines = (json.dumps({"ids": e.ids, "t": [int(t) for t in e.targets]}) for e in examples)
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warm-up to ``peak``, then cosine decay to a tenth of it."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc).lower()
+    return type(exc).__name__ == "OutOfMemoryError" or any(
+        s in text for s in ("out of memory", "can't allocate memory", "not enough memory")
+    )
+
+
+class Trainer:
+    """One run: model, data order, optimizer, checkpoints."""
+
+    def __init__(self, spec: RunSpec, emit: Events, stop: StopFlag) -> None:
+        self.spec = spec
+        self.hp = spec.hyper
+        self.emit = emit
+        self.stop = stop
+        self.train = read_encoded(spec.path("train.jsonl"))
+        self.val = read_encoded(spec.path("validation.jsonl"))
+        if not self.train:
+            raise InvalidInput("no training examples are left")
+        longest = max(len(e.ids) for e in self.train + self.val)
+        self.row_len = min(self.hp.max_length, max(longest, 512))
+        self.steps_per_epoch = math.ceil(len(self.train) / self.hp.batch_size)
+        self.total_steps = self.hp.max_steps or max(
+            1, math.ceil(self.hp.epochs * self.steps_per_epoch)
+        )
+        self.save_every = self.hp.save_every or max(1, math.ceil(self.total_steps / 10))
+        self.warmup = max(1, round(self.hp.warmup_ratio * self.total_steps))
+
+    # -- data order ------------------------------------------------------------------
+
+    def examples_for(self, step: int) -> list[Encoded]:
+        """The examples of optimizer step ``step``: a seeded shuffle per epoch, so a resumed
+        run sees exactly the batches the first one would have."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        order = list(range(len(self.train)))
+        random.Random(self.hp.seed * 1_000_003 + epoch).shuffle(order)
+        chosen = order[index * self.hp.batch_size : (index + 1) * self.hp.batch_size]
+        return [self.train[i] for i in chosen]
+
+    # -- model -----------------------------------------------------------------------
+
+    def load_model(self) -> None:
+        import torch
+
+        from engine.train import backends
+
+        self.choice = backends.choose(self.spec.backend)
+        self.emit(
+            "start",
+            backend=self.choice.name,
+            reason=self.choice.reason,
+            device=self.choice.device,
+            total_steps=self.total_steps,
+            examples=len(self.train),
+            validation=len(self.val),
+        )
+        torch.manual_seed(self.hp.seed)
+        folder = Path(self.spec.base_path)
+        if self.spec.base_kind == "gguf":
+            folder = backends.hf_folder_for_gguf(folder, Path(self.spec.cache_dir), self.emit)
+        self.emit("status", message="loading the base model")
+        self.model = backends.load(
+            self.choice,
+            folder,
+            rank=self.hp.rank,
+            alpha=self.hp.alpha,
+            dropout=self.hp.dropout,
+            max_length=self.hp.max_length,
+            seed=self.hp.seed,
+            gradient_checkpointing=self.hp.gradient_checkpointing,
+        )
+        base = self.model.get_base_model()
+        self.decoder = base.get_decoder()
+        self.head = base.get_output_embeddings()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = _adamw(params, self.hp.lr, self.hp.weight_decay, self.choice.device)
+        _limit_memory()
+
+    def loss_sum(self, batch: Any) -> tuple[Any, int]:
+        """Summed cross-entropy over the batch's targets, and their number."""
+        import torch.nn.functional as F
+
+        batch = batch.to(self.choice.device)
+        hidden = self.decoder(
+            input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False
+        ).last_hidden_state
+        picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.source)
+        logits = self.head(picked).float()
+        return F.cross_entropy(logits, batch.targets, reduction="sum"), len(batch.targets)
+
+    def batches(self, examples: list[Encoded]) -> list[Any]:
+        from engine.train.packing import make_batches
+
+        return make_batches(examples, self.row_len, self.hp.tokens_per_batch, self.spec.pad_id)
+
+    def evaluate(self) -> float | None:
+        import torch
+
+        if not self.val:
+            return None
+        self.model.eval()
+        total = 0.0
+        count = 0
+        with torch.no_grad():
+            for batch in self.batches(self.val):
+                loss, n = self.loss_sum(batch)
+                total += float(loss)
+                count += n
+        self.model.train()
+        return total / max(count, 1)
+
+    # -- checkpoints -----------------------------------------------------------------
+
+    def save_checkpoint(self, step: int, state: dict[str, Any]) -> None:
+        import torch
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        root = self.spec.path("checkpoints")
+        final = root / f"step-{step:07d}"
+        tmp = root / f".tmp-step-{step:07d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        weights = {
+            k: v.detach().to("cpu").contiguous()
+            for k, v in get_peft_model_state_dict(self.model).items()
+        }
+        save_file(weights, str(tmp / "adapter.safetensors"))
+        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step}))
+        for name in ("adapter.safetensors", "optimizer.pt", "state.json"):
+            with open(tmp / name, "rb") as fh:
+                os.fsync(fh.fileno())
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in sorted(root.glob("step-*"))[:-_KEEP_CHECKPOINTS]:
+            shutil.rmtree(old, ignore_errors=True)
+        self.emit("checkpoint", step=step)
+
+    def latest_checkpoint(self) -> Path | None:
+        found = sorted(self.spec.path("checkpoints").glob("step-*/state.json"))
+        return found[-1].parent if found else None
+
+    def restore(self, folder: Path) -> dict[str, Any]:
+        import torch
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        weights = load_file(str(folder / "adapter.safetensors"), device=self.choice.device)
+        set_peft_model_state_dict(self.model, weights)
+        self.optimizer.load_state_dict(
+            torch.load(folder / "optimizer.pt", map_location=self.choice.device)
+        )
+        state: dict[str, Any] = json.loads((folder / "state.json").read_text())
+        return state
+
+    # -- the run ---------------------------------------------------------------------
+
+    def run(self, resume: bool) -> int:
+        self.load_model()
+        state: dict[str, Any] = {"tokens": 0, "train_s": 0.0, "eval_before": None}
+        start_step = 0
+        checkpoint = self.latest_checkpoint() if resume else None
+        if checkpoint is not None:
+            state = self.restore(checkpoint)
+            start_step = int(state["step"])
+            self.emit("resumed", step=start_step)
+        else:
+            shutil.rmtree(self.spec.path("checkpoints"), ignore_errors=True)
+            self.spec.path("metrics.jsonl").unlink(missing_ok=True)
+            self.emit("status", message="measuring validation loss before training")
+            state["eval_before"] = self.evaluate()
+            self.emit("eval", phase="before", loss=state["eval_before"])
+            _append_metric(self.spec, {"step": 0, "eval_loss": state["eval_before"]})
+        self.model.train()
+        step = start_step
+        last_report = 0.0
+        recent: list[float] = []
+        loss = float("nan")
+        while step < self.total_steps:
+            if self.stop.stopped:
+                self.save_checkpoint(step, state)
+                self.emit("stopped", step=step)
+                return EXIT_STOPPED
+            began = time.perf_counter()
+            lr = lr_at(step, self.total_steps, self.hp.lr, self.warmup)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            examples = self.examples_for(step)
+            n_targets = sum(e.n_targets for e in examples)
+            total = 0.0
+            for batch in self.batches(examples):
+                part, _ = self.loss_sum(batch)
+                (part / n_targets).backward()
+                total += float(part.detach())
+                state["tokens"] += batch.tokens
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = total / n_targets
+            step += 1
+            spent = time.perf_counter() - began
+            state["train_s"] += spent
+            state["last_loss"] = loss
+            recent = ([*recent, spent])[-20:]
+            _append_metric(self.spec, {"step": step, "loss": loss, "lr": lr})
+            now = time.monotonic()
+            if now - last_report >= _PROGRESS_EVERY_S or step == self.total_steps:
+                last_report = now
+                self.emit(
+                    "progress",
+                    step=step,
+                    total_steps=self.total_steps,
+                    epoch=round(step / self.steps_per_epoch, 3),
+                    loss=round(loss, 5),
+                    lr=lr,
+                    tokens_per_second=round(state["tokens"] / max(state["train_s"], 1e-9), 1),
+                    eta_seconds=round(sum(recent) / len(recent) * (self.total_steps - step), 1),
+                )
+            if step % self.save_every == 0 and step < self.total_steps:
+                self.save_checkpoint(step, state)
+        self.emit("status", message="measuring validation loss after training")
+        eval_after = self.evaluate()
+        self.emit("eval", phase="after", loss=eval_after)
+        _append_metric(self.spec, {"step": step, "eval_loss": eval_after})
+        self.save_checkpoint(step, state)
+        outputs = self.export()
+        self.emit(
+            "done",
+            train_loss=state.get("last_loss", loss),
+            eval_loss_before=state["eval_before"],
+            eval_loss_after=eval_after,
+            tokens_per_second=round(state["tokens"] / max(state["train_s"], 1e-9), 1),
+            train_seconds=round(state["train_s"], 2),
+            steps=step,
+            backend=self.choice.name,
+            device=self.choice.device,
+            **outputs,
+        )
+        return 0
+
+    def export(self) -> dict[str, Any]:
+        from peft import get_peft_model_state_dict
+
+        from engine.train.arch import for_gguf
+        from engine.train.export import write_gguf_lora
+
+        self.emit("status", message="saving the adapter")
+        adapter_dir = self.spec.path("adapter")
+        tmp = self.spec.path(".adapter.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.model.save_pretrained(str(tmp))
+        shutil.rmtree(adapter_dir, ignore_errors=True)
+        os.replace(tmp, adapter_dir)
+        state = {
+            k: v.detach().float().cpu().numpy()
+            for k, v in get_peft_model_state_dict(self.model).items()
+        }
+        gguf_path = self.spec.path(f"{self.spec.name}.lora.gguf")
+        write_gguf_lora(
+            state,
+            for_gguf(self.spec.arch, self.spec.name),
+            alpha=self.hp.alpha,
+            n_head=self.spec.n_head,
+            n_head_kv=self.spec.n_head_kv,
+            out=gguf_path,
+            name=self.spec.name,
+        )
+        outputs: dict[str, Any] = {"adapter_dir": str(adapter_dir), "gguf": str(gguf_path)}
+        if self.spec.merged:
+            self.emit("status", message="writing the merged model")
+            merged_dir = self.spec.path("merged")
+            tmp = self.spec.path(".merged.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.model.merge_and_unload().save_pretrained(str(tmp))
+            shutil.rmtree(merged_dir, ignore_errors=True)
+            os.replace(tmp, merged_dir)
+            outputs["merged_dir"] = str(merged_dir)
+        return outputs
+
+
+def _adamw(params: list[Any], lr: float, weight_decay: float, device: str) -> Any:
+    """AdamW with the fused kernel where torch has one for this device, else for-each."""
+    import torch
+
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
+
+
+def _limit_memory() -> None:
+    """Honour ``BASTION_TRAIN_MEMORY_MB``: cap what training may allocate beyond the loaded
+    model (address space, Linux and macOS), so a run that would swap the machine to a halt
+    fails with a clear out-of-memory message instead."""
+    limit_mb = os.environ.get("BASTION_TRAIN_MEMORY_MB")
+    if not limit_mb:
+        return
+    import resource
+
+    import psutil
+
+    current = psutil.Process().memory_info().vms
+    cap = current + int(float(limit_mb) * 1024 * 1024)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+
+
+def _append_metric(spec: RunSpec, record: dict[str, Any]) -> None:
+    with spec.path("metrics.jsonl").open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    emit = Events()
+    stop = StopFlag()
+    if not args:
+        emit("error", kind="invalid", message="usage: worker RUN_DIR [--resume]")
+        return EXIT_INVALID
+    from engine.privacy import guard
+
+    guard.activate()
+    spec = RunSpec.load(Path(args[0]) / "spec.json")
+    trainer: Trainer | None = None
+    try:
+        trainer = Trainer(spec, emit, stop)
+        return trainer.run(resume="--resume" in args)
+    except InvalidInput as exc:
+        emit("error", kind="invalid", message=str(exc))
+        return EXIT_INVALID
+    except BaseException as exc:  # report it; the parent decides what the user sees
+        if isinstance(exc, KeyboardInterrupt | SystemExit):
+            raise
+        if is_oom(exc):
+            emit("error", kind="oom", message=str(exc).splitlines()[0][:300] if str(exc) else "")
+            return EXIT_OOM
+        import traceback
+
+        traceback.print_exc()
+        emit("error", kind="failed", message=f"{type(exc).__name__}: {exc}".splitlines()[0])
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
