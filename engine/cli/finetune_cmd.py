@@ -29,8 +29,10 @@ class _TrainingProgress:
         if self.bar._tty:
             self.bar(p)
             return
+        if p.detail is None:  # the parent's own steps (checks, preparation): quick, quiet
+            return
         now = time.monotonic()
-        is_step = p.detail is not None
+        is_step = p.detail.get("event") == "progress"
         if (not is_step and p.label != self._last_label) or (
             is_step and now - self._last_line >= _PLAIN_EVERY_S
         ):

@@ -59,6 +59,9 @@ def write_gguf_lora(
     import gguf
     import numpy as np
 
+    strays = [key for key in state if not _LORA_KEY.match(key)]
+    if strays:  # e.g. DoRA magnitudes or saved embeddings: llama.cpp can't apply them
+        raise OperationFailed(f"the adapter has weights llama.cpp can't apply: {strays[0]}")
     tensors: list[tuple[str, npt.NDArray[np.float32]]] = []
     for module, pair in sorted(lora_pairs(state).items()):
         mapped = gguf_tensor_name(module)

@@ -19,6 +19,7 @@ same architecture and shapes (or the one named with ``gguf``).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -235,7 +236,7 @@ class FineTuner:
                 meta.get(f"{a}.attention.head_count_kv", meta.get(f"{a}.attention.head_count", 0))
             ),
             pad_id=vocab.eos_id,
-            cache_dir=str(self._home / "cache"),
+            cache_dir=os.environ.get("BASTION_TRAIN_CACHE") or str(self._home / "cache"),
             backend=request.backend,
             merged=request.merged,
             hyper=hyper,

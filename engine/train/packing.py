@@ -54,15 +54,25 @@ class Batch:
 
 
 def make_batches(
-    examples: list[Encoded], row_len: int, tokens_per_batch: int, pad_id: int
+    examples: list[Encoded],
+    row_len: int,
+    tokens_per_batch: int,
+    pad_id: int,
+    packed: bool = True,
 ) -> list[Batch]:
     """Pack ``examples`` into rows and group the rows into forward passes.
 
     Each forward pass holds at most ``tokens_per_batch`` tokens (at least one row).
+    With ``packed=False`` every example has a row of its own (for attention kernels that
+    ignore the restarting positions); rows of similar length share a pass.
     """
     import torch
 
-    rows = pack([len(e.ids) for e in examples], row_len)
+    lengths = [len(e.ids) for e in examples]
+    if packed:
+        rows = pack(lengths, row_len)
+    else:
+        rows = [[i] for i in sorted(range(len(lengths)), key=lambda i: -lengths[i])]
     per_batch = max(1, tokens_per_batch // row_len)
     batches: list[Batch] = []
     for first in range(0, len(rows), per_batch):

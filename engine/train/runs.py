@@ -193,9 +193,14 @@ def run_worker(
                 start = event
                 total = event.get("total_steps")
                 runs.update(name, total_steps=total)
-                ctx.report(0, total, f"{event['backend']} on {event['device']}: {event['reason']}")
+                ctx.report(
+                    0,
+                    total,
+                    f"{event['backend']} on {event['device']}: {event['reason']}",
+                    detail=event,
+                )
             elif kind == "status":
-                ctx.report(step, total, str(event.get("message", "")))
+                ctx.report(step, total, str(event.get("message", "")), detail=event)
             elif kind == "progress":
                 step = int(event["step"])
                 label = f"loss {event['loss']:.3f} · {event['tokens_per_second']:.0f} tok/s"
@@ -223,7 +228,9 @@ def run_worker(
         if proc.stdin is not None:
             proc.stdin.close()
 
-    where = f"at step {step} of {total}" if total else "before training started"
+    where = (
+        f"at step {step} of {total}" if total and step else "before the first training step"
+    )
     if code == 0 and done is not None:
         runs.update(name, step=int(done.get("steps", step)), pid=None)
         return WorkerOutcome(done=done, start=start)
@@ -238,10 +245,10 @@ def run_worker(
         runs.update(name, status="failed", error=message, pid=None)
         raise InvalidInput(message)
     if code == worker_codes.EXIT_OOM:
-        text = f"training ran out of memory {where}"
+        text = f"training ran out of memory {where}" + _allocation(message)
         runs.update(name, status="failed", error=text, pid=None)
         raise OperationFailed(
-            text + (f": {message}" if message else ""),
+            text,
             hint="lower --batch-size, --tokens-per-batch or --max-length, use a smaller "
             "--rank, or close other programs",
         )
@@ -257,6 +264,21 @@ def run_worker(
             else f"details in {log_path}"
         ),
     )
+
+
+def _allocation(message: str) -> str:
+    """`` (a 1.0 MiB allocation failed)`` from an allocator's message, when it says."""
+    import re
+
+    found = re.search(r"allocate (\d+) bytes", message) or re.search(
+        r"allocate ([\d.]+ [KMGT]i?B)", message
+    )
+    if found is None:
+        return ""
+    size = found.group(1)
+    if size.isdigit():
+        size = f"{int(size) / 2**20:.1f} MiB"
+    return f" (an allocation of {size} failed)"
 
 
 def _signal(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:

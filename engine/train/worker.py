@@ -86,6 +86,8 @@ def read_encoded(path: Path) -> list[Encoded]:
     examples = []
     with path.open(encoding="utf-8") as fh:
         for line in fh:
+            if not line.strip():
+                continue
             record = json.loads(line)
             examples.append(Encoded(record["ids"], [bool(t) for t in record["t"]], False))
     return examples
@@ -94,8 +96,10 @@ def read_encoded(path: Path) -> list[Encoded]:
 def write_encoded(path: Path, examples: list[Encoded]) -> None:
     from engine.paths import atomic_write_bytes
 
-    lines = (json.dumps({"ids": e.ids, "t": [int(t) for t in e.targets]}) for e in examples)
-    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+    lines = (
+        json.dumps({"ids": e.ids, "t": [int(t) for t in e.targets]}) + "\n" for e in examples
+    )
+    atomic_write_bytes(path, "".join(lines).encode())
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
@@ -201,7 +205,12 @@ class Trainer:
     def batches(self, examples: list[Encoded]) -> list[Any]:
         from engine.train.packing import make_batches
 
-        return make_batches(examples, self.row_len, self.hp.tokens_per_batch, self.spec.pad_id)
+        # Unsloth's attention kernels are plain causal: they would let packed examples see
+        # each other, so there each example keeps a row of its own.
+        packed = self.choice.name != "unsloth"
+        return make_batches(
+            examples, self.row_len, self.hp.tokens_per_batch, self.spec.pad_id, packed
+        )
 
     def evaluate(self) -> float | None:
         import torch
