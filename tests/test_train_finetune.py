@@ -227,7 +227,9 @@ def _wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 @pytest.fixture
-def started(home: Path, train_cache: Path, facts: Path) -> Iterator[Callable[..., subprocess.Popen[str]]]:  # fmt: skip
+def started(
+    home: Path, train_cache: Path, facts: Path
+) -> Iterator[Callable[..., subprocess.Popen[str]]]:
     procs: list[subprocess.Popen[str]] = []
 
     def start(name: str) -> subprocess.Popen[str]:

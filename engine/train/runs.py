@@ -228,9 +228,7 @@ def run_worker(
         if proc.stdin is not None:
             proc.stdin.close()
 
-    where = (
-        f"at step {step} of {total}" if total and step else "before the first training step"
-    )
+    where = f"at step {step} of {total}" if total and step else "before the first training step"
     if code == 0 and done is not None:
         runs.update(name, step=int(done.get("steps", step)), pid=None)
         return WorkerOutcome(done=done, start=start)

@@ -96,9 +96,7 @@ def read_encoded(path: Path) -> list[Encoded]:
 def write_encoded(path: Path, examples: list[Encoded]) -> None:
     from engine.paths import atomic_write_bytes
 
-    lines = (
-        json.dumps({"ids": e.ids, "t": [int(t) for t in e.targets]}) + "\n" for e in examples
-    )
+    lines = (json.dumps({"ids": e.ids, "t": [int(t) for t in e.targets]}) + "\n" for e in examples)
     atomic_write_bytes(path, "".join(lines).encode())
 
 
