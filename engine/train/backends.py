@@ -94,7 +94,7 @@ def hf_folder_for_gguf(gguf_path: Path, cache_root: Path, emit: Emit) -> Path:
     from transformers import AutoModelForCausalLM
 
     emit("status", message="dequantizing the GGUF base model (once; it is kept in the cache)")
-    model = AutoModelForCausalLM.from_pretrained(
+    model: Any = AutoModelForCausalLM.from_pretrained(
         str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
     )
     # The weights are plain float32 now; transformers still marks the model as "GGUF
