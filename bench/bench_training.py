@@ -151,7 +151,7 @@ def run_bastion(run_dir: Path) -> dict[str, Any]:
 
     spec = RunSpec.load(run_dir / "spec.json")
     worker._PROGRESS_EVERY_S = 0.0  # a progress event after every step, not every 0.25 s
-    backends.choose = lambda _requested: backends.BackendChoice("peft", "cpu", "benchmark")
+    backends.choose = lambda requested: backends.BackendChoice("peft", "cpu", "benchmark")
     stamps: dict[int, float] = {}
     losses: dict[int, float] = {}
 
@@ -187,7 +187,7 @@ def run_baseline(run_dir: Path) -> dict[str, Any]:
     from engine.train.spec import RunSpec
     from engine.train.worker import Trainer as BastionTrainer
 
-    hf_logging.set_verbosity_error()
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
     spec = RunSpec.load(run_dir / "spec.json")
     hp = spec.hyper
     order = BastionTrainer(spec, noop, NoStop())  # type: ignore[arg-type]  # data only
@@ -245,9 +245,11 @@ def run_baseline(run_dir: Path) -> dict[str, Any]:
 
 def work_per_step(spec: Any, steps: int) -> dict[str, float]:
     """Positions computed (padding included) and output-layer rows per timed step."""
+    from engine.train.backends import BackendChoice
     from engine.train.worker import Trainer as BastionTrainer
 
     trainer = BastionTrainer(spec, noop, NoStop())  # type: ignore[arg-type]
+    trainer.choice = BackendChoice("peft", "cpu", "benchmark")  # as load_model would set
     timed = [trainer.examples_for(s) for s in range(1, steps)]
     batches = [b for ex in timed for b in trainer.batches(ex)]
     totals = {
@@ -298,7 +300,7 @@ def main() -> int:
                 )
 
     def median(side: str, f: Any) -> float:
-        return statistics.median(f(r) for r in results[side])
+        return float(statistics.median(f(r) for r in results[side]))
 
     tps = {s: median(s, lambda r: r["tokens"] / r["seconds"]) for s in results}
     loss1 = {s: median(s, lambda r: r["first_loss"]) for s in results}

@@ -1,0 +1,1 @@
+"""Bastion's desktop application (PySide6). It talks only to the engine's public API."""

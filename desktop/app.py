@@ -1,0 +1,195 @@
+"""The main window: a sidebar of pages (Chat, Documents, Models, Fine-tune, Settings).
+
+``bastion-desktop`` starts here. Start-up stays light: the engine facade opens the
+database and the registry only; torch, transformers, sentence-transformers and faiss are
+imported by the engine when a page first needs them, on a worker thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+from collections.abc import Callable
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from PySide6.QtCore import Qt, QTimer
+from PySide6.QtGui import QKeySequence, QShortcut
+from PySide6.QtWidgets import (
+    QApplication,
+    QHBoxLayout,
+    QLabel,
+    QListWidget,
+    QListWidgetItem,
+    QMainWindow,
+    QMessageBox,
+    QPushButton,
+    QStackedWidget,
+    QVBoxLayout,
+    QWidget,
+)
+
+if TYPE_CHECKING:
+    from engine import Engine
+
+log = logging.getLogger(__name__)
+
+NOTICE_MS = 8000
+
+
+class Notice(QWidget):
+    """A non-modal message strip at the top of the window; hides itself after a while."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setObjectName("notice")
+        layout = QHBoxLayout(self)
+        layout.setContentsMargins(10, 6, 6, 6)
+        self.label = QLabel()
+        self.label.setWordWrap(True)
+        self.label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        close = QPushButton("×")
+        close.setFlat(True)
+        close.setFixedWidth(28)
+        close.setAccessibleName("Dismiss message")
+        close.clicked.connect(self.hide)
+        layout.addWidget(self.label, 1)
+        layout.addWidget(close)
+        self._timer = QTimer(self)
+        self._timer.setSingleShot(True)
+        self._timer.timeout.connect(self.hide)
+        self.hide()
+
+    def show_message(self, text: str, kind: str = "info") -> None:
+        colors = {"info": "#2d6cdf", "error": "#c0392b", "success": "#2e8b57"}
+        self.setStyleSheet(
+            f"#notice {{ border-left: 4px solid {colors.get(kind, '#2d6cdf')}; }}"
+        )
+        self.label.setText(text)
+        self.show()
+        self._timer.start(NOTICE_MS if kind != "error" else 2 * NOTICE_MS)
+
+
+class MainWindow(QMainWindow):
+    PAGES = ("Chat", "Documents", "Models", "Fine-tune", "Settings")
+
+    def __init__(self, engine: Engine) -> None:
+        super().__init__()
+        self.engine = engine
+        self.setWindowTitle("Bastion")
+        self.resize(1180, 760)
+        central = QWidget()
+        outer = QVBoxLayout(central)
+        outer.setContentsMargins(0, 0, 0, 0)
+        outer.setSpacing(0)
+        self.notice = Notice()
+        outer.addWidget(self.notice)
+        body = QHBoxLayout()
+        body.setContentsMargins(0, 0, 0, 0)
+        outer.addLayout(body, 1)
+        self.sidebar = QListWidget()
+        self.sidebar.setObjectName("sidebar")
+        self.sidebar.setFixedWidth(150)
+        self.sidebar.setAccessibleName("Pages")
+        self.stack = QStackedWidget()
+        body.addWidget(self.sidebar)
+        body.addWidget(self.stack, 1)
+        self.setCentralWidget(central)
+
+        from desktop.pages.chat import ChatPage
+        from desktop.pages.documents import DocumentsPage
+        from desktop.pages.finetune import FinetunePage
+        from desktop.pages.models import ModelsPage
+        from desktop.pages.settings import SettingsPage
+
+        self.chat = ChatPage(engine, self)
+        self.documents = DocumentsPage(engine, self)
+        self.models = ModelsPage(engine, self)
+        self.finetune = FinetunePage(engine, self)
+        self.settings = SettingsPage(engine, self)
+        for title, page in zip(
+            self.PAGES,
+            (self.chat, self.documents, self.models, self.finetune, self.settings),
+            strict=True,
+        ):
+            self.stack.addWidget(page)
+            QListWidgetItem(title, self.sidebar)
+        self.sidebar.currentRowChanged.connect(self.stack.setCurrentIndex)
+        self.sidebar.setCurrentRow(0)
+        for key, page_index in (("Ctrl+1", 0), ("Ctrl+2", 1), ("Ctrl+3", 2), ("Ctrl+4", 3)):
+            QShortcut(QKeySequence(key), self, lambda i=page_index: self.show_page(i))
+
+    def show_page(self, index: int | str) -> None:
+        if isinstance(index, str):
+            index = self.PAGES.index(index)
+        self.sidebar.setCurrentRow(index)
+
+    def notify(self, text: str, kind: str = "info") -> None:
+        """A plain-words message that does not block (errors stay longer)."""
+        self.notice.show_message(text, kind)
+
+    def show_error(self, exc: BaseException) -> None:
+        """An engine error as a message; anything else is a bug, also logged."""
+        from engine.errors import BastionError
+
+        if isinstance(exc, BastionError):
+            self.notify(str(exc), "error")
+        else:
+            log.error("unexpected error", exc_info=(type(exc), exc, exc.__traceback__))
+            self.notify(f"Something went wrong: {type(exc).__name__}: {exc}", "error")
+
+    def open_chat_with(self, model_id: str) -> None:
+        """Start a new chat with ``model_id`` (e.g. a fine-tune that just finished)."""
+        self.chat.new_chat(model_id)
+        self.show_page("Chat")
+
+
+def install_crash_handler(app: QApplication) -> Callable[..., None]:
+    """Unexpected exceptions in slots are logged and shown in a dialog; the app goes on."""
+
+    def handler(
+        kind: type[BaseException], exc: BaseException, tb: TracebackType | None
+    ) -> None:
+        if issubclass(kind, KeyboardInterrupt):
+            app.quit()
+            return
+        text = "".join(traceback.format_exception(kind, exc, tb))
+        log.error("unexpected exception in the GUI:\n%s", text)
+        box = QMessageBox(QMessageBox.Icon.Critical, "Bastion — unexpected error",
+                          f"{kind.__name__}: {exc}\n\nThe details are in the log file. "
+                          "Bastion keeps running.")  # fmt: skip
+        box.setDetailedText(text)
+        box.setModal(False)
+        box.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+        box.show()
+
+    sys.excepthook = handler
+    return handler
+
+
+def main(argv: list[str] | None = None) -> int:
+    app = QApplication.instance() or QApplication(sys.argv if argv is None else argv)
+    assert isinstance(app, QApplication)
+    app.setApplicationName("Bastion")
+    app.setOrganizationName("Bastion")
+    app.setStyle("Fusion")  # follows the system's light or dark scheme
+    install_crash_handler(app)
+    from engine import Engine
+    from engine.errors import BastionError
+
+    try:
+        engine = Engine()
+    except BastionError as exc:
+        QMessageBox.critical(None, "Bastion cannot start", str(exc))
+        return 1
+    window = MainWindow(engine)
+    window.show()
+    try:
+        return app.exec()
+    finally:
+        engine.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

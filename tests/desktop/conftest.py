@@ -1,0 +1,25 @@
+"""Desktop fixtures: the real main window, offscreen, on a real engine in a temporary home."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+
+@pytest.fixture
+def window(home: Path, qtbot: object) -> Iterator[object]:
+    from desktop.app import MainWindow
+    from engine import Engine
+
+    engine = Engine(home)
+    win = MainWindow(engine)
+    qtbot.addWidget(win)  # type: ignore[attr-defined]
+    win.show()
+    yield win
+    win.close()
+    engine.close()

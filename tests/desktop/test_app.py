@@ -1,0 +1,34 @@
+"""The main window opens with its pages, and start-up imports no heavy library."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from desktop.app import MainWindow
+
+
+def test_window_title_and_pages(window: MainWindow) -> None:
+    assert window.windowTitle() == "Bastion"
+    titles = [window.sidebar.item(i).text() for i in range(window.sidebar.count())]
+    assert titles == ["Chat", "Documents", "Models", "Fine-tune", "Settings"]
+    window.show_page("Models")
+    assert window.stack.currentWidget() is window.models
+
+
+def test_window_start_imports_no_heavy_library(tmp_path: object) -> None:
+    code = (
+        "import os, sys\n"
+        "os.environ['QT_QPA_PLATFORM'] = 'offscreen'\n"
+        f"os.environ['BASTION_HOME'] = {str(tmp_path)!r}\n"
+        "from PySide6.QtWidgets import QApplication\n"
+        "app = QApplication([])\n"
+        "from engine import Engine\n"
+        "from desktop.app import MainWindow\n"
+        "w = MainWindow(Engine()); w.show(); app.processEvents()\n"
+        "heavy = [m for m in ('torch', 'transformers', 'sentence_transformers', 'faiss',"
+        " 'llama_cpp') if m in sys.modules]\n"
+        "print(heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr
