@@ -7,14 +7,17 @@ imported by the engine when a page first needs them, on a worker thread.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from PySide6.QtCore import Qt, QTimer
+from PySide6.QtCore import QEvent, QObject, Qt, QTimer
 from PySide6.QtGui import QKeySequence, QShortcut
 from PySide6.QtWidgets import (
     QApplication,
@@ -63,9 +66,7 @@ class Notice(QWidget):
 
     def show_message(self, text: str, kind: str = "info") -> None:
         colors = {"info": "#2d6cdf", "error": "#c0392b", "success": "#2e8b57"}
-        self.setStyleSheet(
-            f"#notice {{ border-left: 4px solid {colors.get(kind, '#2d6cdf')}; }}"
-        )
+        self.setStyleSheet(f"#notice {{ border-left: 4px solid {colors.get(kind, '#2d6cdf')}; }}")
         self.label.setText(text)
         self.show()
         self._timer.start(NOTICE_MS if kind != "error" else 2 * NOTICE_MS)
@@ -148,9 +149,7 @@ class MainWindow(QMainWindow):
 def install_crash_handler(app: QApplication) -> Callable[..., None]:
     """Unexpected exceptions in slots are logged and shown in a dialog; the app goes on."""
 
-    def handler(
-        kind: type[BaseException], exc: BaseException, tb: TracebackType | None
-    ) -> None:
+    def handler(kind: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
         if issubclass(kind, KeyboardInterrupt):
             app.quit()
             return
@@ -166,6 +165,34 @@ def install_crash_handler(app: QApplication) -> Callable[..., None]:
 
     sys.excepthook = handler
     return handler
+
+
+class _FirstPaint(QObject):
+    """For bench/bench_desktop.py: the time of the window's first paint, then idle memory."""
+
+    def __init__(self, app: QApplication, window: QWidget) -> None:
+        super().__init__(window)
+        self.app = app
+        self.painted: float | None = None
+
+    def eventFilter(self, watched: QObject, event: QEvent) -> bool:
+        if self.painted is None and event.type() == QEvent.Type.Paint:
+            self.painted = time.time()
+            QTimer.singleShot(int(os.environ.get("BASTION_DESKTOP_IDLE_MS", "3000")), self.report)
+        return False
+
+    def report(self) -> None:
+        import psutil
+
+        rss = psutil.Process().memory_info().rss
+        sys.stdout.write(json.dumps({"painted_at": self.painted, "idle_rss": rss}) + "\n")
+        sys.stdout.flush()
+        self.app.quit()
+
+
+def _probe_first_paint(app: QApplication, window: QWidget) -> None:
+    probe = _FirstPaint(app, window)
+    window.installEventFilter(probe)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         QMessageBox.critical(None, "Bastion cannot start", str(exc))
         return 1
     window = MainWindow(engine)
+    if os.environ.get("BASTION_DESKTOP_PROBE"):
+        _probe_first_paint(app, window)
     window.show()
     try:
         return app.exec()

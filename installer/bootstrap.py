@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Set Bastion up on this machine, then run the app or the test suite.
 
-    python3 installer/bootstrap.py run [ARGS...]   # set up, then start the main job
+    python3 installer/bootstrap.py run [ARGS...]   # set up, then start the desktop app
+                                                   # (with ARGS: the `bastion` command)
     python3 installer/bootstrap.py test [ARGS...]  # set up with dev tools, run lint, types, tests
     python3 installer/bootstrap.py setup [--dev] [--gpu]  # set up only (--gpu: Unsloth)
 
@@ -373,7 +374,8 @@ def main(argv: list[str]) -> int:
         return 0
     if command == "run":
         setup("")
-        exec_in_venv(["bastion", *(rest or ["chat"])])
+        # No arguments: the desktop app. Arguments: the command line (`run chat`, ...).
+        exec_in_venv(["bastion", *rest] if rest else ["bastion-desktop"])
         return 0
     if command == "test":
         setup("dev")

@@ -22,6 +22,7 @@ from engine.models.runtime import (
     ModelLane,
     SamplingParams,
 )
+from engine.privacy.audit import AuditLog
 from engine.store.conversations import Conversation, ConversationStore
 
 if TYPE_CHECKING:
@@ -115,10 +116,18 @@ def load_spec_for(entry: ModelEntry) -> LoadSpec:
 class ChatService:
     """Runs chat turns against the model lane and records them."""
 
-    def __init__(self, lane: ModelLane, models: ModelRegistry, store: ConversationStore) -> None:
+    def __init__(
+        self,
+        lane: ModelLane,
+        models: ModelRegistry,
+        store: ConversationStore,
+        audit: AuditLog | None = None,
+    ) -> None:
         self._lane = lane
         self._models = models
         self._store = store
+        # Without one given, the audit log lives in the home that holds the database.
+        self._audit = audit or AuditLog(store._db.path.parent)
         self._templates: dict[LoadSpec, tuple[ChatTemplate, bool]] = {}
         self._specs: dict[tuple[str, str, str | None, ModelSettings], LoadSpec] = {}
 
@@ -197,9 +206,11 @@ class ChatService:
                 if m.role in ("user", "assistant") and m.content.strip()
             ]
         if grounding is not None and grounding.canned_answer is not None:
-            return self._canned(
+            canned = self._canned(
                 entry, conversation, system_text, prompt, grounding, on_text, load_s
             )
+            self._audit.record_turn(canned, prompt, system_text, request.collection)
+            return canned
         model_system = system_text
         if grounding is not None:
             model_system = self._grounded_system(
@@ -248,7 +259,7 @@ class ChatService:
             done.tokens_per_second or 0.0,
             done.stop_reason,
         )
-        return ChatResult(
+        result = ChatResult(
             answer=answer,
             model=entry.id,
             conversation_id=conversation.id,
@@ -263,6 +274,8 @@ class ChatService:
             dropped_messages=fitted.dropped,
             citations=citations,
         )
+        self._audit.record_turn(result, prompt, system_text, request.collection)
+        return result
 
     def _grounded_system(
         self,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,28 @@ from engine.store.db import Database
 log = logging.getLogger(__name__)
 
 DEFAULT_EMBEDDER = "all-minilm-l6-v2"
+# What ``source_text`` returns of a text file at most: a window of lines around the one
+# asked for, so a 200 MB log opens as fast as a note (the viewer says it is a window).
+SOURCE_WINDOW_LINES = 4000
+SOURCE_MAX_CHARS = 2_000_000
+
+
+@dataclass(frozen=True)
+class SourceText:
+    """A stretch of a document's text, as a viewer shows it next to a citation.
+
+    ``first_line`` is the file line that ``text`` starts on (text-like files; 1 when the
+    text starts at the top); ``page`` and ``pages`` are set for PDFs (1-based page shown,
+    page count). ``truncated`` says the text is a window of a larger document.
+    """
+
+    path: str
+    kind: str
+    text: str
+    page: int | None = None
+    pages: int | None = None
+    first_line: int = 1
+    truncated: bool = False
 
 
 class Documents:
@@ -109,6 +132,39 @@ class Documents:
             self._retriever.forget(collection)
         return self.sync(name, ctx)
 
+    @staticmethod
+    def source_text(path: str, page: int | None = None, line: int | None = None) -> SourceText:
+        """The text of a document as a source viewer shows it (read-only; no database).
+
+        A PDF gives the text of one page (``page``, default 1), read as the indexer reads
+        it, so a citation's snippet is found in it. A text-like file (text, code, Markdown,
+        HTML source) gives its lines as the indexer numbers them, decoded the same way; a
+        large one gives a window of lines around ``line``. Word files give their text.
+
+        Raises:
+            NotFound: the file does not exist (moved or deleted since it was indexed).
+            InvalidInput: ``page`` is outside the PDF.
+            DocumentError: the file cannot be read (unsupported, binary, corrupt PDF).
+        """
+        from engine.errors import NotFound
+        from engine.rag.loaders import DocumentError, detect_kind, load_document
+
+        file = Path(path)
+        if not file.is_file():
+            raise NotFound(f"file not found: {path}", hint="it was moved or deleted")
+        kind = detect_kind(file)
+        if kind is None:
+            raise DocumentError(f"unsupported file type ({file.suffix or 'no extension'})")
+        try:
+            if kind == "pdf":
+                return _pdf_page(path, page or 1)
+            if kind == "docx":
+                text = "\n\n".join(s.text for s in load_document(file))
+                return SourceText(path, kind, text[:SOURCE_MAX_CHARS])
+            return _text_window(path, kind, line or 1)
+        except OSError as exc:
+            raise DocumentError(f"cannot read: {(exc.strerror or str(exc)).lower()}") from exc
+
     # -- search and answers -----------------------------------------------------------
 
     def search(self, name: str, query: str, k: int = 5, mode: str = "hybrid") -> list[SearchResult]:
@@ -137,3 +193,54 @@ class Documents:
         summary = self.store.summary(collection)
         results = self._retriever.search(collection, question, k) if summary["indexed"] else []
         return ground(collection.name, question, results, summary)
+
+
+def _pdf_page(path: str, page: int) -> SourceText:
+    """One page of a PDF, extracted and cleaned as ``loaders`` does for indexing."""
+    from pypdf import PdfReader
+
+    from engine.rag.loaders import DocumentError
+    from engine.rag.textio import CONTROL_CHARS
+
+    try:
+        reader = PdfReader(path)
+        if reader.is_encrypted:
+            reader.decrypt("")
+        pages = len(reader.pages)
+    except Exception as exc:  # pypdf raises many types on damage, as in loaders
+        raise DocumentError(f"corrupt PDF: {type(exc).__name__}") from exc
+    if not 1 <= page <= pages:
+        raise InvalidInput(f"page {page} is outside the PDF (1–{pages})")
+    try:
+        text = reader.pages[page - 1].extract_text()
+    except Exception as exc:
+        raise DocumentError(f"page {page} cannot be read: {type(exc).__name__}") from exc
+    text = CONTROL_CHARS.sub("", text).replace("\r\n", "\n").replace("\r", "\n")
+    return SourceText(path, "pdf", text.strip("\n"), page, pages)
+
+
+def _text_window(path: str, kind: str, line: int) -> SourceText:
+    """Lines of a text-like file around ``line``, numbered and decoded as the indexer does."""
+    from engine.rag.loaders import DocumentError
+    from engine.rag.textio import open_text, text_blocks
+
+    first = max(1, line - SOURCE_WINDOW_LINES // 2)
+    kept: list[str] = []
+    size = 0
+    truncated = first > 1
+    with open(path, "rb") as raw:
+        reader = open_text(raw)
+        if reader is None:
+            raise DocumentError("binary data, not text")
+        for number, block in text_blocks(reader, lambda: None):
+            lines = block.split("\n")
+            if number + len(lines) <= first:
+                continue
+            lines = lines[max(0, first - number) :]
+            room = SOURCE_WINDOW_LINES - len(kept)
+            kept.extend(lines[:room])
+            size += sum(len(x) + 1 for x in lines[:room])
+            if len(lines) > room or size > SOURCE_MAX_CHARS:
+                truncated = True
+                break
+    return SourceText(path, kind, "\n".join(kept), first_line=first, truncated=truncated)

@@ -1,0 +1,186 @@
+"""The dataset preview: the engine's check of a training file and what redaction would do.
+
+``preview_dataset`` runs on a worker thread: ``check_dataset`` (format, counts, every bad
+line, personal data found), then ``prepare_dataset`` into a temporary folder to learn
+what redaction and de-duplication would do. Its ``.redactions.json`` holds the very
+personal data that was removed (that is its purpose: a before/after sample to review),
+so the folder is deleted as soon as the report has been read; the sample lives only in
+this widget's memory.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from PySide6.QtWidgets import (
+    QAbstractItemView,
+    QHeaderView,
+    QLabel,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+from engine.jobs import JobContext
+
+if TYPE_CHECKING:
+    from engine.train.service import Training
+
+MAX_BAD_ROWS = 500  # the summary gives the full count; a table of thousands helps no one
+
+
+def preview_dataset(
+    training: Training,
+    path: Path,
+    base: str | None,
+    max_tokens: int,
+    val_fraction: float,
+    ctx: JobContext,
+) -> dict[str, Any]:
+    """Check ``path`` and dry-run its preparation; returns ``{"check", "prepare"}``.
+
+    ``prepare`` is None when there is nothing to prepare (no usable example); otherwise
+    it is ``prepare_dataset``'s document plus ``counts``, ``sample`` and
+    ``person_names_redacted`` from the redaction report. Redaction is always on here:
+    the preview shows what it would remove even when the user means to turn it off.
+    """
+    ctx.report(0, 2, "checking the data")
+    check = training.check_dataset(path, model_id=base, max_tokens=max_tokens)
+    ctx.check_cancelled()
+    prepared: dict[str, Any] | None = None
+    if check["examples"]:
+        ctx.report(1, 2, "trying redaction and de-duplication")
+        with tempfile.TemporaryDirectory(prefix="bastion-preview-") as folder:
+            prepared = training.prepare_dataset(
+                path, Path(folder) / "prepared.jsonl", val_fraction=val_fraction
+            )
+            report = json.loads(Path(prepared["report_path"]).read_text(encoding="utf-8"))
+        prepared["counts"] = report.get("counts", {})
+        prepared["sample"] = report.get("sample", [])
+        prepared["person_names_redacted"] = report.get("person_names_redacted", False)
+    ctx.report(2, 2, "done")
+    return {"check": check, "prepare": prepared, "val_fraction": val_fraction}
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{kind} {n}" for kind, n in sorted(counts.items())) or "none found"
+
+
+def _table(headers: list[str]) -> QTableWidget:
+    table = QTableWidget(0, len(headers))
+    table.setHorizontalHeaderLabels(headers)
+    table.verticalHeader().setVisible(False)
+    table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+    table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+    table.setWordWrap(True)
+    header = table.horizontalHeader()
+    header.setSectionResizeMode(0, QHeaderView.ResizeMode.ResizeToContents)
+    for column in range(1, len(headers)):
+        header.setSectionResizeMode(column, QHeaderView.ResizeMode.Stretch)
+    table.setMaximumHeight(180)
+    return table
+
+
+class DatasetPreview(QWidget):
+    """Shows a ``preview_dataset`` result: summary, bad lines, personal data, redaction."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        self.summary = QLabel("Choose a JSONL file to see what it holds before training.")
+        self.summary.setWordWrap(True)
+        self.bad_lines = _table(["Line", "Problem"])
+        self.bad_lines.setAccessibleName("Bad lines")
+        self.pii = QLabel()
+        self.pii.setWordWrap(True)
+        self.redaction = QLabel()
+        self.redaction.setWordWrap(True)
+        self.sample = _table(["Line", "Before", "After"])
+        self.sample.setAccessibleName("Redaction sample")
+        for widget in (self.summary, self.bad_lines, self.pii, self.redaction, self.sample):
+            layout.addWidget(widget)
+        self.result: dict[str, Any] | None = None
+        self._reset()
+
+    @property
+    def bad_line_count(self) -> int:
+        return len(self.result["check"]["bad_lines"]) if self.result else 0
+
+    @property
+    def usable(self) -> bool:
+        """Whether the data shown can be trained on: no bad line and some examples."""
+        return bool(self.result and not self.bad_line_count and self.result["check"]["examples"])
+
+    def _reset(self) -> None:
+        self.result = None
+        for widget in (self.bad_lines, self.pii, self.redaction, self.sample):
+            widget.hide()
+        self.bad_lines.setRowCount(0)
+        self.sample.setRowCount(0)
+
+    def show_running(self, path: Path) -> None:
+        self._reset()
+        self.summary.setText(f"Checking {path.name}…")
+
+    def show_failed(self, message: str) -> None:
+        self._reset()
+        self.summary.setText(f"The file could not be checked: {message}")
+
+    def clear(self) -> None:
+        self._reset()
+        self.summary.setText("Choose a JSONL file to see what it holds before training.")
+
+    def show_result(self, result: dict[str, Any]) -> None:
+        self._reset()
+        self.result = result
+        check, prepared = result["check"], result["prepare"]
+        about = "≈" if check.get("tokens_estimated") else ""
+        lines = [
+            f"Format <b>{check['format']}</b> · {check['examples']} examples · "
+            f"{about}{check['tokens']:,} tokens (counted with {check.get('tokenizer', '?')}) · "
+            f"{check['too_long']} longer than {check.get('max_tokens', '?')} tokens "
+            "(cut at training)"
+        ]
+        bad = check["bad_lines"]
+        if bad:
+            lines.append(f"<b style='color:#c0392b'>{len(bad)} bad line(s): fix them to train</b>")
+        elif not check["examples"]:
+            lines.append("<b style='color:#c0392b'>No examples: nothing to train on</b>")
+        if prepared is not None:
+            lines.append(
+                f"Prepared: {prepared['examples_out']} of {prepared['examples_in']} kept "
+                f"({prepared['duplicates_removed']} duplicates removed) · {prepared['train']} "
+                f"train, {prepared['validation']} validation "
+                f"(a {result.get('val_fraction', 0.1):.0%} split)"
+            )
+        self.summary.setText("<br>".join(lines))
+        if bad:
+            self.bad_lines.setRowCount(min(len(bad), MAX_BAD_ROWS))
+            for row, item in enumerate(bad[:MAX_BAD_ROWS]):
+                self.bad_lines.setItem(row, 0, QTableWidgetItem(str(item["line"])))
+                self.bad_lines.setItem(row, 1, QTableWidgetItem(str(item["error"])))
+            self.bad_lines.show()
+        self.pii.setText(f"Personal data found: {_counts(check['pii'])}")
+        self.pii.show()
+        if prepared is None:
+            return
+        names = (
+            ""
+            if prepared["person_names_redacted"]
+            else " Person names are not redacted (no offline name recognizer ships)."
+        )
+        self.redaction.setText(f"Redaction replaces: {_counts(prepared['counts'])}.{names}")
+        self.redaction.show()
+        sample = prepared["sample"]
+        if sample:
+            self.sample.setRowCount(len(sample))
+            for row, item in enumerate(sample):
+                for column, key in enumerate(("line", "before", "after")):
+                    self.sample.setItem(row, column, QTableWidgetItem(str(item[key])))
+            self.sample.resizeRowsToContents()
+            self.sample.show()

@@ -1,0 +1,73 @@
+"""A finished fine-tune: its numbers, its report (report.md with loss.svg), and "Chat with it"."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from PySide6.QtCore import QUrl, Signal
+from PySide6.QtWidgets import QHBoxLayout, QLabel, QPushButton, QTextBrowser, QVBoxLayout, QWidget
+
+
+def _loss(value: object) -> str:
+    return f"{value:.4f}" if isinstance(value, int | float) else "–"
+
+
+class ResultView(QWidget):
+    """Shows the ``finetune`` result document; ``chat_requested(model_id)`` on the button."""
+
+    chat_requested = Signal(str)
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        layout = QVBoxLayout(self)
+        self.heading = QLabel("When a fine-tune finishes, its evaluation report shows here.")
+        self.heading.setWordWrap(True)
+        self.numbers = QLabel()
+        self.numbers.setWordWrap(True)
+        self.chat_button = QPushButton("Chat with this model")
+        self.chat_button.setEnabled(False)
+        self.chat_button.clicked.connect(self._on_chat_button_clicked)
+        row = QHBoxLayout()
+        row.addWidget(self.numbers, 1)
+        row.addWidget(self.chat_button)
+        self.report = QTextBrowser()
+        self.report.setAccessibleName("Fine-tune report")
+        self.report.setOpenLinks(False)  # the report links nowhere; never leave the page
+        layout.addWidget(self.heading)
+        layout.addLayout(row)
+        layout.addWidget(self.report, 1)
+        self.result: dict[str, Any] | None = None
+
+    def show_result(self, result: dict[str, Any]) -> None:
+        self.result = result
+        self.heading.setText(
+            f"<b>{result['model']}</b> is ready: base {result.get('base', '?')}, "
+            f"{result.get('steps', '?')} steps with {result['backend']} "
+            f"on {result.get('device') or '?'}."
+        )
+        self.numbers.setText(
+            f"Training loss {_loss(result.get('train_loss'))} · validation loss "
+            f"{_loss(result.get('eval_loss_before'))} → {_loss(result.get('eval_loss_after'))}"
+            f" · {result.get('tokens_per_second') or 0:,.0f} tokens/s"
+        )
+        self.chat_button.setEnabled(True)
+        report = Path(result.get("report") or "")
+        if report.is_file():
+            # setSource resolves "loss.svg" next to report.md (Qt's SVG image plugin draws
+            # it); the search path covers a document set by text as well.
+            self.report.setSearchPaths([str(report.parent)])
+            self.report.setSource(QUrl.fromLocalFile(str(report)))
+        else:
+            self.report.setPlainText(f"The report file is missing: {report}")
+
+    def clear(self) -> None:
+        self.result = None
+        self.heading.setText("When a fine-tune finishes, its evaluation report shows here.")
+        self.numbers.clear()
+        self.chat_button.setEnabled(False)
+        self.report.clear()
+
+    def _on_chat_button_clicked(self) -> None:
+        if self.result is not None:
+            self.chat_requested.emit(str(self.result["model"]))

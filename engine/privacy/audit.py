@@ -1,0 +1,113 @@
+"""The audit log: every chat question and answer, kept only when the user turned it on.
+
+Bastion's own log (``logs/bastion.log``) never holds prompts, answers or document text.
+Some users must keep a record of what was asked and answered (a compliance archive, a
+review of a model's use); for them the ``audit_log`` setting (``config.toml``) appends one
+JSON object per answer to ``<home>/logs/audit.log``. With the switch off nothing is
+written, not even an empty file.
+
+The switch is read from ``config.toml`` at every answer, not once at start: turning it
+on or off in the desktop app takes effect for the very next answer in every process.
+
+Each record is written with one ``write`` on a file opened for appending, then fsynced:
+concurrent writers (the desktop app and the CLI) never interleave inside a line, and a
+recorded answer survives a power cut. The file is created readable by its owner only,
+because it holds the questions themselves. A failure to write is logged (without the
+text) and does not fail the chat turn: the answer is already in the database, and the
+user is better served by seeing it than by losing it to a full disk.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from engine.config import load_config
+
+if TYPE_CHECKING:
+    from engine.chat.session import ChatResult
+
+log = logging.getLogger(__name__)
+
+AUDIT_FILENAME = "audit.log"
+
+
+def audit_log_path(home: Path) -> Path:
+    return home / "logs" / AUDIT_FILENAME
+
+
+class AuditLog:
+    """Appends chat records to ``<home>/logs/audit.log`` while the setting is on."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = Path(home)
+        self.path = audit_log_path(self.home)
+
+    @property
+    def enabled(self) -> bool:
+        return load_config(self.home).audit_log
+
+    def record_answer(
+        self,
+        *,
+        model: str,
+        prompt: str,
+        answer: str,
+        conversation_id: int | None = None,
+        message_id: int | None = None,
+        stop_reason: str | None = None,
+        system: str | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> bool:
+        """Record one answered prompt if the audit log is on. Returns whether it wrote."""
+        if not self.enabled:
+            return False
+        record: dict[str, Any] = {
+            "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            "event": "chat",
+            "model": model,
+            "conversation_id": conversation_id,
+            "message_id": message_id,
+            "system": system,
+            "prompt": prompt,
+            "answer": answer,
+            "stop_reason": stop_reason,
+        }
+        if extra:
+            record.update(extra)
+        return self._append(record)
+
+    def record_turn(
+        self, result: ChatResult, prompt: str, system: str | None, collection: str | None
+    ) -> bool:
+        """Record a finished chat turn (also a cancelled or source-less one) if it is on."""
+        return self.record_answer(
+            model=result.model,
+            prompt=prompt,
+            answer=result.answer,
+            conversation_id=result.conversation_id,
+            message_id=result.message_id,
+            stop_reason=result.stop_reason,
+            system=system,
+            extra={"collection": collection} if collection else None,
+        )
+
+    def _append(self, record: dict[str, Any]) -> bool:
+        line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8", "replace")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, line)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            # The message names the file and the OS error only: never the record's text.
+            log.error("could not write the audit log %s: %s", self.path, exc.strerror or exc)
+            return False
+        return True
