@@ -331,11 +331,11 @@ def main() -> int:
             *(f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows),
             "",
             "Bastion: `engine.train.worker.Trainer.run`, packing each step's examples into rows "
-            "(position ids restart per example: no attention across examples, no padding "
-            "waste), the output layer only at target positions, fused AdamW. Baseline: "
-            "`transformers.Trainer` + PEFT, each batch padded to its longest example with an "
-            f"attention mask, logits at every position, optimizer `{base['optim']}`, "
-            "no gradient clipping.",
+            "(position ids restart per example: no attention across examples; a pass is "
+            "padded to its longest row only), the output layer only at target positions, "
+            "fused AdamW. Baseline: `transformers.Trainer` + PEFT, each batch padded to its "
+            "longest example with an attention mask, logits at every position, optimizer "
+            f"`{base['optim']}`, no gradient clipping.",
         ]
     )
     print(report)
