@@ -147,6 +147,10 @@ class Engine:
     def export_conversation(self, conversation_id: int, fmt: str) -> str:
         return self.conversations.export(conversation_id, fmt)
 
+    def rate_message(self, message_id: int, rating: int) -> None:
+        """Thumbs up (1), down (-1) or cleared (0) on an answer, kept with the message."""
+        self.conversations.set_rating(message_id, rating)
+
     # -- lifetime --------------------------------------------------------------------
 
     def close(self) -> None:

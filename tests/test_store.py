@@ -562,3 +562,27 @@ def test_translate_error_leaves_bugs_alone() -> None:
     exc = sqlite3.OperationalError("near 'SELEC': syntax error")
     exc.sqlite_errorcode = 1
     assert translate_error(exc, Path("/x/bastion.db")) is None
+
+
+# --- ratings -------------------------------------------------------------------------
+
+
+def test_rating_an_answer_is_stored_and_cleared(store: ConversationStore, db: Database) -> None:
+    conversation = store.create("m")
+    question = store.add_message(conversation.id, "user", "Why WAL?")
+    answer = store.add_message(conversation.id, "assistant", "Readers never block.")
+    assert answer.rating == 0
+    store.set_rating(answer.id, 1)
+    assert store.messages(conversation.id)[1].rating == 1
+    store.set_rating(answer.id, -1)
+    assert store.messages(conversation.id)[1].rating == -1
+    assert json.loads(store.export(conversation.id, "json"))["messages"][1]["rating"] == -1
+    store.set_rating(answer.id, 0)  # cleared: NULL, so "rated" is "rating IS NOT NULL"
+    assert store.messages(conversation.id)[1].rating == 0
+    assert scalar(db, "SELECT rating IS NULL FROM messages WHERE id = ?", (answer.id,)) == 1
+    with pytest.raises(InvalidInput, match="rating"):
+        store.set_rating(answer.id, 2)
+    with pytest.raises(InvalidInput, match="answers"):
+        store.set_rating(question.id, 1)
+    with pytest.raises(NotFound):
+        store.set_rating(answer.id + 100, 1)

@@ -81,8 +81,15 @@ def _table(headers: list[str]) -> QTableWidget:
     header.setSectionResizeMode(0, QHeaderView.ResizeMode.ResizeToContents)
     for column in range(1, len(headers)):
         header.setSectionResizeMode(column, QHeaderView.ResizeMode.Stretch)
-    table.setMaximumHeight(180)
     return table
+
+
+def _fit_height(table: QTableWidget, limit: int = 180) -> None:
+    """As tall as its rows (up to ``limit``), so a one-line table takes one line."""
+    table.resizeRowsToContents()
+    rows = sum(table.rowHeight(r) for r in range(table.rowCount()))
+    frame = 2 * table.frameWidth()
+    table.setFixedHeight(min(limit, table.horizontalHeader().height() + rows + frame + 2))
 
 
 class DatasetPreview(QWidget):
@@ -165,6 +172,7 @@ class DatasetPreview(QWidget):
                 self.bad_lines.setItem(row, 0, QTableWidgetItem(str(item["line"])))
                 self.bad_lines.setItem(row, 1, QTableWidgetItem(str(item["error"])))
             self.bad_lines.show()
+            _fit_height(self.bad_lines)
         self.pii.setText(f"Personal data found: {_counts(check['pii'])}")
         self.pii.show()
         if prepared is None:
@@ -182,5 +190,5 @@ class DatasetPreview(QWidget):
             for row, item in enumerate(sample):
                 for column, key in enumerate(("line", "before", "after")):
                     self.sample.setItem(row, column, QTableWidgetItem(str(item[key])))
-            self.sample.resizeRowsToContents()
             self.sample.show()
+            _fit_height(self.sample, 240)

@@ -1,20 +1,550 @@
-"""The documents page (placeholder until it is built)."""
+"""The Documents page: collections, adding files and folders, indexing, per-file state.
+
+Everything that touches the engine runs through ``ops.run`` — indexing of course, but also
+the reads that fill the list and the table: the database connection is shared with the
+indexing thread under one lock, so even a short read could make the GUI wait for a write.
+Reads are coalesced: while one is in flight, further requests fold into one more read.
+
+One indexing job runs at a time (the engine indexes one collection per call, and two jobs
+would compete for the same two cores); files added meanwhile — by dialog or by dropping
+them on the page — wait in a queue and are indexed next. Cancel stops the running job at
+the engine's next check (what was committed stays) and empties the queue.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import logging
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
-from PySide6.QtWidgets import QLabel, QVBoxLayout, QWidget
+from PySide6.QtCore import QModelIndex, Qt, QTimer, Signal
+from PySide6.QtGui import QDragEnterEvent, QDragLeaveEvent, QDragMoveEvent, QDropEvent, QShowEvent
+from PySide6.QtWidgets import (
+    QAbstractItemView,
+    QCheckBox,
+    QFileDialog,
+    QHBoxLayout,
+    QHeaderView,
+    QInputDialog,
+    QLabel,
+    QListWidget,
+    QListWidgetItem,
+    QMessageBox,
+    QPushButton,
+    QSplitter,
+    QStackedWidget,
+    QTableView,
+    QVBoxLayout,
+    QWidget,
+)
+
+from desktop import ops
+from desktop.documents.files import FILE, PATH_ROLE, FilesFilter, FilesModel, describe
+from desktop.documents.progress import IndexingProgress, format_duration
 
 if TYPE_CHECKING:
     from desktop.app import MainWindow
     from engine import Engine
+    from engine.jobs import JobContext, Progress
+    from engine.rag.collections import Collection, Document
+    from engine.rag.indexer import IndexReport
+
+log = logging.getLogger(__name__)
+
+REFRESH_WHILE_INDEXING_MS = 1000
+FILE_FILTER = (
+    "Documents (*.pdf *.docx *.md *.markdown *.txt *.rst *.html *.htm *.csv *.json *.py);;"
+    "All files (*)"
+)
+Status = tuple["Collection", dict[str, int], list["Document"]]
+# (the collection asked for, every collection with its summary, the status of the one shown)
+Snapshot = tuple[str | None, list[tuple["Collection", dict[str, int]]], Status | None]
+
+
+def summary_text(collection: Collection, summary: dict[str, int]) -> str:
+    """ "4 files · 3 indexed · 1 failed · 17 chunks" (states with no file are left out)."""
+    parts = [f"{summary.get('files', 0)} files"]
+    for state in ("indexed", "pending", "failed", "skipped"):
+        if summary.get(state):
+            word = "waiting" if state == "pending" else state
+            parts.append(f"{summary[state]} {word}")
+    parts.append(f"{summary.get('chunks', 0)} chunks")
+    return " · ".join(parts) + f"   (embedder: {collection.embedder})"
+
+
+def report_text(name: str, report: IndexReport) -> str:
+    """What an indexing run did, in one or two sentences."""
+    if report.cancelled:
+        return (
+            f"Indexing of {name} cancelled. {report.indexed} files indexed in this run are "
+            "kept; Sync to index the rest."
+        )
+    parts = []
+    if report.indexed:
+        parts.append(f"{report.indexed} files indexed ({report.chunks} chunks)")
+    if report.unchanged:
+        parts.append(f"{report.unchanged} unchanged")
+    if report.skipped:
+        parts.append(f"{report.skipped} skipped")
+    if report.removed:
+        parts.append(f"{report.removed} removed")
+    text = f"{name}: " + (", ".join(parts) or "nothing to index")
+    text += f" in {format_duration(report.seconds)}."
+    if report.failed:
+        text += f" {len(report.failed)} could not be read: see the table for why."
+    if report.missing_sources:
+        text += f" Missing (documents kept): {', '.join(report.missing_sources)}."
+    return text
 
 
 class DocumentsPage(QWidget):
+    files_loaded = Signal()  # the list and the table show what the database held just now
+    indexing_finished = Signal(object)  # the IndexReport, or None when it ended otherwise
+
     def __init__(self, engine: Engine, window: MainWindow) -> None:
         super().__init__()
         self.engine = engine
         self.window_ = window
+        self._selected: str | None = None
+        self._indexing: ops.Operation | None = None
+        self._indexing_name: str | None = None
+        self._reading: ops.Operation | None = None
+        self._read_again = False
+        self._queue: list[tuple[str, list[str]]] = []
+        self._last_report: IndexReport | None = None
+        self.setAcceptDrops(True)
+        self._build()
+        self._refresh_timer = QTimer(self)
+        self._refresh_timer.setInterval(REFRESH_WHILE_INDEXING_MS)
+        self._refresh_timer.timeout.connect(self.refresh)
+        self._update_actions()
+
+    # -- layout -----------------------------------------------------------------------
+
+    def _build(self) -> None:
+        splitter = QSplitter()
         layout = QVBoxLayout(self)
-        layout.addWidget(QLabel("DocumentsPage"))
+        layout.addWidget(splitter)
+
+        left = QWidget()
+        left_layout = QVBoxLayout(left)
+        left_layout.setContentsMargins(0, 0, 0, 0)
+        left_layout.addWidget(QLabel("<b>Collections</b>"))
+        self.collection_list = QListWidget()
+        self.collection_list.setAccessibleName("Collections")
+        self.collection_list.currentItemChanged.connect(self._on_collection_list_changed)
+        left_layout.addWidget(self.collection_list, 1)
+        self.new_button = QPushButton("New collection…")
+        self.new_button.clicked.connect(self.new_collection)
+        left_layout.addWidget(self.new_button)
+        splitter.addWidget(left)
+
+        self.detail_stack = QStackedWidget()
+        empty = QWidget()
+        empty_layout = QVBoxLayout(empty)
+        self.empty_label = QLabel(
+            "No collections yet.\n\nA collection is a set of your files (PDF, Word, Markdown, "
+            "text, code) that Bastion indexes on this machine, so that you can ask questions "
+            "about them in Chat. Create one, then add files or folders — or drop them here."
+        )
+        self.empty_label.setWordWrap(True)
+        self.empty_label.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        empty_layout.addStretch(1)
+        empty_layout.addWidget(self.empty_label)
+        empty_layout.addStretch(2)
+        self.detail_stack.addWidget(empty)
+        self.detail_stack.addWidget(self._build_detail())
+        splitter.addWidget(self.detail_stack)
+        splitter.setStretchFactor(1, 1)
+        splitter.setSizes([220, 900])
+
+    def _build_detail(self) -> QWidget:
+        detail = QWidget()
+        layout = QVBoxLayout(detail)
+        layout.setContentsMargins(0, 0, 0, 0)
+        self.title = QLabel()
+        self.title.setTextFormat(Qt.TextFormat.PlainText)
+        font = self.title.font()
+        font.setPointSizeF(font.pointSizeF() * 1.3)
+        font.setBold(True)
+        self.title.setFont(font)
+        self.summary = QLabel()
+        layout.addWidget(self.title)
+        layout.addWidget(self.summary)
+
+        actions = QHBoxLayout()
+        self.add_files_button = QPushButton("Add files…")
+        self.add_folder_button = QPushButton("Add folder…")
+        self.sync_button = QPushButton("Sync")
+        self.sync_button.setToolTip("Index what changed in the added files and folders")
+        self.remove_button = QPushButton("Remove collection…")
+        self.remove_button.setToolTip("Remove the collection and its index (your files stay)")
+        self.add_files_button.clicked.connect(self.choose_files)
+        self.add_folder_button.clicked.connect(self.choose_folder)
+        self.sync_button.clicked.connect(self.sync)
+        self.remove_button.clicked.connect(self.ask_remove)
+        for button in (self.add_files_button, self.add_folder_button, self.sync_button):
+            actions.addWidget(button)
+        actions.addStretch(1)
+        actions.addWidget(self.remove_button)
+        layout.addLayout(actions)
+
+        self.progress = IndexingProgress()
+        self.progress.cancel_requested.connect(self.cancel_indexing)
+        layout.addWidget(self.progress)
+
+        self.problems_only = QCheckBox("Show only files with problems")
+        layout.addWidget(self.problems_only)
+        self.files = FilesModel()
+        self.files_view = FilesFilter()
+        self.files_view.setSourceModel(self.files)
+        self.problems_only.toggled.connect(self.files_view.set_problems_only)
+        self.table = QTableView()
+        self.table.setAccessibleName("Files of the collection")
+        self.table.setModel(self.files_view)
+        self.table.setSortingEnabled(True)
+        self.table.sortByColumn(-1, Qt.SortOrder.AscendingOrder)  # the engine's order: by path
+        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self.table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
+        self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.table.verticalHeader().hide()
+        header = self.table.horizontalHeader()
+        header.setSectionResizeMode(QHeaderView.ResizeMode.Interactive)
+        header.setStretchLastSection(True)
+        header.resizeSection(FILE, 240)
+        self.table.selectionModel().currentRowChanged.connect(self._on_table_row_changed)
+        self.table.doubleClicked.connect(self._on_table_double_clicked)
+        layout.addWidget(self.table, 1)
+        self.details = QLabel()
+        self.details.setWordWrap(True)
+        self.details.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        layout.addWidget(self.details)
+        self.drop_hint = QLabel("Drop files or folders here to add them to this collection.")
+        self.drop_hint.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        layout.addWidget(self.drop_hint)
+        return detail
+
+    # -- state ------------------------------------------------------------------------
+
+    @property
+    def selected(self) -> str | None:
+        """The name of the collection shown on the right."""
+        return self._selected
+
+    @property
+    def indexing(self) -> bool:
+        return self._indexing is not None
+
+    @property
+    def busy(self) -> bool:
+        """Whether any engine call of this page is still running (tests wait for this)."""
+        return self._indexing is not None or self._reading is not None
+
+    def _update_actions(self) -> None:
+        has = self._selected is not None
+        indexing_this = self.indexing and self._indexing_name == self._selected
+        self.add_files_button.setEnabled(has)
+        self.add_folder_button.setEnabled(has)
+        self.sync_button.setEnabled(has and not self.indexing)
+        self.remove_button.setEnabled(has and not indexing_this)
+        self.detail_stack.setCurrentIndex(1 if has else 0)
+
+    def select_collection(self, name: str | None) -> None:
+        """Show collection ``name`` (its files are read in the background)."""
+        if name == self._selected:
+            return
+        self._selected = name
+        self.title.setText(name or "")
+        self.files.set_documents([])
+        self.details.setText("")
+        self._update_actions()
+        self.refresh()
+
+    def _on_collection_list_changed(self, item: QListWidgetItem | None, _: object) -> None:
+        if item is not None:
+            self.select_collection(item.text())
+
+    # -- reading ----------------------------------------------------------------------
+
+    def showEvent(self, event: QShowEvent) -> None:
+        """Read again each time the page is shown: the command line may have changed things."""
+        super().showEvent(event)
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Re-read the collections and the shown collection's files, off the GUI thread."""
+        if self._reading is not None:
+            self._read_again = True
+            return
+        docs = self.engine.documents
+        wanted = self._selected
+
+        def read(_: JobContext) -> Snapshot:
+            items = docs.all()
+            names = [c.name for c, _ in items]
+            target = wanted if wanted in names else (names[0] if names else None)
+            return wanted, items, docs.status(target) if target is not None else None
+
+        self._reading = ops.run(
+            read,
+            on_success=self._on_read,
+            on_failure=self.window_.show_error,
+            on_finished=self._on_read_finished,
+            parent=self,
+            name="documents-read",
+        )
+
+    def _on_read(self, snapshot: Snapshot) -> None:
+        wanted, items, status = snapshot
+        names = [c.name for c, _ in items]
+        self.collection_list.blockSignals(True)
+        shown = [self.collection_list.item(i).text() for i in range(self.collection_list.count())]
+        if shown != names:  # rebuilt only when it changed: a refresh keeps scroll and focus
+            self.collection_list.clear()
+            for name in names:
+                QListWidgetItem(name, self.collection_list)
+        for row, (collection, summary) in enumerate(items):
+            self.collection_list.item(row).setToolTip(summary_text(collection, summary))
+        if self._selected in names:
+            self.collection_list.setCurrentRow(names.index(self._selected))
+        self.collection_list.blockSignals(False)
+        if self._selected != wanted:
+            return  # another collection was picked meanwhile: its read follows this one
+        if status is None:
+            self._selected = None
+        else:
+            collection, summary, documents = status
+            self._selected = collection.name
+            self.title.setText(collection.name)
+            self.summary.setText(summary_text(collection, summary))
+            self.files.set_documents(documents)
+            self._show_current_details()
+            self.collection_list.blockSignals(True)
+            self.collection_list.setCurrentRow(names.index(collection.name))
+            self.collection_list.blockSignals(False)
+        self._update_actions()
+        self.files_loaded.emit()
+
+    def _on_read_finished(self) -> None:
+        self._reading = None
+        if self._read_again:
+            self._read_again = False
+            self.refresh()
+
+    def _on_table_row_changed(self, current: QModelIndex, _: QModelIndex) -> None:
+        self._show_current_details()
+
+    def _show_current_details(self) -> None:
+        path = self.table.currentIndex().data(PATH_ROLE)
+        doc = next((d for d in self.files.documents if d.path == path), None)
+        self.details.setText(describe(doc) if doc is not None else "")
+
+    def _on_table_double_clicked(self, index: QModelIndex) -> None:
+        from desktop.viewer import show_source
+
+        path = index.data(PATH_ROLE)
+        if path:
+            page = 1 if str(path).lower().endswith(".pdf") else None
+            show_source(self, {"path": path, "page": page}, engine=self.engine)
+
+    # -- collections ------------------------------------------------------------------
+
+    def new_collection(self) -> None:
+        """Ask for a name (a non-blocking dialog) and create the collection."""
+        dialog = QInputDialog(self)
+        dialog.setWindowTitle("New collection")
+        dialog.setLabelText("Name (letters, digits, spaces, '.', '+', '_' or '-'):")
+        dialog.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+        dialog.textValueSelected.connect(self.create_collection)
+        dialog.open()
+
+    def create_collection(self, name: str) -> None:
+        name = name.strip()
+        if not name:
+            return
+        docs = self.engine.documents
+
+        def created(collection: Collection) -> None:
+            self.window_.notify(
+                f"Collection {collection.name} created. Add files or folders, or drop them here.",
+                "success",
+            )
+            self._selected = None
+            self.select_collection(collection.name)
+
+        self._run_quick(lambda _: docs.create(name), created, "create-collection")
+
+    def ask_remove(self) -> None:
+        """Confirm (non-blocking), then remove the shown collection."""
+        name = self._selected
+        if name is None:
+            return
+        box = QMessageBox(
+            QMessageBox.Icon.Question,
+            "Remove collection",
+            f"Remove the collection {name} and its index?\n\nYour files are not touched.",
+            QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.Cancel,
+            self,
+        )
+        box.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+        box.button(QMessageBox.StandardButton.Yes).setText("Remove")
+
+        def answered(button: int) -> None:
+            if button == QMessageBox.StandardButton.Yes:
+                self.remove_collection(name)
+
+        box.finished.connect(answered)
+        box.open()
+
+    def remove_collection(self, name: str) -> None:
+        if self.indexing and self._indexing_name == name:
+            self.window_.notify(f"{name} is being indexed: cancel that first.", "error")
+            return
+        docs = self.engine.documents
+
+        def removed(_: object) -> None:
+            self.window_.notify(f"Collection {name} removed. Your files were not touched.")
+            self._selected = None
+            self.refresh()
+
+        self._run_quick(lambda _: docs.remove(name), removed, "remove-collection")
+
+    def _run_quick(
+        self, fn: Callable[[JobContext], Any], done: Callable[[Any], None], name: str
+    ) -> None:
+        ops.run(fn, on_success=done, on_failure=self.window_.show_error, parent=self, name=name)
+
+    # -- adding and indexing ------------------------------------------------------------
+
+    def choose_files(self) -> None:
+        dialog = QFileDialog(self, "Add files", "", FILE_FILTER)
+        dialog.setFileMode(QFileDialog.FileMode.ExistingFiles)
+        dialog.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+        dialog.filesSelected.connect(self.add_paths)
+        dialog.open()
+
+    def choose_folder(self) -> None:
+        dialog = QFileDialog(self, "Add a folder (with its subfolders)")
+        dialog.setFileMode(QFileDialog.FileMode.Directory)
+        dialog.setOption(QFileDialog.Option.ShowDirsOnly, True)
+        dialog.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+        dialog.fileSelected.connect(lambda path: self.add_paths([path]))
+        dialog.open()
+
+    def add_paths(self, paths: Sequence[str], name: str | None = None) -> None:
+        """Add files or folders to collection ``name`` (default: the shown one) and index."""
+        name = name or self._selected
+        paths = [p for p in paths if p]
+        if not paths:
+            return
+        if name is None:
+            self.window_.notify("Create or pick a collection first, then add the files.", "error")
+            return
+        if self.indexing:
+            self._queue.append((name, paths))
+            self.window_.notify(f"{len(paths)} item(s) will be added to {name} next.")
+            return
+        docs = self.engine.documents
+        self._start_job(name, f"Adding to {name}…", lambda ctx: docs.add(name, paths, ctx))
+
+    def sync(self) -> None:
+        """Re-index what changed in the shown collection and drop what was deleted."""
+        name = self._selected
+        if name is None or self.indexing:
+            return
+        docs = self.engine.documents
+        self._start_job(name, f"Syncing {name}…", lambda ctx: docs.sync(name, ctx))
+
+    def cancel_indexing(self) -> None:
+        """Stop the running job at the engine's next check, and forget queued additions."""
+        self._queue.clear()
+        if self._indexing is not None:
+            self._indexing.cancel()
+
+    def _start_job(self, name: str, title: str, fn: Callable[[JobContext], IndexReport]) -> None:
+        self._indexing_name = name
+        self.progress.start(title)
+        self._indexing = ops.run(
+            fn,
+            on_success=lambda report: self._on_job_succeeded(name, report),
+            on_failure=self._on_job_failed,
+            on_progress=self._on_job_progress,
+            on_cancel=lambda: self.window_.notify(f"Indexing of {name} cancelled."),
+            on_finished=self._on_job_finished,
+            parent=self,
+            name=f"index-{name}",
+        )
+        self._refresh_timer.start()
+        self._update_actions()
+        self.refresh()  # shows the sources' files as they are marked waiting
+
+    def _on_job_progress(self, progress: Progress) -> None:
+        self.progress.update_progress(progress)
+
+    def _on_job_succeeded(self, name: str, report: IndexReport) -> None:
+        kind = "info" if report.failed or report.cancelled else "success"
+        self.window_.notify(report_text(name, report), kind)
+        self._last_report = report
+
+    def _on_job_failed(self, exc: BaseException) -> None:
+        self._last_report = None
+        self.window_.show_error(exc)
+
+    def _on_job_finished(self) -> None:
+        report, self._last_report = self._last_report, None
+        self._indexing = None
+        self._indexing_name = None
+        self._refresh_timer.stop()
+        self.progress.stop()
+        self._update_actions()
+        self.refresh()
+        self.indexing_finished.emit(report)
+        if self._queue:
+            name, paths = self._queue.pop(0)
+            self.add_paths(paths, name)
+
+    # -- drag and drop ------------------------------------------------------------------
+
+    @staticmethod
+    def _local_paths(event: QDropEvent | QDragEnterEvent | QDragMoveEvent) -> list[str]:
+        mime = event.mimeData()
+        if not mime.hasUrls():
+            return []
+        return [url.toLocalFile() for url in mime.urls() if url.isLocalFile()]
+
+    def dragEnterEvent(self, event: QDragEnterEvent) -> None:
+        if self._local_paths(event):
+            event.acceptProposedAction()
+            self._show_drop_target(True)
+        else:
+            event.ignore()
+
+    def dragMoveEvent(self, event: QDragMoveEvent) -> None:
+        if self._local_paths(event):
+            event.acceptProposedAction()
+        else:
+            event.ignore()
+
+    def dragLeaveEvent(self, event: QDragLeaveEvent) -> None:
+        self._show_drop_target(False)
+        super().dragLeaveEvent(event)
+
+    def dropEvent(self, event: QDropEvent) -> None:
+        self._show_drop_target(False)
+        paths = self._local_paths(event)
+        if not paths:
+            event.ignore()
+            return
+        event.acceptProposedAction()
+        self.add_paths(paths)
+
+    def _show_drop_target(self, on: bool) -> None:
+        target = self._selected or "a collection (create one first)"
+        self.drop_hint.setText(
+            f"Release to add to {target}"
+            if on
+            else "Drop files or folders here to add them to this collection."
+        )
+        self.drop_hint.setStyleSheet(
+            "border: 2px dashed palette(highlight); padding: 8px;" if on else ""
+        )

@@ -1,10 +1,46 @@
-"""The finetune page (placeholder until it is built)."""
+"""The Fine-tune page: choose a base and a dataset, preview it, train, watch, and chat with it.
+
+Everything slow goes through ``desktop.ops``: the dataset preview and the whole
+``engine.training.finetune`` call (data preparation, the trainer child process, export,
+evaluation). Progress arrives throttled; each publish carries the trainer's latest JSON
+event in ``detail``, which feeds the chart and the log. Cancel sets the job's flag: the
+engine asks the trainer to save a checkpoint and stop, and ends the call with
+``Cancelled``; the run is then listed as stopped and Resume continues it.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from PySide6.QtWidgets import QLabel, QVBoxLayout, QWidget
+from PySide6.QtCore import Qt
+from PySide6.QtGui import QShowEvent
+from PySide6.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QScrollArea,
+    QSplitter,
+    QTabWidget,
+    QVBoxLayout,
+    QWidget,
+)
+
+from desktop import ops
+from desktop.finetune.monitor import TrainingMonitor
+from desktop.finetune.preview import DatasetPreview, preview_dataset
+from desktop.finetune.results import ResultView
+from desktop.finetune.runs import RESUMABLE, RunsTable
+from desktop.finetune.settings import TrainingSettings
+from engine.errors import BastionError
+from engine.jobs import JobContext, Progress
+from engine.train.finetune import FinetuneRequest
+from engine.train.report import read_metrics
 
 if TYPE_CHECKING:
     from desktop.app import MainWindow
@@ -12,9 +48,349 @@ if TYPE_CHECKING:
 
 
 class FinetunePage(QWidget):
+    """Base model + dataset + settings on the left; progress, chart, log and report right."""
+
     def __init__(self, engine: Engine, window: MainWindow) -> None:
         super().__init__()
         self.engine = engine
         self.window_ = window
-        layout = QVBoxLayout(self)
-        layout.addWidget(QLabel("FinetunePage"))
+        self.training_op: ops.Operation | None = None
+        self.preview_op: ops.Operation | None = None
+        self._preview_failed = False
+        self._name_edited = False
+        self._run_name: str | None = None
+        self._build()
+        self.refresh_models()
+        self.refresh_runs()
+        self._update_buttons()
+
+    # -- layout --------------------------------------------------------------------------
+
+    def _build(self) -> None:
+        self.setup = QWidget()
+        setup_layout = QVBoxLayout(self.setup)
+        data_box = QGroupBox("Model and data")
+        form = QFormLayout(data_box)
+        self.base = QComboBox()
+        self.base.setAccessibleName("Base model")
+        form.addRow("Base model", self.base)
+        self.dataset = QLineEdit()
+        self.dataset.setReadOnly(True)
+        self.dataset.setPlaceholderText("a JSONL file: chat, sharegpt, alpaca or text")
+        self.choose = QPushButton("Choose…")
+        self.preview_button = QPushButton("Preview")
+        self.preview_button.setToolTip("Check the file again (after editing it)")
+        row = QHBoxLayout()
+        row.addWidget(self.dataset, 1)
+        row.addWidget(self.choose)
+        row.addWidget(self.preview_button)
+        form.addRow("Dataset", row)
+        self.name = QLineEdit()
+        self.name.setAccessibleName("New model name")
+        self.name.setPlaceholderText("the new model's id")
+        form.addRow("New model", self.name)
+        setup_layout.addWidget(data_box)
+        preview_box = QGroupBox("Dataset preview")
+        QVBoxLayout(preview_box).addWidget(preview := DatasetPreview())
+        self.preview = preview
+        setup_layout.addWidget(preview_box)
+        settings_box = QGroupBox("Training settings")
+        QVBoxLayout(settings_box).addWidget(settings := TrainingSettings())
+        self.settings = settings
+        setup_layout.addWidget(settings_box)
+        setup_layout.addStretch(1)
+
+        self.start_button = QPushButton("Start training")
+        self.start_button.setDefault(True)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setToolTip("Save a checkpoint and stop; Resume continues later")
+        self.resume_button = QPushButton("Resume")
+        self.resume_button.setToolTip("Continue the stopped or failed run selected below")
+        self.start_hint = QLabel()
+        self.start_hint.setWordWrap(True)
+        buttons = QHBoxLayout()
+        for button in (self.start_button, self.cancel_button, self.resume_button):
+            buttons.addWidget(button)
+        self.runs = RunsTable()
+
+        left = QWidget()
+        left_layout = QVBoxLayout(left)
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        scroll.setWidget(self.setup)
+        left_layout.addWidget(scroll, 1)
+        left_layout.addLayout(buttons)
+        left_layout.addWidget(self.start_hint)
+        left_layout.addWidget(QLabel("Past runs (select a stopped one to resume it)"))
+        left_layout.addWidget(self.runs)
+
+        self.monitor = TrainingMonitor()
+        self.chart = self.monitor.chart
+        self.results = ResultView()
+        self.tabs = QTabWidget()
+        self.tabs.addTab(self.monitor, "Progress")
+        self.tabs.addTab(self.results, "Report")
+
+        splitter = QSplitter(Qt.Orientation.Horizontal)
+        splitter.addWidget(left)
+        splitter.addWidget(self.tabs)
+        splitter.setSizes([460, 560])
+        QVBoxLayout(self).addWidget(splitter)
+
+        self.choose.clicked.connect(self._on_choose_clicked)
+        self.preview_button.clicked.connect(self.run_preview)
+        self.base.currentIndexChanged.connect(self._on_base_current_index_changed)
+        self.name.textEdited.connect(self._on_name_text_edited)
+        self.name.textChanged.connect(self._update_buttons)
+        self.start_button.clicked.connect(self.start)
+        self.cancel_button.clicked.connect(self.cancel)
+        self.resume_button.clicked.connect(self.resume)
+        self.runs.itemSelectionChanged.connect(self._on_runs_item_selection_changed)
+        self.results.chat_requested.connect(self.window_.open_chat_with)
+
+    def showEvent(self, event: QShowEvent) -> None:
+        # Models may have been imported or removed on the Models page meanwhile.
+        super().showEvent(event)
+        if self.training_op is None:
+            self.refresh_models()
+            self.refresh_runs()
+
+    # -- models, names, runs -------------------------------------------------------------
+
+    def refresh_models(self) -> None:
+        """Base models: every registered model that is not a fine-tune itself.
+
+        Architectures the trainer cannot handle are listed too: starting one shows the
+        engine's refusal, which says what is supported, rather than hiding the model.
+        """
+        current = self.base.currentText()
+        ids = [m.id for m in self.engine.list_models() if not m.adapter]
+        self.base.blockSignals(True)
+        self.base.clear()
+        self.base.addItems(ids)
+        default = current if current in ids else self.engine.default_model_id()
+        if default in ids:
+            self.base.setCurrentText(default)
+        self.base.blockSignals(False)
+        if self.base.currentText() != current:
+            self._on_base_current_index_changed()
+
+    def _suggested_name(self) -> str:
+        base = self.base.currentText()
+        taken = {m.id for m in self.engine.list_models()}
+        taken |= {r.name for r in self.engine.training.list_runs()}
+        stem = f"{base[:58]}-ft"
+        name, n = stem, 2
+        while name in taken:
+            name, n = f"{stem}-{n}", n + 1
+        return name
+
+    def refresh_runs(self, select: str | None = None) -> None:
+        self.runs.set_runs(self.engine.training.list_runs(), select)
+        self._update_buttons()
+
+    # -- dataset preview -----------------------------------------------------------------
+
+    def set_dataset(self, path: Path | str) -> None:
+        """Use ``path`` as the training file and preview it."""
+        self.dataset.setText(str(path))
+        self.run_preview()
+
+    def run_preview(self) -> None:
+        text = self.dataset.text()
+        if not text:
+            return
+        if self.preview_op is not None:
+            self.preview_op.cancel()  # its result is ignored: it is no longer current
+        path = Path(text)
+        base = self.base.currentText() or None
+        max_tokens = self.settings.hyper().max_length if self._hyper_valid() else 1024
+        val_fraction = self.settings.val_fraction.value()
+        self._preview_failed = False
+        self.preview.show_running(path)
+        training = self.engine.training
+
+        def work(ctx: JobContext) -> dict[str, Any]:
+            return preview_dataset(training, path, base, max_tokens, val_fraction, ctx)
+
+        op: ops.Operation
+
+        def succeeded(result: dict[str, Any]) -> None:
+            if self.preview_op is op:
+                self.preview.show_result(result)
+
+        def failed(exc: BaseException) -> None:
+            if self.preview_op is op:
+                self._preview_failed = True
+                self.preview.show_failed(str(exc))
+                self.window_.show_error(exc)
+
+        def finished() -> None:
+            if self.preview_op is op:
+                self.preview_op = None
+                self._update_buttons()
+
+        op = ops.run(
+            work,
+            on_success=succeeded,
+            on_failure=failed,
+            on_finished=finished,
+            parent=self,
+            name="dataset-preview",
+        )
+        self.preview_op = op
+        self._update_buttons()
+
+    def _hyper_valid(self) -> bool:
+        try:
+            self.settings.hyper()
+        except BastionError:
+            return False
+        return True
+
+    # -- training ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start a new run with the form's base, dataset, name and settings."""
+        try:
+            hyper = self.settings.hyper()
+        except BastionError as exc:
+            self.window_.show_error(exc)
+            return
+        request = FinetuneRequest(
+            name=self.name.text().strip(),
+            base=self.base.currentText(),
+            data=Path(self.dataset.text()),
+            hyper=hyper,
+            backend=self.settings.backend.currentText(),
+            redact=self.settings.redact.isChecked(),
+            val_fraction=self.settings.val_fraction.value(),
+        )
+        self.chart.clear()
+        self.results.clear()
+        self._begin(request, f"Starting {request.name}…")
+
+    def resume(self) -> None:
+        """Continue the selected stopped or failed run from its last checkpoint."""
+        run = self.runs.selected_run()
+        if run is None or run.status not in RESUMABLE:
+            return
+        train, validation = read_metrics(run.run_dir / "metrics.jsonl")
+        self.chart.set_points(train, validation)
+        self.chart.set_total(run.total_steps)
+        self._begin(FinetuneRequest(name=run.name, resume=True), f"Resuming {run.name}…")
+
+    def cancel(self) -> None:
+        if self.training_op is not None:
+            self.training_op.cancel()
+            self.monitor.status.setText("Stopping: the trainer saves a checkpoint first…")
+            self.cancel_button.setEnabled(False)
+
+    def _begin(self, request: FinetuneRequest, status: str) -> None:
+        self._run_name = request.name
+        self.monitor.begin(status)
+        self.tabs.setCurrentWidget(self.monitor)
+        training = self.engine.training
+
+        def work(ctx: JobContext) -> dict[str, Any]:
+            return training.finetune(request, ctx)
+
+        self.training_op = ops.run(
+            work,
+            on_success=self._on_training_succeeded,
+            on_failure=self._on_training_failed,
+            on_progress=self._on_training_progressed,
+            on_cancel=self._on_training_cancelled,
+            on_finished=self._on_training_finished,
+            parent=self,
+            name="finetune",
+        )
+        self._update_buttons()
+
+    def _on_training_progressed(self, p: Progress) -> None:
+        op = self.training_op
+        stopping = op is None or op.ctx.cancelled
+        self.monitor.show_progress(p, None if stopping else f"Training {self._run_name}: {p.label}")
+
+    def _on_training_succeeded(self, result: dict[str, Any]) -> None:
+        steps = int(result.get("steps") or self.monitor.last_step)
+        self.chart.add_validation(0, result.get("eval_loss_before"))
+        self.chart.add_validation(steps, result.get("eval_loss_after"))
+        self.monitor.end(f"Done: {result['model']} is ready to chat with.", succeeded=True)
+        self.results.show_result(result)
+        self.tabs.setCurrentWidget(self.results)
+        self.window_.notify(f"Fine-tune {result['model']} is ready.", "success")
+        self.refresh_runs(select=result["model"])
+
+    def _on_training_cancelled(self) -> None:
+        name = self._run_name or ""
+        run = self.engine.training.runs.get(name)
+        if run is None:  # stopped while the data was being checked: nothing to resume
+            text = "Stopped before training began."
+        else:
+            of = f" of {run.total_steps}" if run.total_steps else ""
+            text = f"Stopped at step {run.step}{of} — Resume continues from the last checkpoint."
+        self.monitor.end(text)
+        self.window_.notify(f"{name}: {text}")
+        self.refresh_runs(select=name)
+
+    def _on_training_failed(self, exc: BaseException) -> None:
+        self.monitor.end(f"Failed: {exc}")
+        self.window_.show_error(exc)
+        self.refresh_runs(select=self._run_name)
+
+    def _on_training_finished(self) -> None:
+        self.training_op = None
+        self._update_buttons()
+
+    # -- state ---------------------------------------------------------------------------
+
+    def _update_buttons(self) -> None:
+        training = self.training_op is not None
+        previewing = self.preview_op is not None
+        reason = ""
+        if not self.base.currentText():
+            reason = "Import a base model on the Models page first."
+        elif not self.dataset.text():
+            reason = "Choose a dataset."
+        elif previewing:
+            reason = "Checking the dataset…"
+        elif self.preview.bad_line_count:
+            reason = f"The dataset has {self.preview.bad_line_count} bad line(s): fix them first."
+        elif self.preview.result is not None and not self.preview.usable:
+            reason = "The dataset has no examples."
+        elif not self.name.text().strip():
+            reason = "Name the new model."
+        self.start_button.setEnabled(not training and not reason)
+        self.start_button.setToolTip(reason)
+        self.start_hint.setText("" if training else reason)
+        self.cancel_button.setEnabled(
+            self.training_op is not None and not self.training_op.ctx.cancelled
+        )
+        run = self.runs.selected_run()
+        self.resume_button.setEnabled(not training and run is not None and run.status in RESUMABLE)
+        self.setup.setEnabled(not training)
+        self.runs.setEnabled(not training)
+
+    def _on_choose_clicked(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(
+            self, "Training data", self.dataset.text(), "JSON Lines (*.jsonl *.json);;All (*)"
+        )
+        if path:
+            self.set_dataset(path)
+
+    def _on_base_current_index_changed(self) -> None:
+        if not self._name_edited:
+            self.name.setText(self._suggested_name())
+        if self.dataset.text():
+            self.run_preview()  # token counts depend on the base's tokenizer
+        self._update_buttons()
+
+    def _on_name_text_edited(self, text: str) -> None:
+        self._name_edited = bool(text)
+
+    def _on_runs_item_selection_changed(self) -> None:
+        run = self.runs.selected_run()
+        if run is not None and run.status == "done" and run.result:
+            self.results.show_result(run.result)
+        self._update_buttons()

@@ -197,16 +197,18 @@ class Documents:
 
 def _pdf_page(path: str, page: int) -> SourceText:
     """One page of a PDF, extracted and cleaned as ``loaders`` does for indexing."""
-    from pypdf import PdfReader
+    from pypdf import PasswordType, PdfReader
 
     from engine.rag.loaders import DocumentError
     from engine.rag.textio import CONTROL_CHARS
 
     try:
         reader = PdfReader(path)
-        if reader.is_encrypted:
-            reader.decrypt("")
+        if reader.is_encrypted and reader.decrypt("") == PasswordType.NOT_DECRYPTED:
+            raise DocumentError("encrypted PDF: Bastion cannot read it without the password")
         pages = len(reader.pages)
+    except DocumentError:
+        raise
     except Exception as exc:  # pypdf raises many types on damage, as in loaders
         raise DocumentError(f"corrupt PDF: {type(exc).__name__}") from exc
     if not 1 <= page <= pages:

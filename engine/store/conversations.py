@@ -25,6 +25,7 @@ from engine.store.search import (
 # re-exported so imports from this module keep working.
 __all__ = [
     "EXPORT_FORMATS",
+    "RATINGS",
     "ROLES",
     "SNIPPET_ELLIPSIS",
     "SNIPPET_END",
@@ -86,6 +87,7 @@ class Message:
     interrupted: bool
     created_at: str
     citations: list[dict[str, Any]] | None = None  # sources of an answer from documents
+    rating: int = 0  # the user's thumbs on an answer: 1 up, -1 down, 0 not rated
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a JSON-ready dict."""
@@ -100,8 +102,9 @@ FROM conversations c
 
 _MESSAGE_COLUMNS: Final = (
     "id, conversation_id, role, content, model, prompt_tokens, completion_tokens, "
-    "ttft_ms, duration_ms, tokens_per_second, interrupted, created_at, citations"
+    "ttft_ms, duration_ms, tokens_per_second, interrupted, created_at, citations, rating"
 )
+RATINGS: Final = (-1, 0, 1)
 
 
 def _conversation(row: sqlite3.Row) -> Conversation:
@@ -120,6 +123,7 @@ def _message(row: sqlite3.Row) -> Message:
     values = dict(zip(row.keys(), tuple(row), strict=True))
     values["interrupted"] = bool(values["interrupted"])
     values["citations"] = json.loads(values["citations"]) if values["citations"] else None
+    values["rating"] = values["rating"] or 0
     return Message(**values)
 
 
@@ -338,6 +342,30 @@ class ConversationStore:
             "UPDATE messages SET citations = ? WHERE id = ?",
             (json.dumps(citations, ensure_ascii=False), message_id),
         )
+
+    def set_rating(self, message_id: int, rating: int) -> None:
+        """Keep the user's thumbs up (1) or down (-1) on an answer; 0 clears it.
+
+        A cleared rating is stored as NULL, so "rated" is ``rating IS NOT NULL`` for
+        whoever builds a preference dataset from the table.
+
+        Raises:
+            InvalidInput: ``rating`` is not -1, 0 or 1, or the message is not an answer.
+            NotFound: No message has this id.
+        """
+        if isinstance(rating, bool) or rating not in RATINGS:
+            raise InvalidInput(f"invalid rating {rating!r}", hint="use 1 (up), -1 (down) or 0")
+        with self._db.transaction() as conn:
+            row = conn.execute("SELECT role FROM messages WHERE id = ?", (message_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"no message {message_id}")
+            if row[0] != "assistant":
+                raise InvalidInput(
+                    f"message {message_id} is a {row[0]} message", hint="only answers are rated"
+                )
+            conn.execute(
+                "UPDATE messages SET rating = ? WHERE id = ?", (rating or None, message_id)
+            )
 
     def rename(self, conversation_id: int, title: str) -> None:
         """Set a conversation's title (``updated_at`` is left alone: it tracks messages).

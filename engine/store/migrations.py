@@ -182,6 +182,12 @@ CREATE TABLE training_runs (
 );
 """
 
+# Thumbs up (1) or down (-1) on an answer; NULL while not rated. Kept with the message so
+# that rated answers can later be exported as fine-tuning (preference) data.
+M006_MESSAGE_RATING: Final = """
+ALTER TABLE messages ADD COLUMN rating INTEGER;
+"""
+
 # Append only. See the module docstring.
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     ("m001_conversations", M001_CONVERSATIONS),
@@ -189,6 +195,7 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     ("m003_collections", M003_COLLECTIONS),
     ("m004_message_citations", M004_MESSAGE_CITATIONS),
     ("m005_training_runs", M005_TRAINING_RUNS),
+    ("m006_message_rating", M006_MESSAGE_RATING),
 )
 
 _CREATE_TABLE: Final = (

@@ -1,0 +1,1 @@
+"""Parts of the Documents page: the per-file table and the indexing progress strip."""
