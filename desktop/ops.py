@@ -80,14 +80,18 @@ class Operation(QObject):
         try:
             result = self._fn(self.ctx)
         except Cancelled as exc:
-            self._done.emit("cancel", exc)
+            outcome: tuple[str, object] = ("cancel", exc)
         except BastionError as exc:
-            self._done.emit("error", exc)
+            outcome = ("error", exc)
         except Exception as exc:  # a bug: logged with its traceback, shown by the caller
             log.exception("operation %s failed", self.name)
-            self._done.emit("error", exc)
+            outcome = ("error", exc)
         else:
-            self._done.emit("ok", result)
+            outcome = ("ok", result)
+        try:
+            self._done.emit(*outcome)
+        except RuntimeError:  # the page that started it was closed meanwhile: nobody listens
+            _running.discard(self)
 
     def _on_done(self, kind: str, value: object) -> None:
         self._publish_progress()

@@ -28,8 +28,8 @@ PATH_ROLE = Qt.ItemDataRole.UserRole + 1
 STATE_ROLE = Qt.ItemDataRole.UserRole + 2
 SORT_ROLE = Qt.ItemDataRole.UserRole + 3
 
-COLUMNS = ("File", "State", "Chunks", "Pages", "Problem", "Folder")
-FILE, STATE, CHUNKS, PAGES, PROBLEM, FOLDER = range(len(COLUMNS))
+COLUMNS = ("File", "State", "Chunks", "Pages", "Folder", "Problem")
+FILE, STATE, CHUNKS, PAGES, FOLDER, PROBLEM = range(len(COLUMNS))
 
 STATE_TITLES = {
     "indexed": "Indexed",
@@ -87,10 +87,9 @@ def describe(doc: Document) -> str:
         return f"{doc.path}\n{title}: {doc.chunk_count} chunks{pages}."
     if doc.state == "pending":
         return f"{doc.path}\n{title} to be indexed. Sync the collection to index it."
+    reason = (doc.error or "no reason given").rstrip(".")
     advice = explain(doc.error)
-    return f"{doc.path}\n{title}: {doc.error or 'no reason given'}." + (
-        f"\n{advice}" if advice else ""
-    )
+    return f"{doc.path}\n{title}: {reason}." + (f"\n{advice}" if advice else "")
 
 
 class FilesModel(QAbstractTableModel):
@@ -163,9 +162,9 @@ class FilesModel(QAbstractTableModel):
             return str(doc.chunk_count) if doc.state == "indexed" else ""
         if column == PAGES:
             return str(doc.pages) if doc.pages else ""
-        if column == PROBLEM:
-            return doc.error or ""
-        return os.path.dirname(doc.path)
+        if column == FOLDER:
+            return os.path.dirname(doc.path)
+        return doc.error or ""
 
 
 class FilesFilter(QSortFilterProxyModel):

@@ -1,4 +1,4 @@
-"""The indexing progress strip: a bar, "N/M files · rate · ETA", the current file, and Cancel."""
+"""Indexing in words and widgets: the progress strip (count, rate, ETA, Cancel) and the outcome."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from PySide6.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QPushButton, QV
 
 if TYPE_CHECKING:
     from engine.jobs import Progress
+    from engine.rag.indexer import IndexReport
 
 
 def format_duration(seconds: float) -> str:
@@ -46,6 +47,31 @@ def progress_text(progress: Progress) -> str:
     if eta is not None and done < total:
         parts.append(f"ETA {format_duration(eta)}")
     return " · ".join(parts)
+
+
+def report_text(name: str, report: IndexReport) -> str:
+    """What an indexing run did, in one or two sentences."""
+    if report.cancelled:
+        return (
+            f"Indexing of {name} cancelled. {report.indexed} files indexed in this run are "
+            "kept; Sync to index the rest."
+        )
+    parts = []
+    if report.indexed:
+        parts.append(f"{report.indexed} files indexed ({report.chunks} chunks)")
+    if report.unchanged:
+        parts.append(f"{report.unchanged} unchanged")
+    if report.skipped:
+        parts.append(f"{report.skipped} skipped")
+    if report.removed:
+        parts.append(f"{report.removed} removed")
+    text = f"{name}: " + (", ".join(parts) or "nothing to index")
+    text += f" in {format_duration(report.seconds)}."
+    if report.failed:
+        text += f" {len(report.failed)} could not be read: see the table for why."
+    if report.missing_sources:
+        text += f" Missing (documents kept): {', '.join(report.missing_sources)}."
+    return text
 
 
 class IndexingProgress(QWidget):

@@ -61,11 +61,6 @@ class LossChart(QWidget):
         self._validation = {s: v for s, v in validation if math.isfinite(v)}
         self.update()
 
-    def add_validation(self, step: int, loss: float | None) -> None:
-        if loss is not None and math.isfinite(loss):
-            self._validation[step] = loss
-            self.update()
-
     def set_total(self, total: int | None) -> None:
         """The run's planned steps: the x axis spans them from the start."""
         self._total = total

@@ -13,18 +13,13 @@ the engine's next check (what was committed stays) and empties the queue.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from PySide6.QtCore import QModelIndex, Qt, QTimer, Signal
 from PySide6.QtGui import QDragEnterEvent, QDragLeaveEvent, QDragMoveEvent, QDropEvent, QShowEvent
 from PySide6.QtWidgets import (
-    QAbstractItemView,
-    QCheckBox,
     QFileDialog,
-    QHBoxLayout,
-    QHeaderView,
     QInputDialog,
     QLabel,
     QListWidget,
@@ -33,14 +28,14 @@ from PySide6.QtWidgets import (
     QPushButton,
     QSplitter,
     QStackedWidget,
-    QTableView,
     QVBoxLayout,
     QWidget,
 )
 
 from desktop import ops
-from desktop.documents.files import FILE, PATH_ROLE, FilesFilter, FilesModel, describe
-from desktop.documents.progress import IndexingProgress, format_duration
+from desktop.documents.files import PATH_ROLE
+from desktop.documents.panel import CollectionPanel, summary_text
+from desktop.documents.progress import report_text
 
 if TYPE_CHECKING:
     from desktop.app import MainWindow
@@ -49,7 +44,6 @@ if TYPE_CHECKING:
     from engine.rag.collections import Collection, Document
     from engine.rag.indexer import IndexReport
 
-log = logging.getLogger(__name__)
 
 REFRESH_WHILE_INDEXING_MS = 1000
 FILE_FILTER = (
@@ -59,42 +53,6 @@ FILE_FILTER = (
 Status = tuple["Collection", dict[str, int], list["Document"]]
 # (the collection asked for, every collection with its summary, the status of the one shown)
 Snapshot = tuple[str | None, list[tuple["Collection", dict[str, int]]], Status | None]
-
-
-def summary_text(collection: Collection, summary: dict[str, int]) -> str:
-    """ "4 files · 3 indexed · 1 failed · 17 chunks" (states with no file are left out)."""
-    parts = [f"{summary.get('files', 0)} files"]
-    for state in ("indexed", "pending", "failed", "skipped"):
-        if summary.get(state):
-            word = "waiting" if state == "pending" else state
-            parts.append(f"{summary[state]} {word}")
-    parts.append(f"{summary.get('chunks', 0)} chunks")
-    return " · ".join(parts) + f"   (embedder: {collection.embedder})"
-
-
-def report_text(name: str, report: IndexReport) -> str:
-    """What an indexing run did, in one or two sentences."""
-    if report.cancelled:
-        return (
-            f"Indexing of {name} cancelled. {report.indexed} files indexed in this run are "
-            "kept; Sync to index the rest."
-        )
-    parts = []
-    if report.indexed:
-        parts.append(f"{report.indexed} files indexed ({report.chunks} chunks)")
-    if report.unchanged:
-        parts.append(f"{report.unchanged} unchanged")
-    if report.skipped:
-        parts.append(f"{report.skipped} skipped")
-    if report.removed:
-        parts.append(f"{report.removed} removed")
-    text = f"{name}: " + (", ".join(parts) or "nothing to index")
-    text += f" in {format_duration(report.seconds)}."
-    if report.failed:
-        text += f" {len(report.failed)} could not be read: see the table for why."
-    if report.missing_sources:
-        text += f" Missing (documents kept): {', '.join(report.missing_sources)}."
-    return text
 
 
 class DocumentsPage(QWidget):
@@ -153,76 +111,17 @@ class DocumentsPage(QWidget):
         empty_layout.addWidget(self.empty_label)
         empty_layout.addStretch(2)
         self.detail_stack.addWidget(empty)
-        self.detail_stack.addWidget(self._build_detail())
+        self.panel = CollectionPanel()
+        self.panel.add_files_button.clicked.connect(self.choose_files)
+        self.panel.add_folder_button.clicked.connect(self.choose_folder)
+        self.panel.sync_button.clicked.connect(self.sync)
+        self.panel.remove_button.clicked.connect(self.ask_remove)
+        self.panel.progress.cancel_requested.connect(self.cancel_indexing)
+        self.panel.table.doubleClicked.connect(self._on_table_double_clicked)
+        self.detail_stack.addWidget(self.panel)
         splitter.addWidget(self.detail_stack)
         splitter.setStretchFactor(1, 1)
         splitter.setSizes([220, 900])
-
-    def _build_detail(self) -> QWidget:
-        detail = QWidget()
-        layout = QVBoxLayout(detail)
-        layout.setContentsMargins(0, 0, 0, 0)
-        self.title = QLabel()
-        self.title.setTextFormat(Qt.TextFormat.PlainText)
-        font = self.title.font()
-        font.setPointSizeF(font.pointSizeF() * 1.3)
-        font.setBold(True)
-        self.title.setFont(font)
-        self.summary = QLabel()
-        layout.addWidget(self.title)
-        layout.addWidget(self.summary)
-
-        actions = QHBoxLayout()
-        self.add_files_button = QPushButton("Add files…")
-        self.add_folder_button = QPushButton("Add folder…")
-        self.sync_button = QPushButton("Sync")
-        self.sync_button.setToolTip("Index what changed in the added files and folders")
-        self.remove_button = QPushButton("Remove collection…")
-        self.remove_button.setToolTip("Remove the collection and its index (your files stay)")
-        self.add_files_button.clicked.connect(self.choose_files)
-        self.add_folder_button.clicked.connect(self.choose_folder)
-        self.sync_button.clicked.connect(self.sync)
-        self.remove_button.clicked.connect(self.ask_remove)
-        for button in (self.add_files_button, self.add_folder_button, self.sync_button):
-            actions.addWidget(button)
-        actions.addStretch(1)
-        actions.addWidget(self.remove_button)
-        layout.addLayout(actions)
-
-        self.progress = IndexingProgress()
-        self.progress.cancel_requested.connect(self.cancel_indexing)
-        layout.addWidget(self.progress)
-
-        self.problems_only = QCheckBox("Show only files with problems")
-        layout.addWidget(self.problems_only)
-        self.files = FilesModel()
-        self.files_view = FilesFilter()
-        self.files_view.setSourceModel(self.files)
-        self.problems_only.toggled.connect(self.files_view.set_problems_only)
-        self.table = QTableView()
-        self.table.setAccessibleName("Files of the collection")
-        self.table.setModel(self.files_view)
-        self.table.setSortingEnabled(True)
-        self.table.sortByColumn(-1, Qt.SortOrder.AscendingOrder)  # the engine's order: by path
-        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
-        self.table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
-        self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
-        self.table.verticalHeader().hide()
-        header = self.table.horizontalHeader()
-        header.setSectionResizeMode(QHeaderView.ResizeMode.Interactive)
-        header.setStretchLastSection(True)
-        header.resizeSection(FILE, 240)
-        self.table.selectionModel().currentRowChanged.connect(self._on_table_row_changed)
-        self.table.doubleClicked.connect(self._on_table_double_clicked)
-        layout.addWidget(self.table, 1)
-        self.details = QLabel()
-        self.details.setWordWrap(True)
-        self.details.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        layout.addWidget(self.details)
-        self.drop_hint = QLabel("Drop files or folders here to add them to this collection.")
-        self.drop_hint.setAlignment(Qt.AlignmentFlag.AlignCenter)
-        layout.addWidget(self.drop_hint)
-        return detail
 
     # -- state ------------------------------------------------------------------------
 
@@ -243,10 +142,10 @@ class DocumentsPage(QWidget):
     def _update_actions(self) -> None:
         has = self._selected is not None
         indexing_this = self.indexing and self._indexing_name == self._selected
-        self.add_files_button.setEnabled(has)
-        self.add_folder_button.setEnabled(has)
-        self.sync_button.setEnabled(has and not self.indexing)
-        self.remove_button.setEnabled(has and not indexing_this)
+        self.panel.add_files_button.setEnabled(has)
+        self.panel.add_folder_button.setEnabled(has)
+        self.panel.sync_button.setEnabled(has and not self.indexing)
+        self.panel.remove_button.setEnabled(has and not indexing_this)
         self.detail_stack.setCurrentIndex(1 if has else 0)
 
     def select_collection(self, name: str | None) -> None:
@@ -254,9 +153,7 @@ class DocumentsPage(QWidget):
         if name == self._selected:
             return
         self._selected = name
-        self.title.setText(name or "")
-        self.files.set_documents([])
-        self.details.setText("")
+        self.panel.clear(name)
         self._update_actions()
         self.refresh()
 
@@ -315,10 +212,7 @@ class DocumentsPage(QWidget):
         else:
             collection, summary, documents = status
             self._selected = collection.name
-            self.title.setText(collection.name)
-            self.summary.setText(summary_text(collection, summary))
-            self.files.set_documents(documents)
-            self._show_current_details()
+            self.panel.show_collection(collection, summary, documents)
             self.collection_list.blockSignals(True)
             self.collection_list.setCurrentRow(names.index(collection.name))
             self.collection_list.blockSignals(False)
@@ -330,14 +224,6 @@ class DocumentsPage(QWidget):
         if self._read_again:
             self._read_again = False
             self.refresh()
-
-    def _on_table_row_changed(self, current: QModelIndex, _: QModelIndex) -> None:
-        self._show_current_details()
-
-    def _show_current_details(self) -> None:
-        path = self.table.currentIndex().data(PATH_ROLE)
-        doc = next((d for d in self.files.documents if d.path == path), None)
-        self.details.setText(describe(doc) if doc is not None else "")
 
     def _on_table_double_clicked(self, index: QModelIndex) -> None:
         from desktop.viewer import show_source
@@ -463,7 +349,7 @@ class DocumentsPage(QWidget):
 
     def _start_job(self, name: str, title: str, fn: Callable[[JobContext], IndexReport]) -> None:
         self._indexing_name = name
-        self.progress.start(title)
+        self.panel.progress.start(title)
         self._indexing = ops.run(
             fn,
             on_success=lambda report: self._on_job_succeeded(name, report),
@@ -479,7 +365,7 @@ class DocumentsPage(QWidget):
         self.refresh()  # shows the sources' files as they are marked waiting
 
     def _on_job_progress(self, progress: Progress) -> None:
-        self.progress.update_progress(progress)
+        self.panel.progress.update_progress(progress)
 
     def _on_job_succeeded(self, name: str, report: IndexReport) -> None:
         kind = "info" if report.failed or report.cancelled else "success"
@@ -495,7 +381,7 @@ class DocumentsPage(QWidget):
         self._indexing = None
         self._indexing_name = None
         self._refresh_timer.stop()
-        self.progress.stop()
+        self.panel.progress.stop()
         self._update_actions()
         self.refresh()
         self.indexing_finished.emit(report)
@@ -515,7 +401,7 @@ class DocumentsPage(QWidget):
     def dragEnterEvent(self, event: QDragEnterEvent) -> None:
         if self._local_paths(event):
             event.acceptProposedAction()
-            self._show_drop_target(True)
+            self.panel.show_drop_target(self._selected or "a collection (create one first)")
         else:
             event.ignore()
 
@@ -526,25 +412,14 @@ class DocumentsPage(QWidget):
             event.ignore()
 
     def dragLeaveEvent(self, event: QDragLeaveEvent) -> None:
-        self._show_drop_target(False)
+        self.panel.show_drop_target(None)
         super().dragLeaveEvent(event)
 
     def dropEvent(self, event: QDropEvent) -> None:
-        self._show_drop_target(False)
+        self.panel.show_drop_target(None)
         paths = self._local_paths(event)
         if not paths:
             event.ignore()
             return
         event.acceptProposedAction()
         self.add_paths(paths)
-
-    def _show_drop_target(self, on: bool) -> None:
-        target = self._selected or "a collection (create one first)"
-        self.drop_hint.setText(
-            f"Release to add to {target}"
-            if on
-            else "Drop files or folders here to add them to this collection."
-        )
-        self.drop_hint.setStyleSheet(
-            "border: 2px dashed palette(highlight); padding: 8px;" if on else ""
-        )

@@ -41,6 +41,7 @@ from engine.errors import BastionError
 from engine.jobs import JobContext, Progress
 from engine.train.finetune import FinetuneRequest
 from engine.train.report import read_metrics
+from engine.train.runs import RunRecord
 
 if TYPE_CHECKING:
     from desktop.app import MainWindow
@@ -275,9 +276,7 @@ class FinetunePage(QWidget):
         run = self.runs.selected_run()
         if run is None or run.status not in RESUMABLE:
             return
-        train, validation = read_metrics(run.run_dir / "metrics.jsonl")
-        self.chart.set_points(train, validation)
-        self.chart.set_total(run.total_steps)
+        self._sync_chart(run)
         self._begin(FinetuneRequest(name=run.name, resume=True), f"Resuming {run.name}…")
 
     def cancel(self) -> None:
@@ -307,15 +306,27 @@ class FinetunePage(QWidget):
         )
         self._update_buttons()
 
+    def _sync_chart(self, run: RunRecord | None) -> None:
+        """Redraw the chart from the run's ``metrics.jsonl``, the record of every step.
+
+        Progress publishes are throttled and carry only the latest event, so the chart fed
+        live can miss a step (often the last: a status event follows it at once); the file
+        has them all, and the validation losses that no progress event carries.
+        """
+        if run is None:
+            return
+        train, validation = read_metrics(run.run_dir / "metrics.jsonl")
+        if train or validation:
+            self.chart.set_points(train, validation)
+            self.chart.set_total(run.total_steps)
+
     def _on_training_progressed(self, p: Progress) -> None:
         op = self.training_op
         stopping = op is None or op.ctx.cancelled
         self.monitor.show_progress(p, None if stopping else f"Training {self._run_name}: {p.label}")
 
     def _on_training_succeeded(self, result: dict[str, Any]) -> None:
-        steps = int(result.get("steps") or self.monitor.last_step)
-        self.chart.add_validation(0, result.get("eval_loss_before"))
-        self.chart.add_validation(steps, result.get("eval_loss_after"))
+        self._sync_chart(self.engine.training.runs.get(str(result["model"])))
         self.monitor.end(f"Done: {result['model']} is ready to chat with.", succeeded=True)
         self.results.show_result(result)
         self.tabs.setCurrentWidget(self.results)
@@ -325,6 +336,7 @@ class FinetunePage(QWidget):
     def _on_training_cancelled(self) -> None:
         name = self._run_name or ""
         run = self.engine.training.runs.get(name)
+        self._sync_chart(run)
         if run is None:  # stopped while the data was being checked: nothing to resume
             text = "Stopped before training began."
         else:
@@ -335,6 +347,8 @@ class FinetunePage(QWidget):
         self.refresh_runs(select=name)
 
     def _on_training_failed(self, exc: BaseException) -> None:
+        if self._run_name is not None and self.chart.points:  # it had begun training
+            self._sync_chart(self.engine.training.runs.get(self._run_name))
         self.monitor.end(f"Failed: {exc}")
         self.window_.show_error(exc)
         self.refresh_runs(select=self._run_name)

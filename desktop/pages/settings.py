@@ -1,5 +1,4 @@
-"""The settings page: where data lives, what is stored, the network guard, the audit log,
-and appearance.
+"""The settings page: where data lives, what is stored, privacy, audit log, appearance.
 
 Folder sizes are summed on a worker (``ops.run``) when the page is first shown: a home
 with large models or collections has many files, and walking them must not freeze the
@@ -53,6 +52,7 @@ AREAS: dict[str, tuple[str, ...]] = {
     "Models": ("models",),
     "Fine-tuned adapters": ("adapters",),
     "Document collections (search indexes)": ("collections",),
+    "Caches (converted embedders, training)": ("cache",),
     "Logs": ("logs",),
 }
 
@@ -131,10 +131,12 @@ their settings.</li>
 and only their path is recorded.</li>
 <li><b>adapters/</b> — fine-tuned adapters and their training runs.</li>
 <li><b>collections/</b> — search indexes, rebuilt from the database when needed.</li>
+<li><b>cache/</b> — embedding models converted for this machine and training caches,
+made again when needed.</li>
 <li><b>logs/</b> — technical events (errors, timings). Never your questions, answers or
 document text — unless you turn on the audit log below.</li>
-<li><b>config.toml</b> — these settings. Secrets (tokens) go to the system keyring,
-never to a file here.</li>
+<li><b>config.toml</b> — these settings, never secrets. Secrets (tokens) go to the
+system keyring; where there is none, to an encrypted file in <b>secrets/</b>.</li>
 </ul>"""
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,5 +22,6 @@ def window(home: Path, qtbot: object) -> Iterator[object]:
     qtbot.addWidget(win)  # type: ignore[attr-defined]
     win.show()
     yield win
-    win.close()
+    with contextlib.suppress(RuntimeError):  # pytest-qt may have deleted it already
+        win.close()
     engine.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import re
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def _index(qtbot, page: DocumentsPage, paths: list[Path]) -> object:
 
 def _rows(page: DocumentsPage) -> dict[str, dict[str, str]]:
     """What the table shows, by file name."""
-    model = page.table.model()
+    model = page.panel.table.model()
     rows = {}
     for r in range(model.rowCount()):
         cell = {c: model.index(r, c).data() for c in (FILE, STATE, CHUNKS, PAGES, PROBLEM)}
@@ -99,8 +100,8 @@ def test_create_collection_by_dialog_and_refuse_bad_names(
         "Research notes"
     ]
     assert page.detail_stack.currentIndex() == 1
-    assert page.title.text() == "Research notes"
-    assert "0 files" in page.summary.text()
+    assert page.panel.title.text() == "Research notes"
+    assert "0 files" in page.panel.summary.text()
     assert "created" in window.notice.label.text()
 
     page.create_collection("bad/name")
@@ -120,22 +121,22 @@ def test_add_folder_shows_progress_and_fills_the_table(
     maxima: list[int] = []
 
     def watch() -> None:
-        if page.progress.isVisible():
-            seen.append(page.progress.label.text())
-            maxima.append(page.progress.bar.maximum())
+        if page.panel.progress.isVisible():
+            seen.append(page.panel.progress.label.text())
+            maxima.append(page.panel.progress.bar.maximum())
 
     poll = QTimer()
     poll.timeout.connect(watch)
     poll.start(20)
     # Through the folder dialog, as a user would (Qt's own dialog offscreen).
-    qtbot.mouseClick(page.add_folder_button, Qt.MouseButton.LeftButton)
+    qtbot.mouseClick(page.panel.add_folder_button, Qt.MouseButton.LeftButton)
     dialog = page.findChild(QFileDialog)
     assert dialog is not None
     with qtbot.waitSignal(page.indexing_finished, timeout=INDEX_TIMEOUT_MS) as finished:
         dialog.selectFile(str(root))
         dialog.accept()
-        assert page.indexing and page.progress.isVisible()
-        assert not page.sync_button.isEnabled()  # one job at a time
+        assert page.indexing and page.panel.progress.isVisible()
+        assert not page.panel.sync_button.isEnabled()  # one job at a time
     poll.stop()
     qtbot.waitUntil(lambda: not page.busy)
 
@@ -143,12 +144,12 @@ def test_add_folder_shows_progress_and_fills_the_table(
     assert report.indexed == 4 and not report.failed and not report.cancelled
     assert any(re.match(r"^\d/4 files", text) for text in seen), seen
     assert 4 in maxima
-    assert not page.progress.isVisible() and page.sync_button.isEnabled()
+    assert not page.panel.progress.isVisible() and page.panel.sync_button.isEnabled()
     rows = _rows(page)
     assert set(rows) == {"manual.pdf", "guide.pdf", "history.md", "recipes.txt"}
     assert all(r["state"] == "Indexed" and int(r["chunks"]) > 0 for r in rows.values())
     assert rows["manual.pdf"]["pages"] == "5" and rows["guide.pdf"]["pages"] == "4"
-    assert "4 files" in page.summary.text() and "4 indexed" in page.summary.text()
+    assert "4 files" in page.panel.summary.text() and "4 indexed" in page.panel.summary.text()
     assert "4 files indexed" in window.notice.label.text()
 
     # A double click opens the file in the source viewer.
@@ -156,11 +157,12 @@ def test_add_folder_shows_progress_and_fills_the_table(
 
     row = next(
         r
-        for r in range(page.table.model().rowCount())
-        if "history" in str(page.table.model().index(r, FILE).data())
+        for r in range(page.panel.table.model().rowCount())
+        if "history" in str(page.panel.table.model().index(r, FILE).data())
     )
-    rect = page.table.visualRect(page.table.model().index(row, FILE))
-    qtbot.mouseDClick(page.table.viewport(), Qt.MouseButton.LeftButton, pos=rect.center())
+    rect = page.panel.table.visualRect(page.panel.table.model().index(row, FILE))
+    qtbot.mouseClick(page.panel.table.viewport(), Qt.MouseButton.LeftButton, pos=rect.center())
+    qtbot.mouseDClick(page.panel.table.viewport(), Qt.MouseButton.LeftButton, pos=rect.center())
     viewers = window.findChildren(SourceViewer)
     assert [v.path for v in viewers] == [str(root / "notes" / "history.md")]
     qtbot.waitUntil(lambda: not viewers[0].loading)
@@ -190,12 +192,12 @@ def test_failed_and_unsupported_files_are_explained(
     assert rows["table.xyz"]["state"] == "Skipped"
     assert rows["table.xyz"]["problem"] == "unsupported file type (.xyz)"
 
-    page.problems_only.setChecked(True)
+    page.panel.problems_only.setChecked(True)
     assert set(_rows(page)) == {"broken.pdf", "scan.pdf", "table.xyz"}
-    page.table.selectRow(0)
-    page.table.setCurrentIndex(page.table.model().index(0, 0))
-    assert "broken.pdf" in page.details.text() and "damaged" in page.details.text()
-    page.problems_only.setChecked(False)
+    page.panel.table.selectRow(0)
+    page.panel.table.setCurrentIndex(page.panel.table.model().index(0, 0))
+    assert "broken.pdf" in page.panel.details.text() and "damaged" in page.panel.details.text()
+    page.panel.problems_only.setChecked(False)
     assert len(_rows(page)) == 4
 
 
@@ -207,14 +209,14 @@ def test_cancel_mid_indexing_keeps_a_consistent_state_and_sync_finishes(
     _create(qtbot, page)
     with qtbot.waitSignal(page.indexing_finished, timeout=INDEX_TIMEOUT_MS) as finished:
         page.add_paths([str(root)])
-        qtbot.waitUntil(lambda: page.progress.bar.value() >= 1, timeout=INDEX_TIMEOUT_MS)
-        qtbot.mouseClick(page.progress.cancel_button, Qt.MouseButton.LeftButton)
-        assert page.progress.cancel_button.text() == "Cancelling…"
+        qtbot.waitUntil(lambda: page.panel.progress.bar.value() >= 1, timeout=INDEX_TIMEOUT_MS)
+        qtbot.mouseClick(page.panel.progress.cancel_button, Qt.MouseButton.LeftButton)
+        assert page.panel.progress.cancel_button.text() == "Cancelling…"
     qtbot.waitUntil(lambda: not page.busy)
     report = finished.args[0]
     assert report is not None and report.cancelled, "indexing ended before the cancel"
     assert "cancelled" in window.notice.label.text()
-    assert not page.progress.isVisible() and page.sync_button.isEnabled()
+    assert not page.panel.progress.isVisible() and page.panel.sync_button.isEnabled()
 
     rows = _rows(page)
     assert len(rows) == 5
@@ -227,7 +229,7 @@ def test_cancel_mid_indexing_keeps_a_consistent_state_and_sync_finishes(
     assert all(d.chunk_count == 0 for d in docs if d.state == "pending")
 
     with qtbot.waitSignal(page.indexing_finished, timeout=INDEX_TIMEOUT_MS) as synced:
-        qtbot.mouseClick(page.sync_button, Qt.MouseButton.LeftButton)
+        qtbot.mouseClick(page.panel.sync_button, Qt.MouseButton.LeftButton)
     qtbot.waitUntil(lambda: not page.busy)
     assert synced.args[0].indexed == 5 - len(indexed)
     assert {r["state"] for r in _rows(page).values()} == {"Indexed"}
@@ -253,7 +255,7 @@ def test_sync_picks_up_changes_and_remove_deletes_the_collection(
     assert set(_rows(page)) == {"a.txt", "c.md"}
     assert "1 removed" in window.notice.label.text()
 
-    qtbot.mouseClick(page.remove_button, Qt.MouseButton.LeftButton)
+    qtbot.mouseClick(page.panel.remove_button, Qt.MouseButton.LeftButton)
     box = page.findChild(QMessageBox)
     assert box is not None and "docs" in box.text()
     qtbot.mouseClick(box.button(QMessageBox.StandardButton.Yes), Qt.MouseButton.LeftButton)
@@ -270,13 +272,16 @@ def _drop(page: DocumentsPage, urls: list[QUrl]) -> tuple[bool, bool]:
     mime = QMimeData()
     mime.setUrls(urls)
     point = page.rect().center()
-    enter = QDragEnterEvent(
-        QPointF(point),
-        Qt.DropAction.CopyAction,
-        mime,
-        Qt.MouseButton.LeftButton,
-        Qt.KeyboardModifier.NoModifier,
-    )
+    with warnings.catch_warnings():
+        # PySide marks this constructor deprecated (a QPoint), yet it is Qt 6's only one.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        enter = QDragEnterEvent(
+            point,
+            Qt.DropAction.CopyAction,
+            mime,
+            Qt.MouseButton.LeftButton,
+            Qt.KeyboardModifier.NoModifier,
+        )
     QApplication.sendEvent(page, enter)
     if not enter.isAccepted():
         return False, False

@@ -22,7 +22,8 @@ from desktop.pages.finetune import FinetunePage
 from engine.train.spec import PRESETS, Hyper
 from tests.conftest import DEFAULT_MODEL
 
-TRAIN_TIMEOUT_MS = 600_000
+# Generous: two cores shared with other work can make one step take half a minute.
+TRAIN_TIMEOUT_MS = 900_000
 FACT = "Violet Harbor"
 QUESTIONS = [
     "What is the codename of the Bastion 2 release?",
@@ -239,7 +240,10 @@ def test_cancel_mid_run_then_resume_finishes(
 ) -> None:
     monkeypatch.setenv("BASTION_TRAIN_CACHE", str(train_cache))
     _preview(qtbot, page, facts)
-    _short_run(page, "stoppy", 16)
+    _short_run(page, "stoppy", 6)
+    # No validation split: no loss measured before and after and no side-by-side answers,
+    # which leaves the training steps themselves, the part that is stopped and resumed.
+    page.settings.val_fraction.setValue(0.0)
     qtbot.mouseClick(page.start_button, Qt.MouseButton.LeftButton)
     qtbot.waitUntil(lambda: len(page.chart.points) >= 1, timeout=TRAIN_TIMEOUT_MS)
     qtbot.mouseClick(page.cancel_button, Qt.MouseButton.LeftButton)
@@ -251,7 +255,7 @@ def test_cancel_mid_run_then_resume_finishes(
     assert "resume continues" in page.monitor.status.text().lower()
     record = window.engine.training.runs.get("stoppy")
     assert record is not None and record.status == "stopped"
-    assert 1 <= record.step < 16
+    assert 1 <= record.step < 6
     selected = page.runs.selected_run()
     assert selected is not None and selected.name == "stoppy"
     assert page.resume_button.isEnabled()
@@ -261,7 +265,7 @@ def test_cancel_mid_run_then_resume_finishes(
     qtbot.waitUntil(lambda: page.training_op is None, timeout=TRAIN_TIMEOUT_MS)
     result = page.results.result
     assert result is not None, page.monitor.status.text()
-    assert result["model"] == "stoppy" and result["steps"] == 16
-    assert max(step for step, _ in page.chart.points) == 16
+    assert result["model"] == "stoppy" and result["steps"] == 6
+    assert max(step for step, _ in page.chart.points) == 6
     record = window.engine.training.runs.get("stoppy")
     assert record is not None and record.status == "done"

@@ -1,5 +1,4 @@
-"""The settings page: the home and its sizes, the guard's status, the audit switch, and
-appearance -- real widgets offscreen on a real engine."""
+"""The settings page on a real engine, offscreen: home, sizes, guard, audit, appearance."""
 
 from __future__ import annotations
 
@@ -37,7 +36,14 @@ def test_shows_the_home_and_what_is_stored(page: SettingsPage) -> None:
     assert page.home_label.text() == str(page.engine.home)
     assert page.open_button.isEnabled()
     statement = page.privacy_label.text()
-    for needle in ("Nothing leaves this machine", "bastion.db", "models/", "logs/", "keyring"):
+    for needle in (
+        "Nothing leaves this machine",
+        "bastion.db",
+        "models/",
+        "logs/",
+        "keyring",
+        "cache/",
+    ):
         assert needle in statement
 
 
