@@ -17,8 +17,8 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from PySide6.QtCore import QEvent, QObject, Qt, QTimer
-from PySide6.QtGui import QKeySequence, QShortcut
+from PySide6.QtCore import QEvent, QEventLoop, QObject, Qt, QTimer
+from PySide6.QtGui import QCloseEvent, QKeySequence, QShortcut
 from PySide6.QtWidgets import (
     QApplication,
     QHBoxLayout,
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 NOTICE_MS = 8000
+CLOSE_WAIT_S = 10.0
 
 
 class Notice(QWidget):
@@ -140,6 +141,24 @@ class MainWindow(QMainWindow):
         else:
             log.error("unexpected error", exc_info=(type(exc), exc, exc.__traceback__))
             self.notify(f"Something went wrong: {type(exc).__name__}: {exc}", "error")
+
+    def closeEvent(self, event: QCloseEvent) -> None:
+        """Cancel what is running and give it a moment to stop cleanly.
+
+        An answer being written is kept (marked interrupted); a training run saves a
+        checkpoint when it can, and otherwise its child notices the app is gone (its
+        stdin closes), saves one and stops: ``--resume`` or Resume continues it.
+        """
+        from desktop import ops
+
+        running = list(ops.running())
+        for op in running:
+            op.cancel()
+        deadline = time.monotonic() + CLOSE_WAIT_S
+        while any(op.running for op in running) and time.monotonic() < deadline:
+            QApplication.processEvents(QEventLoop.ProcessEventsFlag.AllEvents, 50)
+            time.sleep(0.02)
+        super().closeEvent(event)
 
     def open_chat_with(self, model_id: str) -> None:
         """Start a new chat with ``model_id`` (e.g. a fine-tune that just finished)."""

@@ -107,6 +107,11 @@ class Operation(QObject):
         _running.discard(self)
 
 
+def running() -> list[Operation]:
+    """The operations started and not yet finished."""
+    return list(_running)
+
+
 def run(
     fn: Callable[[JobContext], Any],
     *,

@@ -150,10 +150,17 @@ class LossChart(QWidget):
         painter.setBrush(_VALIDATION_COLOR)
         for step, loss in self.validation_points:
             painter.drawEllipse(to_xy(step, loss), 4, 4)
-        painter.setPen(text_color)
-        painter.drawText(
-            QRectF(plot.left(), 2, plot.width(), _PAD_TOP - 4),
-            Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter,
-            "— training loss   ● validation loss" if self._validation else "— training loss",
-        )
+        legend = [(_TRAIN_COLOR, "— "), (text_color, "training loss")]
+        if self._validation:
+            legend += [(_VALIDATION_COLOR, "   ● "), (text_color, "validation loss")]
+        x = plot.left()
+        metrics = painter.fontMetrics()
+        for color, text in legend:
+            painter.setPen(color)
+            painter.drawText(
+                QRectF(x, 2, plot.width(), _PAD_TOP - 4),
+                Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter,
+                text,
+            )
+            x += metrics.horizontalAdvance(text)
         painter.end()

@@ -405,6 +405,8 @@ class FinetunePage(QWidget):
 
     def _on_runs_item_selection_changed(self) -> None:
         run = self.runs.selected_run()
-        if run is not None and run.status == "done" and run.result:
-            self.results.show_result(run.result)
+        if run is not None and self.training_op is None:
+            self._sync_chart(run)
+            if run.status == "done" and run.result:
+                self.results.show_result(run.result)
         self._update_buttons()
