@@ -70,13 +70,14 @@ def main() -> int:
         sys.stdout.write(f"saved {path.relative_to(ROOT)}\n")
 
     # Documents: a collection indexed from a folder of notes and a PDF manual.
-    corpus = make_corpus(tmp / "handbook")
+    corpus = tmp / "handbook"
+    make_corpus(corpus)  # two PDF manuals and notes (the QA file lands beside the folder)
     window.show_page("Documents")
     pages = window.documents
     pages.create_collection("handbook")
-    wait(lambda: pages.selected() == "handbook" and not pages.busy(), 60, "the collection")
+    wait(lambda: pages.selected == "handbook" and not pages.busy, 60, "the collection")
     pages.add_paths([str(corpus)], "handbook")
-    wait(lambda: not pages.indexing(), 900, "indexing")
+    wait(lambda: not pages.indexing, 900, "indexing")
     pages.refresh()
     pump(1)
     shot("documents")
@@ -90,7 +91,7 @@ def main() -> int:
     chat.collection_picker.setCurrentIndex(chat.collection_picker.findText("handbook"))
     chat.max_tokens = 120
     chat.send("How tightly must the Zephyrion valve be torqued?")
-    wait(lambda: not chat.busy(), 600, "the answer")
+    wait(lambda: not chat.busy, 600, "the answer")
     shot("chat")
     conversation = engine.list_conversations()[0]
     _, messages = engine.get_conversation(conversation.id)
