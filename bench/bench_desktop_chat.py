@@ -39,7 +39,7 @@ def main() -> None:
 
     from dataclasses import replace
 
-    from PySide6.QtCore import QTimer
+    from PySide6.QtCore import QEventLoop, QTimer
     from PySide6.QtWidgets import QApplication
 
     from desktop.app import MainWindow
@@ -78,10 +78,12 @@ def main() -> None:
         timer.timeout.connect(tick)
         timer.start()
         chat.build_request = lambda prompt: replace(request, prompt=prompt)  # type: ignore[method-assign]
+        loop = QEventLoop()
         chat.send(PROMPT)
-        while chat.busy:
-            app.processEvents()
-            time.sleep(0.001)
+        assert chat.operation is not None
+        chat.operation.finished.connect(loop.quit)
+        if chat.busy:
+            loop.exec()  # the real event loop: it sleeps between events, as the app does
         timer.stop()
         gaps.append(worst[0])
         conversation = engine.list_conversations()[0]
