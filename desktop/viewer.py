@@ -7,8 +7,9 @@ the snippet match what was cited: a PDF shows the cited page's text with previou
 page buttons; a text file shows its lines with the cited ones highlighted and scrolled
 into view. The text is read off the GUI thread (a page of a large PDF can take a moment).
 
-PySide6-Essentials has no QtPdf, so a PDF page is shown as its text layer, not its
-drawing; "Open in default app" shows the real page in the user's PDF reader.
+A PDF also shows as its rendered page (QtPdf, from PySide6-Addons, in a "Page" tab in
+front of the text), with the start of the cited passage highlighted; without QtPdf only
+the text layer is shown. "Open in default app" hands the file to the user's own reader.
 """
 
 from __future__ import annotations
@@ -33,12 +34,14 @@ from PySide6.QtWidgets import (
     QLabel,
     QPlainTextEdit,
     QPushButton,
+    QTabWidget,
     QTextEdit,
     QVBoxLayout,
     QWidget,
 )
 
-from desktop import ops
+from desktop import ops, pdfpage
+from desktop.pdfpage import PdfPage
 
 if TYPE_CHECKING:
     from engine import Engine
@@ -173,7 +176,15 @@ class SourceViewer(QDialog):
         self.text = QPlainTextEdit()
         self.text.setReadOnly(True)
         self.text.setAccessibleName("Source text")
-        layout.addWidget(self.text, 1)
+        # With QtPdf a PDF also shows as its rendered page, in a tab before its text.
+        self.pdf: PdfPage | None = PdfPage() if pdfpage.available() else None
+        self.body: QWidget = self.text
+        if self.pdf is not None:
+            self.tabs = QTabWidget()
+            self.tabs.addTab(self.pdf, "Page")
+            self.tabs.addTab(self.text, "Text")
+            self.body = self.tabs
+        layout.addWidget(self.body, 1)
 
     @property
     def loading(self) -> bool:
@@ -241,7 +252,7 @@ class SourceViewer(QDialog):
             return
         self.source = source
         self.message.hide()
-        self.text.show()
+        self.body.show()
         self.open_button.setEnabled(True)
         fixed = source.kind not in ("pdf", "docx")  # the others are shown as their source
         self.text.setFont(
@@ -261,6 +272,7 @@ class SourceViewer(QDialog):
             self.prev_button.hide()
             self.next_button.hide()
         self._highlight(source)
+        self._show_rendered_page(source)
         if source.truncated:
             self._show_message(
                 f"A large file: lines {source.first_line}–"
@@ -268,6 +280,18 @@ class SourceViewer(QDialog):
                 "Open it in the default app to see all of it.",
                 keep_text=True,
             )
+
+    def _show_rendered_page(self, source: SourceText) -> None:
+        """Put the rendered page in front for a PDF that QtPdf can open; else the text."""
+        if self.pdf is None:
+            return
+        rendered = (
+            source.kind == "pdf"
+            and source.page is not None
+            and self.pdf.show_page(self.path, source.page, str(self._citation.get("snippet", "")))
+        )
+        self.tabs.setTabVisible(0, bool(rendered))
+        self.tabs.setCurrentWidget(self.pdf if rendered else self.text)
 
     def _on_failed(self, request: int, exc: BaseException) -> None:
         if request != self._request:
@@ -292,7 +316,7 @@ class SourceViewer(QDialog):
         self.message.setText(text)
         self.message.show()
         if not keep_text:
-            self.text.hide()
+            self.body.hide()
             self.prev_button.hide()
             self.next_button.hide()
 

@@ -95,6 +95,31 @@ def test_pdf_citation_shows_the_cited_page_with_its_snippet(
     assert "lamp room" in viewer.text.toPlainText() and not viewer.prev_button.isEnabled()
 
 
+def test_pdf_citation_opens_the_rendered_page_with_the_passage_found(
+    window: MainWindow, qtbot, tmp_path: Path
+) -> None:
+    from PySide6.QtCore import QModelIndex
+
+    pdf = write_pdf(
+        tmp_path / "manual.pdf",
+        [["Page one talks about the lamp room."], ["The Zephyrion valve is torqued to 42 Nm."]],
+    )
+    citation = {"n": 1, "path": str(pdf), "page": 2, "snippet": "The Zephyrion valve is torqued"}
+    viewer = _open(qtbot, window, citation)
+    assert viewer.pdf is not None, "QtPdf (PySide6-Addons) is a dependency"
+    assert viewer.tabs.currentWidget() is viewer.pdf
+    assert viewer.pdf.current_page == 2
+    qtbot.waitUntil(lambda: viewer.pdf.search.rowCount(QModelIndex()) >= 1, timeout=10_000)
+    viewer.go_to_page(1)
+    qtbot.waitUntil(lambda: viewer.location.text() == "Page 1 of 2")
+    assert viewer.pdf.current_page == 1
+    # A text file has no rendered page: the tab is hidden, the text in front.
+    notes = tmp_path / "notes.txt"
+    notes.write_text("one\ntwo\n")
+    other = _open(qtbot, window, {"n": 1, "path": str(notes), "line_start": 2, "line_end": 2})
+    assert other.tabs.currentWidget() is other.text and not other.tabs.isTabVisible(0)
+
+
 def test_missing_file_gives_a_plain_message(window: MainWindow, qtbot, tmp_path: Path) -> None:
     gone = tmp_path / "moved-away.pdf"
     viewer = _open(qtbot, window, {"path": str(gone), "page": 3, "snippet": "x"})
