@@ -40,6 +40,9 @@ class PdfPage(QWidget):
         self.view.setSearchModel(self.search)
         self.view.setAccessibleName("PDF page")
         self.path = ""
+        self._wanted_page = 0
+        # Results arrive page by page; the one on the cited page becomes the current one.
+        self.search.countChanged.connect(self._pick_result)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(self.view)
@@ -55,10 +58,21 @@ class PdfPage(QWidget):
                 return False
             self.path = path
         index = min(max(page - 1, 0), max(self.document.pageCount() - 1, 0))
+        self._wanted_page = index
         self.view.pageNavigator().jump(index, self.view.pageNavigator().currentLocation())
         words = snippet.split()
         self.search.setSearchString(" ".join(words[:6]))
         return True
+
+    def _pick_result(self) -> None:
+        from PySide6.QtCore import QModelIndex
+
+        for i in range(self.search.rowCount(QModelIndex())):
+            if self.search.resultAtIndex(i).page() == self._wanted_page:
+                if self.view.currentSearchResultIndex() != i:
+                    self.view.setCurrentSearchResultIndex(i)
+                    self.view.pageNavigator().jump(self.search.resultAtIndex(i))
+                return
 
     @property
     def current_page(self) -> int:

@@ -110,6 +110,9 @@ def test_pdf_citation_opens_the_rendered_page_with_the_passage_found(
     assert viewer.tabs.currentWidget() is viewer.pdf
     assert viewer.pdf.current_page == 2
     qtbot.waitUntil(lambda: viewer.pdf.search.rowCount(QModelIndex()) >= 1, timeout=10_000)
+    current = viewer.pdf.view.currentSearchResultIndex()
+    assert current >= 0 and viewer.pdf.search.resultAtIndex(current).page() == 1
+    assert viewer.pdf.current_page == 2
     viewer.go_to_page(1)
     qtbot.waitUntil(lambda: viewer.location.text() == "Page 1 of 2")
     assert viewer.pdf.current_page == 1
