@@ -222,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     app.setOrganizationName("Bastion")
     app.setStyle("Fusion")  # follows the system's light or dark scheme
     install_crash_handler(app)
+    # The embedder's one-time int8 export imports torch: keep it out of this process.
+    os.environ.setdefault("BASTION_EMBEDDER_EXPORT_IN_CHILD", "1")
     from engine import Engine
     from engine.errors import BastionError
 

@@ -41,6 +41,7 @@ from engine.rag.embedder_export import (
     NoOnnx,
     cached_export,
     default_cache_dir,
+    export_pending,
     forget_export,
     quiet_hf_progress,
 )
@@ -387,6 +388,37 @@ def _torch_embedder(model_id: str, folder: Path, layout: _Layout) -> Embedder:
     )
 
 
+# The desktop app sets this: the one-time export imports torch and runs the model, which
+# next to a running Qt event loop has crashed the process (a segfault inside
+# ``import torch`` on the worker thread) and stalls the window; a child process does it.
+EXPORT_IN_CHILD = "BASTION_EMBEDDER_EXPORT_IN_CHILD"
+_CHILD_EXPORT = (
+    "import sys\n"
+    "from pathlib import Path\n"
+    "from engine.rag.embedder import get_embedder\n"
+    "get_embedder(sys.argv[1], cache_dir=Path(sys.argv[2]), backend='onnx-int8')\n"
+)
+
+
+def _export_in_child(model_id: str, cache_dir: Path) -> None:
+    """Run the int8 export in a child process; its outcome is read from the cache after."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, EXPORT_IN_CHILD: "0"}
+    done = subprocess.run(
+        [sys.executable, "-c", _CHILD_EXPORT, model_id, str(cache_dir)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        check=False,
+    )
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        log.warning("embedder export in a child process failed: %s", tail)
+
+
 def _onnx_embedder(
     model_id: str, folder: Path, layout: _Layout, cache_dir: Path, *, forced: bool
 ) -> Embedder:
@@ -403,6 +435,8 @@ def _onnx_embedder(
     def candidate(models: Path, texts: list[str]) -> np.ndarray:
         return _onnx_from_file(model_id, folder, layout, models).encode(texts)
 
+    if os.environ.get(EXPORT_IN_CHILD) == "1" and export_pending(folder, cache_dir):
+        _export_in_child(model_id, cache_dir)
     target, status = cached_export(
         model_id,
         folder,

@@ -78,6 +78,14 @@ def cached_export(
     return target, status
 
 
+def export_pending(folder: Path, cache_dir: Path) -> bool:
+    """Whether ``cached_export`` would have to export (nothing decided or files missing)."""
+    target = cache_dir / _model_digest(folder)
+    status = _read_status(target / STATUS_FILE)
+    present = (target / INT8_FILE).is_file() and (target / FP32_FILE).is_file()
+    return status is None or (bool(status["ok"]) and not present)
+
+
 def forget_export(target: Path) -> None:
     """Drop the status of a damaged export so that the next process exports again."""
     (target / STATUS_FILE).unlink(missing_ok=True)

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+# As the app does (desktop.app.main): the embedder's one-time export runs in a child.
+os.environ.setdefault("BASTION_EMBEDDER_EXPORT_IN_CHILD", "1")
 
 
 @pytest.fixture
