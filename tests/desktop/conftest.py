@@ -10,14 +10,15 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
-# As the app does (desktop.app.main): the embedder's one-time export runs in a child.
-os.environ.setdefault("BASTION_EMBEDDER_EXPORT_IN_CHILD", "1")
 
 
 @pytest.fixture
-def window(home: Path, qtbot: object) -> Iterator[object]:
+def window(home: Path, qtbot: object, monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
     from desktop.app import MainWindow
     from engine import Engine
+
+    # As the app does (desktop.app.main): the embedder's one-time export runs in a child.
+    monkeypatch.setenv("BASTION_EMBEDDER_EXPORT_IN_CHILD", "1")
 
     engine = Engine(home)
     win = MainWindow(engine)
