@@ -236,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("BASTION_DESKTOP_PROBE"):
         _probe_first_paint(app, window)
     window.show()
+    from desktop import ops
+
+    # After the first paint: the native libraries, on this thread (see desktop/ops.py).
+    QTimer.singleShot(250, ops.preload_native)
     try:
         return app.exec()
     finally:

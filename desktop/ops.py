@@ -14,6 +14,7 @@ GUI takes what has accumulated every 30 ms — smooth to the eye at any token ra
 
 from __future__ import annotations
 
+import importlib
 import logging
 import threading
 from collections.abc import Callable
@@ -31,6 +32,27 @@ TEXT_INTERVAL_MS = 30
 
 # Operations alive now: kept referenced until they finish, so Python doesn't collect them.
 _running: set[Operation] = set()
+
+# Native libraries the engine loads lazily. Their first import initializes C/C++ runtimes
+# (OpenMP pools, static constructors); done on a worker thread while the Qt loop runs, it
+# has crashed the GUI thread (a segfault while faiss loaded). So they are imported here,
+# on the GUI thread, once: after the first paint, or at the latest before the first
+# operation starts. torch is kept out of the app's process altogether (the embedder's
+# export runs in a child; training always does).
+NATIVE_MODULES = ("numpy", "faiss", "onnxruntime", "tokenizers", "llama_cpp")
+_preloaded: set[str] = set()
+
+
+def preload_native() -> None:
+    """Import ``NATIVE_MODULES`` on the calling (GUI) thread, once per process."""
+    if _preloaded:
+        return
+    _preloaded.update(NATIVE_MODULES)
+    for name in NATIVE_MODULES:
+        try:
+            importlib.import_module(name)
+        except Exception:  # a missing optional library: the engine reports it when used
+            log.warning("could not preload %s", name, exc_info=True)
 
 
 class Operation(QObject):
@@ -57,6 +79,7 @@ class Operation(QObject):
         self.running = False
 
     def start(self) -> Operation:
+        preload_native()
         self.running = True
         _running.add(self)
         self._timer.start()
