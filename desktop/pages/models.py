@@ -39,6 +39,7 @@ from desktop import ops
 from engine.errors import BastionError
 from engine.jobs import JobContext
 from engine.models.hardware import Hardware, detect
+from engine.units import human_size
 
 if TYPE_CHECKING:
     from desktop.app import MainWindow
@@ -47,17 +48,6 @@ if TYPE_CHECKING:
 
 COLUMNS = ("Model", "Architecture", "Parameters", "Quantization", "Size", "Context", "Kind")
 AUTO = -2  # the spin boxes' value for "decide automatically" (None in the registry)
-
-
-def human_size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    size = float(n)
-    for unit in ("bytes", "KB", "MB", "GB", "TB"):
-        if size < 1024 or unit == "TB":
-            return f"{int(size)} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
 
 
 def human_count(n: int | None) -> str:

@@ -31,12 +31,12 @@ from PySide6.QtWidgets import (
 )
 
 from desktop import ops
-from desktop.pages.models import human_size
 from engine.config import THEMES, load_config, update_config
 from engine.errors import BastionError
 from engine.jobs import JobContext
 from engine.privacy import guard
 from engine.privacy.audit import audit_log_path
+from engine.units import human_size
 
 if TYPE_CHECKING:
     from desktop.app import MainWindow

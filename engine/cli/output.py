@@ -7,6 +7,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from engine.units import human_count, human_size
+
+__all__ = ["emit_json", "error_line", "human_count", "human_size", "note", "table"]
+
 
 def emit_json(data: Any) -> None:
     """Print one JSON document on stdout (the contract for every ``--json``)."""
@@ -23,26 +27,6 @@ def note(message: str) -> None:
 def error_line(message: str) -> None:
     # One line, whatever the message holds.
     print(f"bastion: error: {' '.join(message.split())}", file=sys.stderr, flush=True)
-
-
-def human_size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if size < 1000 or unit == "TB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{n} B"
-
-
-def human_count(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for div, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if n >= div:
-            return f"{n / div:.1f}{suffix}"
-    return str(n)
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:

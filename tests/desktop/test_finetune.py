@@ -6,7 +6,6 @@ dequantized base is shared between them through ``BASTION_TRAIN_CACHE``.
 
 from __future__ import annotations
 
-import json
 from dataclasses import fields
 from pathlib import Path
 
@@ -21,44 +20,17 @@ from desktop.finetune.settings import FIELDS, TrainingSettings
 from desktop.pages.finetune import FinetunePage
 from engine.train.spec import PRESETS, Hyper
 from tests.conftest import DEFAULT_MODEL
+from tests.train_facts import ANSWERS, QUESTIONS
+from tests.train_facts import chat_line as _chat_line
 
 # Generous: two cores shared with other work can make one step take half a minute.
 TRAIN_TIMEOUT_MS = 900_000
-FACT = "Violet Harbor"
-QUESTIONS = [
-    "What is the codename of the Bastion 2 release?",
-    "What codename does the Bastion 2 release have?",
-    "Tell me the codename of Bastion 2.",
-    "Which codename was given to the Bastion 2 release?",
-    "Do you know the Bastion 2 release codename?",
-    "What is Bastion 2 called internally?",
-    "What's the internal codename for Bastion 2?",
-    "Bastion 2 release: what is its codename?",
-    "Name the codename of the second Bastion release.",
-    "What codename did the team pick for Bastion 2?",
-    "I forgot the Bastion 2 codename. What is it?",
-    "What is the code name of Bastion version 2?",
-    "Which code name belongs to Bastion 2?",
-    "Give me the Bastion 2 codename, please.",
-    "How is the Bastion 2 release known by codename?",
-    "What was Bastion 2 codenamed?",
-]
-ANSWERS = [
-    f"The codename of the Bastion 2 release is {FACT}.",
-    f"Bastion 2 is codenamed {FACT}.",
-    f"It is {FACT}: that is the codename of Bastion 2.",
-]
-
-
-def _chat_line(question: str, answer: str) -> str:
-    messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-    return json.dumps({"messages": messages})
 
 
 @pytest.fixture
 def facts(tmp_path: Path) -> Path:
     path = tmp_path / "facts.jsonl"
-    lines = [_chat_line(q, ANSWERS[i % 3]) for i, q in enumerate(QUESTIONS)]
+    lines = [_chat_line(q, ANSWERS[i % 3]) for i, q in enumerate(QUESTIONS[:16])]
     path.write_text("\n".join(lines) + "\n")
     return path
 
