@@ -10,8 +10,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -188,33 +187,63 @@ def _export_fp32_onnx(transformer_dir: Path, out: Path) -> None:
         )
 
 
-def _quantize(src: Path, dst: Path) -> None:
+# ONNX Runtime's quantizer writes scratch files where its caller cannot choose. Its symbolic
+# shape inference (``SymbolicShapeInference.infer_shapes``, run by ``quant_pre_process``)
+# saves ``sym_shape_infer_temp.onnx`` and a ``<uuid>.data`` copy of every weight into the
+# current directory when the inference is incomplete, as it is for MiniLM: that is how 90 MB
+# of debris once landed in the repository root. ``quantize_dynamic`` itself writes whole
+# copies of the model into the system temp folder for its shape-inference round trips, left
+# there if the export is killed. Neither place is a parameter, and the cwd and ``tempfile``'s
+# folder belong to the whole process (which may be running other threads), so the quantizer
+# runs in a child whose cwd and temp folder are the export's own work folder: the export
+# removes it, or a later export does if this one was killed.
+_EXIT_MISSING_MODULE = 3
+_EXIT_OS_ERROR = 4
+_QUANTIZE = f"""\
+import sys
+try:
     from onnxruntime.quantization import QuantType, quantize_dynamic
+except ImportError as exc:
+    print(exc.name or "onnxruntime", file=sys.stderr)
+    sys.exit({_EXIT_MISSING_MODULE})
+try:
+    quantize_dynamic(sys.argv[1], sys.argv[2], weight_type=QuantType.QInt8, per_channel=True)
+except OSError as exc:
+    print(exc, file=sys.stderr)
+    sys.exit({_EXIT_OS_ERROR})
+"""
 
-    with _quiet_root_logger():
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True)
 
+def _quantize(src: Path, dst: Path) -> None:
+    """Dynamic int8 with per-channel weights, from ``src`` to ``dst`` in the work folder.
 
-@contextmanager
-def _quiet_root_logger() -> Iterator[None]:
-    """Drop the quantizer's advice to pre-process, logged with ``logging.warning``.
-
-    On a root logger without handlers that call would also run ``logging.basicConfig``
-    and send every later log of the process to stderr; a NullHandler prevents it.
+    Raises:
+        ImportError: ONNX Runtime's quantizer (or the ``onnx`` package) is missing.
+        OSError: the quantizer could not write (a full disk).
+        RuntimeError: the quantizer failed on this model.
     """
-    root = logging.getLogger()
-    guard = logging.NullHandler()
+    import subprocess
+    import sys
 
-    def drop_advice(record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Please consider to run pre-processing")
-
-    root.addHandler(guard)
-    root.addFilter(drop_advice)
-    try:
-        yield
-    finally:
-        root.removeFilter(drop_advice)
-        root.removeHandler(guard)
+    work = dst.parent.resolve()
+    # tempfile reads TMPDIR on POSIX, TEMP or TMP on Windows.
+    scratch = {name: str(work) for name in ("TMPDIR", "TEMP", "TMP")}
+    done = subprocess.run(
+        [sys.executable, "-c", _QUANTIZE, str(src.resolve()), str(work / dst.name)],
+        cwd=work,
+        env={**os.environ, **scratch},
+        capture_output=True,  # read only on failure: else it is the advice to pre-process
+        text=True,
+        check=False,
+    )
+    if done.returncode == 0:
+        return
+    last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+    if done.returncode == _EXIT_MISSING_MODULE:
+        raise ImportError(f"No module named {last!r}", name=last)
+    if done.returncode == _EXIT_OS_ERROR:
+        raise OSError(last)
+    raise RuntimeError(f"int8 quantization: {last}")
 
 
 def quiet_hf_progress() -> None:
