@@ -14,6 +14,7 @@ import click
 from engine.cli.chat_cmd import chat
 from engine.cli.collections_cmd import collections_group, search
 from engine.cli.dataset_cmd import dataset_group
+from engine.cli.doctor_cmd import doctor
 from engine.cli.eval_cmd import eval_group
 from engine.cli.finetune_cmd import finetune
 from engine.cli.history_cmd import history_group
@@ -50,6 +51,7 @@ cli.add_command(search)
 cli.add_command(eval_group)
 cli.add_command(dataset_group)
 cli.add_command(finetune)
+cli.add_command(doctor)
 
 
 def main(argv: list[str] | None = None) -> int:

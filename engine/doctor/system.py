@@ -1,0 +1,206 @@
+"""The keyring, home, disk, embedder and privacy checks."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import socket
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from engine import paths
+from engine.doctor.common import SETUP, Check, _Context
+from engine.doctor.runtime import _nvidia_driver
+from engine.errors import BastionError
+from engine.units import human_size
+
+GIB = 1024**3
+DISK_LOW, DISK_TOO_LOW = 2 * GIB, 1 * GIB
+_TEST_NET = ("192.0.2.1", 9)  # TEST-NET-1 (RFC 5737): never routed anywhere
+
+
+# -- keyring, home, disk, embedder, privacy ---------------------------------------------
+
+
+def _check_keyring(ctx: _Context) -> Check:
+    from engine.privacy import secrets
+
+    store = secrets.SecretStore(ctx.home)
+    file = ctx.home / "secrets" / "keyring.cfg"
+    try:
+        # Which backend SecretStore picks; asked first, because only the file is probed.
+        if secrets._os_keyring_available():
+            # Not read: a locked OS keyring would ask for its password just for doctor.
+            return Check("keyring", True, f"the OS keyring ({store.backend_name})")
+        if not file.is_file():  # opening it would create it (and derive its key: a second)
+            return Check(
+                "keyring",
+                True,
+                f"no OS keyring: secrets go to the encrypted file {file} (none stored yet)",
+            )
+        store.get("bastion-doctor-probe")  # decrypts the file: proves the passphrase
+    except BastionError as exc:
+        return Check("keyring", False, exc.message, exc.hint or "")
+    except Exception as exc:  # a keyring backend fails in its own ways
+        return Check(
+            "keyring",
+            False,
+            f"the keyring fails: {type(exc).__name__}: {exc}",
+            f"check {secrets.PASSWORD_ENV}, or move {file} aside",
+        )
+    return Check("keyring", True, f"no OS keyring: secrets in the encrypted file {file}")
+
+
+def _check_home(ctx: _Context) -> Check:
+    from engine.store.db import Database
+
+    try:
+        home = paths.prepare_home(ctx.home)
+        Database(home / "bastion.db", timeout=2.0).close()
+    except BastionError as exc:
+        return Check(
+            "home", False, exc.message, exc.hint or f"set {paths.HOME_ENV} to a writable folder"
+        )
+    return Check("home", True, f"{home}: writable, bastion.db opens")
+
+
+def _check_disk(ctx: _Context) -> Check:
+    folder = ctx.home.expanduser().absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # a home not created yet: the disk it will be on
+    free = shutil.disk_usage(folder).free
+    detail = f"{human_size(free)} free in {folder}"
+    fix = (
+        f"free space on that disk, or set {paths.HOME_ENV} to a folder on a disk "
+        "with more room (models and indexes need several GB)"
+    )
+    if free < DISK_TOO_LOW:
+        return Check("disk", False, detail, fix)
+    if free < DISK_LOW:
+        return Check("disk", True, detail + " (low)", fix)
+    return Check("disk", True, detail)
+
+
+def _torch_has_cuda() -> bool:
+    """Whether the installed torch is a CUDA build, read from its files (no import)."""
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    version = Path(next(iter(spec.submodule_search_locations))) / "version.py"
+    try:
+        text = version.read_text(encoding="utf-8")
+    except OSError:
+        return False
+    return re.search(r"^cuda\b[^=]*=\s*['\"]", text, flags=re.MULTILINE) is not None
+
+
+def _check_embedder(ctx: _Context) -> Check:
+    from engine.rag import embedder, embedder_export
+
+    name = f"{embedder.DEFAULT_EMBEDDER} embedder"
+    forced = os.environ.get(embedder.BACKEND_ENV, "").strip()
+    if forced and forced not in embedder.BACKENDS:
+        return Check(
+            "embedder",
+            False,
+            f"{embedder.BACKEND_ENV}={forced!r} is not a backend",
+            f"unset it, or set it to one of {', '.join(embedder.BACKENDS)}",
+        )
+    try:
+        folder = embedder.resolve_embedder(embedder.DEFAULT_EMBEDDER)
+    except BastionError as exc:
+        return Check("embedder", False, exc.message, exc.hint or f"run {SETUP}")
+    if forced == embedder.TORCH_FP32:
+        return Check("embedder", True, f"{name}: {forced} (set by {embedder.BACKEND_ENV})")
+    if not forced and _torch_has_cuda() and _nvidia_driver() is not None:
+        return Check("embedder", True, f"{name}: {embedder.TORCH_FP32} on the NVIDIA GPU")
+    if importlib.util.find_spec("onnxruntime") is None:
+        status: dict[str, Any] | None = {"ok": False, "reason": "onnxruntime is not installed"}
+    else:
+        # Documents keeps exports in <home>/cache/embedders (engine.rag.service); the
+        # cache key and the status file are the exporter's own, read here, not re-derived.
+        cache = ctx.home / "cache" / "embedders"
+        target = cache / embedder_export._model_digest(folder)
+        status = embedder_export._read_status(target / embedder_export.STATUS_FILE)
+        if status and status["ok"] and not (target / embedder_export.INT8_FILE).is_file():
+            status = None  # exported once, files gone since: exported again on first use
+    if status is None:
+        return Check(
+            "embedder",
+            True,
+            f"{name}: {embedder.ONNX_INT8}, not exported yet "
+            "(the first indexing exports it once, in about a minute)",
+        )
+    if status["ok"]:
+        return Check(
+            "embedder",
+            True,
+            f"{name}: {embedder.ONNX_INT8} (min cosine {status.get('min_cosine')} to fp32)",
+        )
+    reason = str(status.get("reason", "the int8 export failed"))
+    if forced == embedder.ONNX_INT8:
+        return Check(
+            "embedder",
+            False,
+            f"{name}: {forced} is forced but cannot run: {reason}",
+            f"unset {embedder.BACKEND_ENV} to fall back to {embedder.TORCH_FP32}",
+        )
+    return Check("embedder", True, f"{name}: {embedder.TORCH_FP32} ({reason})")
+
+
+@contextmanager
+def _quiet(logger: logging.Logger) -> Iterator[None]:
+    """Keep ``logger`` from reporting doctor's own probe as a blocked connection."""
+
+    def drop(_record: logging.LogRecord) -> bool:
+        return False
+
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
+def _check_privacy(ctx: _Context) -> Check:
+    from engine.errors import NetworkBlocked
+    from engine.privacy import guard
+
+    switches = {**guard.OFFLINE_SWITCHES, **guard.TELEMETRY_SWITCHES}
+    unset = sorted(k for k, v in switches.items() if os.environ.get(k) != v)
+    # The guard is an audit hook on "socket.connect". Raising that audit event by hand
+    # asks the hook exactly what a real connect would, and no packet can leave even if
+    # the hook let it through: nothing here calls connect().
+    refused = False
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe, _quiet(guard.log):
+        try:
+            sys.audit("socket.connect", probe, _TEST_NET)
+        except NetworkBlocked:
+            refused = True
+    target = f"{_TEST_NET[0]}:{_TEST_NET[1]}"
+    if not guard.is_active() or not refused:
+        return Check(
+            "privacy",
+            False,
+            f"the network guard let a connection to {target} through",
+            "report this as a bug: Bastion must refuse connections it was not asked for",
+        )
+    if unset:
+        return Check(
+            "privacy",
+            False,
+            f"telemetry/offline switches not set: {', '.join(unset)}",
+            "report this as a bug",
+        )
+    return Check(
+        "privacy",
+        True,
+        f"network guard active (a connection to {target} is refused); "
+        f"{len(switches)} offline and telemetry switches set",
+    )
