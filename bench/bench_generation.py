@@ -11,14 +11,18 @@ rendered with the model's chat template, the same thread count (physical cores),
 sampling and the same token budget. The KV cache is cleared before every run on both
 sides, so each run evaluates the whole prompt. Measured:
 
-* in-process: time to first token (from the call to the first text) and generation rate
-  (tokens after the first / time from first to last) -- ``Engine.chat`` vs. ``Llama.generate``;
+* in-process: model load (``Llama(...)`` vs. ``Engine.load_model`` with the model host
+  process already started, as the desktop app and a server have it), time to first token
+  (from the call to the first text) and generation rate (tokens after the first / time
+  from first to last) -- ``Engine.chat`` vs. ``Llama.generate``. The engine's model runs
+  in the model host process, so its numbers include the trip across the pipe; starting
+  that process (before any load) is printed on its own line;
 * command line: time from process start to the first byte on stdout and total wall time --
   ``bastion chat PROMPT`` vs. a bare script that loads the model and streams the answer.
 
 Medians over the runs, the ratio engine/bare, and the date and machine are printed and
 appended to ``bench/results/generation.md``. Goals: engine >= 0.97x bare tokens/s; time
-to first token within 20 ms of bare.
+to first token within 20 ms of bare; model load within +10 %.
 """
 
 from __future__ import annotations
@@ -65,11 +69,15 @@ for tok in llm.generate(tokens, temp=0.0, top_k=40, top_p=0.95, min_p=0.05, repe
 """
 
 
+Sample = tuple[float, float, int, float, float]  # ttft, tok/s, tokens, load s, host start s
+
+
 def bare_in_process(
     model_path: str, threads: int, prompt_text: str, n: int, runs: int
-) -> list[tuple[float, float, int]]:
+) -> list[Sample]:
     from llama_cpp import Llama
 
+    load_started = time.perf_counter()
     llm = Llama(
         model_path=model_path,
         n_ctx=4096,
@@ -78,8 +86,9 @@ def bare_in_process(
         n_gpu_layers=0,
         verbose=False,
     )
+    load_s = time.perf_counter() - load_started
     eos = llm.token_eos()
-    results = []
+    results: list[Sample] = []
     for _ in range(runs):
         llm.reset()
         start = time.perf_counter()
@@ -99,21 +108,23 @@ def bare_in_process(
             if count >= n:
                 break
         assert first is not None and last is not None
-        results.append((first - start, (count - 1) / (last - first), count))
+        results.append((first - start, (count - 1) / (last - first), count, load_s, 0.0))
     del llm
     return results
 
 
-def engine_in_process(home: Path, n: int, runs: int) -> list[tuple[float, float, int]]:
+def engine_in_process(home: Path, n: int, runs: int) -> list[Sample]:
     from engine import Engine
     from engine.chat.session import ChatRequest
     from engine.models.runtime import SamplingParams
 
-    results = []
+    results: list[Sample] = []
     with Engine(home) as engine:
-        engine.load_model(None)
-        for _ in range(runs):
-            engine._lane.call(lambda m: m.llm.reset())  # same cold prompt as the bare side
+        host_started = time.perf_counter()
+        engine.start_model_host(wait=60)
+        host_s = time.perf_counter() - host_started
+        _, load_s = engine.load_model(None)
+        for _ in range(runs):  # one run per fresh process: the prompt is never cached
             stamps: list[float] = []
             request = ChatRequest(
                 PROMPT, sampling=SamplingParams(max_tokens=n, temperature=0.0, repeat_penalty=1.1)
@@ -123,7 +134,7 @@ def engine_in_process(home: Path, n: int, runs: int) -> list[tuple[float, float,
             result = engine.chat(request, on_text=on_text)
             first, last = stamps[0], stamps[-1]
             count = result.completion_tokens
-            results.append((first - start, (count - 1) / (last - first), count))
+            results.append((first - start, (count - 1) / (last - first), count, load_s, host_s))
     return results
 
 
@@ -175,8 +186,8 @@ def main() -> int:
         f"model {model.name}, {threads} threads, {args.tokens} tokens, {args.runs} runs",
         file=sys.stderr,
     )
-    bare: list[tuple[float, float, int]] = []
-    eng: list[tuple[float, float, int]] = []
+    bare: list[Sample] = []
+    eng: list[Sample] = []
     for i in range(args.runs):
         for side, into in (("bare", bare), ("engine", eng)):
             out = subprocess.run(
@@ -211,6 +222,11 @@ def main() -> int:
     e_ttft = statistics.median(r[0] for r in eng) * 1000
     add("generation, tokens/s (in process)", b_tps, e_tps, "tok/s", f"{e_tps / b_tps:.3f}x")
     add("time to first token (in process)", b_ttft, e_ttft, "ms", f"{e_ttft - b_ttft:+.1f} ms")
+    b_load = statistics.median(r[3] for r in bare) * 1000
+    e_load = statistics.median(r[3] for r in eng) * 1000
+    add("model load (in process)", b_load, e_load, "ms", f"{e_load / b_load - 1:+.1%}")
+    host = statistics.median(r[4] for r in eng) * 1000
+    rows.append(f"| model host process start (engine only, before a load) | | {host:.2f} ms | |")
     tokens = {r[2] for r in bare + eng}
 
     if not args.no_cli:

@@ -39,6 +39,9 @@ class Config:
     audit_log: bool = False
     # The desktop app's colour scheme: follow the system, or force light or dark.
     theme: str = "system"
+    # Seconds without a request before the model host process is stopped, which gives its
+    # RAM and VRAM back (the next answer loads the model again); negative: never.
+    model_keep_alive_seconds: int = 300
 
 
 def config_path(home: Path) -> Path:

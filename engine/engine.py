@@ -9,12 +9,13 @@ from typing import Any
 
 from engine import paths
 from engine.chat.session import ChatRequest, ChatResult, ChatService, load_spec_for
+from engine.config import load_config
 from engine.jobs import JobContext
 from engine.logs import log_to_file
 from engine.models import hardware
 from engine.models.gguf_info import read_gguf_info
+from engine.models.lane import ModelLane
 from engine.models.registry import ModelEntry, ModelRegistry
-from engine.models.runtime import ModelLane
 from engine.privacy import guard
 from engine.privacy.secrets import SecretStore
 from engine.rag.service import Documents
@@ -52,7 +53,7 @@ class Engine:
         self.models = ModelRegistry(self.db)
         self.conversations = ConversationStore(self.db)
         self.secrets = SecretStore(self.home)
-        self._lane = ModelLane()
+        self._lane = ModelLane(self.home / "logs" / "model-host.log", self._keep_alive)
         self._chat = ChatService(self._lane, self.models, self.conversations)
         self.documents = Documents(self.db, self.home)
         self.training = Training(self.models, self.db, self.home, self._chat.complete)
@@ -150,6 +151,27 @@ class Engine:
     def rate_message(self, message_id: int, rating: int) -> None:
         """Thumbs up (1), down (-1) or cleared (0) on an answer, kept with the message."""
         self.conversations.set_rating(message_id, rating)
+
+    # -- the model host --------------------------------------------------------------
+
+    def _keep_alive(self) -> float | None:
+        seconds = load_config(self.home).model_keep_alive_seconds
+        return None if seconds < 0 else float(seconds)
+
+    def start_model_host(self, wait: float | None = None) -> None:
+        """Start the model host process now, so that the first answer does not wait for it.
+
+        With ``wait``, return once it is ready, or after that many seconds.
+        """
+        self._lane.start(wait=wait)
+
+    def model_host_pid(self) -> int | None:
+        """The model host's process id while it runs; None when no model process is up."""
+        return self._lane.host_pid
+
+    def unload_model(self) -> None:
+        """Stop the model host, giving back the memory the model held."""
+        self._lane.unload()
 
     # -- lifetime --------------------------------------------------------------------
 

@@ -57,6 +57,20 @@ class ModelLoadError(OperationFailed):
     """llama.cpp refused to load a model that passed validation."""
 
 
+class ModelCrashed(OperationFailed):
+    """The model host process died (a native crash, an abort, the OOM killer).
+
+    The message names how it ended; the next request starts a fresh host.
+    ``conversation_id`` is set when a chat answer was cut short (it keeps the partial one).
+    """
+
+    def __init__(
+        self, message: str, hint: str | None = None, conversation_id: int | None = None
+    ) -> None:
+        super().__init__(message, hint)
+        self.conversation_id = conversation_id
+
+
 class NetworkBlocked(BastionError, ConnectionRefusedError):
     """An outbound connection was refused by the privacy guard.
 

@@ -190,35 +190,54 @@ def wheel_cache_root() -> Path:
     return Path(base) / "bastion" / "wheels"
 
 
-def ensure_llama(backend: str, recorded_backend: str | None) -> None:
+# The llama.cpp builds set-up tries, in order: "native" is built for this machine's
+# backend and CPU (-DGGML_NATIVE=ON, or CUDA / Metal); "portable" is a CPU build without
+# native CPU flags, the fallback when the native one fails its self-test.
+VARIANTS = ("native", "portable")
+
+
+def wheel_house(backend: str, variant: str) -> Path:
+    """The wheelhouse of one build: llama.cpp version, backend, Python, CPU and variant."""
+    version = llama_requirement().split("==", 1)[1]
+    pyver = f"cp{sys.version_info.major}{sys.version_info.minor}"
+    if variant == "portable":
+        return wheel_cache_root() / f"llama-cpp-python-{version}-cpu-{pyver}-portable"
+    key = f"{version}-{backend}-{pyver}-{cpu_key() if backend == 'cpu' else platform.machine()}"
+    return wheel_cache_root() / f"llama-cpp-python-{key}"
+
+
+def ensure_llama(backend: str, variant: str, recorded: dict[str, str]) -> None:
     requirement = llama_requirement()
     version = requirement.split("==", 1)[1]
-    if installed_version("llama-cpp-python") == version and recorded_backend == backend:
+    if (
+        installed_version("llama-cpp-python") == version
+        and recorded.get("backend") == backend
+        and recorded.get("variant", "native") == variant
+    ):
         return
-    pyver = f"cp{sys.version_info.major}{sys.version_info.minor}"
-    key = f"{version}-{backend}-{pyver}-{cpu_key() if backend == 'cpu' else platform.machine()}"
-    house = wheel_cache_root() / f"llama-cpp-python-{key}"
+    house = wheel_house(backend, variant)
     wheels = sorted(house.glob("llama_cpp_python-*.whl"))
     if not wheels:
+        build = "cpu" if variant == "portable" else backend
         cmake_args = {
-            "cpu": "-DGGML_NATIVE=ON",
+            "cpu": "-DGGML_NATIVE=OFF" if variant == "portable" else "-DGGML_NATIVE=ON",
             "cuda": "-DGGML_CUDA=ON",
             "metal": "-DGGML_METAL=ON",
-        }[backend]
+        }[build]
         env = dict(os.environ)
         env["CMAKE_ARGS"] = (env.get("CMAKE_ARGS", "") + " " + cmake_args).strip()
         env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
-        if backend == "cuda":
+        if build == "cuda":
             nvcc = find_nvcc()
             if nvcc:
                 env.setdefault("CUDACXX", nvcc)
-        if backend == "cpu" and find_nvcc():
+        if build == "cpu" and variant == "native" and find_nvcc():
             log(
                 "nvcc found but no NVIDIA driver or GPU: building llama.cpp for the CPU "
                 "(set BASTION_LLAMA_BACKEND=cuda to force a CUDA build)"
             )
         log(
-            f"building llama-cpp-python {version} for {backend} (once per machine; "
+            f"building llama-cpp-python {version} ({variant} {build} build; once per machine; "
             f"about 10 minutes on 2 cores, CMAKE_ARGS={env['CMAKE_ARGS']!r})"
         )
         tmp = Path(tempfile.mkdtemp(prefix="bastion-llama-"))
@@ -249,6 +268,76 @@ def ensure_llama(backend: str, recorded_backend: str | None) -> None:
         log(f"built in {time.monotonic() - started:.0f} s, kept in {house}")
         wheels = sorted(house.glob("llama_cpp_python-*.whl"))
     pip("install", "--force-reinstall", "--no-deps", str(wheels[-1]))
+
+
+# -- the self-test ----------------------------------------------------------------------
+
+HOUSE_VERDICT = "selftest.json"
+
+
+def house_verdict(house: Path) -> dict[str, object] | None:
+    """What the self-test said of this wheelhouse's build on this machine, if it ran."""
+    try:
+        data = json.loads((house / HOUSE_VERDICT).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def selftest(variant: str) -> tuple[bool, str]:
+    """Run the engine's llama.cpp self-test in the venv; (passed, its one-line summary)."""
+    result = subprocess.run(
+        [str(venv_bin("python")), "-m", "engine.models.selftest", "run", "--build", variant],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    summary = lines[-1] if lines else f"the self-test exited with code {result.returncode}"
+    return result.returncode == 0, summary
+
+
+def first_untried_variant(backend: str, start: str) -> str:
+    """``start`` or the first variant after it whose build has not failed here before."""
+    for variant in VARIANTS[VARIANTS.index(start) :]:
+        before = house_verdict(wheel_house(backend, variant))
+        if before is None or before.get("ok"):
+            return variant
+    return VARIANTS[-1]
+
+
+def ensure_verified_llama(backend: str, recorded: dict[str, str]) -> str:
+    """Install the first llama.cpp build that passes its self-test here; returns its variant.
+
+    A build that failed before on this machine (the verdict is kept in its wheelhouse)
+    is not built or tried again. Says in one line what was chosen and why.
+    """
+    start = VARIANTS.index(recorded.get("variant", "native")) if recorded else 0
+    reasons = []
+    for variant in VARIANTS[start:]:
+        house = wheel_house(backend, variant)
+        before = house_verdict(house)
+        if before is not None and not before.get("ok"):
+            log(f"skipping the {variant} llama.cpp build: {before.get('summary')}")
+            reasons.append(f"{variant}: failed before")
+            continue
+        ensure_llama(backend, variant, recorded)
+        recorded = {"backend": backend, "variant": variant}
+        ok, summary = selftest(variant)
+        house.mkdir(parents=True, exist_ok=True)
+        (house / HOUSE_VERDICT).write_text(json.dumps({"ok": ok, "summary": summary}))
+        log(summary)
+        if ok:
+            if reasons or variant != "native":
+                log(f"using the {variant} llama.cpp build ({'; '.join(reasons)})")
+            return variant
+        reasons.append(f"{variant}: {summary}")
+    fail(
+        "llama.cpp failed its self-test in every build on this machine; "
+        "`.venv/bin/bastion doctor` shows the details"
+    )
+    raise AssertionError  # unreachable
 
 
 def ensure_bastion(extras: str) -> None:
@@ -327,12 +416,38 @@ def setup(extras: str) -> None:
     ):
         ensure_default_models()  # cheap: a stat per file
         return
+    if recorded.get("backend") != backend:
+        recorded = {}
     ensure_torch(backend)
-    ensure_llama(backend, recorded.get("backend"))
+    variant = first_untried_variant(backend, recorded.get("variant", "native"))
+    ensure_llama(backend, variant, recorded)
     ensure_bastion(extras)
     ensure_default_models()
-    STAMP.write_text(json.dumps({"fingerprint": fingerprint, "backend": backend}))
-    log(f"ready ({backend} build) in {time.monotonic() - started:.0f} s")
+    variant = ensure_verified_llama(backend, {"backend": backend, "variant": variant})
+    STAMP.write_text(
+        json.dumps({"fingerprint": fingerprint, "backend": backend, "variant": variant})
+    )
+    log(f"ready ({variant} {backend} build) in {time.monotonic() - started:.0f} s")
+
+
+def check_desktop() -> None:
+    """Stop with the exact install command when Qt could not open a window here.
+
+    Without it, a fresh Debian gets only Qt's "could not load the Qt platform plugin"
+    (the xcb plugin needs libxcb-cursor0, libxcb-icccm4, libxcb-keysyms1, ...).
+    """
+    platform_plugin = os.environ.get("QT_QPA_PLATFORM", "")
+    if platform_plugin and not platform_plugin.startswith("xcb"):
+        return  # offscreen, wayland, ...: the xcb libraries are not what is needed
+    result = subprocess.run(
+        [str(venv_bin("bastion")), "doctor", "--only", "desktop"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode == 1:
+        sys.stderr.write(result.stdout)
+        fail("the desktop app cannot start on this machine: install what is named above")
 
 
 def exec_in_venv(argv: list[str]) -> None:
@@ -375,6 +490,8 @@ def main(argv: list[str]) -> int:
     if command == "run":
         setup("")
         # No arguments: the desktop app. Arguments: the command line (`run chat`, ...).
+        if not rest:
+            check_desktop()
         exec_in_venv(["bastion", *rest] if rest else ["bastion-desktop"])
         return 0
     if command == "test":

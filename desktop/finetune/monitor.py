@@ -23,6 +23,7 @@ from PySide6.QtWidgets import (
 
 from desktop.finetune.chart import LossChart
 from engine.jobs import Progress
+from engine.protocol import Event
 
 LOG_LINES = 5000
 
@@ -84,13 +85,13 @@ class TrainingMonitor(QWidget):
         """One throttled publish; ``status`` replaces the status line when given."""
         detail: dict[str, Any] = dict(p.detail or {})
         event = detail.get("event")
-        if event == "start":
+        if event == Event.START:
             self.chart.set_total(detail.get("total_steps"))
             self.append_log(
                 f"training with {detail.get('backend')} on {detail.get('device')}: "
                 f"{detail.get('reason')}; {detail.get('total_steps')} steps"
             )
-        elif event == "progress":
+        elif event == Event.PROGRESS:
             step, loss = int(detail["step"]), float(detail["loss"])
             self.last_step = step
             self.chart.add_point(step, loss)

@@ -36,6 +36,7 @@ from desktop.chat.message import MessageWidget, describe
 from desktop.chat.pickers import CollectionPicker, ModelPicker
 from desktop.chat.transcript import Composer, Transcript
 from engine.chat.session import ChatRequest, ChatResult
+from engine.errors import ModelCrashed
 from engine.models.runtime import SamplingParams
 
 if TYPE_CHECKING:
@@ -370,7 +371,13 @@ class ChatPage(QWidget):
         if self._answer is not None and not self._answer.text():
             self._take_back_question()  # nothing was answered: the question can be sent again
         elif self._answer is not None:
-            self._answer.fail("failed before the end")
+            if isinstance(exc, ModelCrashed):
+                if exc.conversation_id is not None:  # the partial answer is kept there
+                    self.conversation_id = exc.conversation_id
+                    self.history.select(exc.conversation_id)
+                self._answer.fail("interrupted: the model process ended")
+            else:
+                self._answer.fail("failed before the end")
         self.history.reload()
 
     def _on_chat_cancelled(self) -> None:

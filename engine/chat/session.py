@@ -11,17 +11,12 @@ from typing import TYPE_CHECKING, Any
 
 from engine.chat.context import FittedPrompt, fit_messages
 from engine.chat.templates import ChatMessage, ChatTemplate
-from engine.errors import InvalidInput, OperationFailed
+from engine.errors import InvalidInput, ModelCrashed, OperationFailed
 from engine.jobs import JobContext
 from engine.models import hardware
+from engine.models.lane import ModelLane
 from engine.models.registry import ModelEntry, ModelRegistry, ModelSettings
-from engine.models.runtime import (
-    GenerationDone,
-    LoadedModel,
-    LoadSpec,
-    ModelLane,
-    SamplingParams,
-)
+from engine.models.runtime import GenerationDone, LoadSpec, SamplingParams
 from engine.privacy.audit import AuditLog
 from engine.store.conversations import Conversation, ConversationStore
 
@@ -151,12 +146,7 @@ class ChatService:
     def _template(self, entry: ModelEntry, spec: LoadSpec) -> tuple[ChatTemplate, bool]:
         """The chat template and whether to add BOS when tokenizing (cached per model)."""
         if spec not in self._templates:
-
-            def special_tokens(m: LoadedModel) -> tuple[str, str]:
-                llm = m.llm
-                return m.token_text(llm.token_bos()), m.token_text(llm.token_eos())
-
-            bos, eos = self._lane.call(special_tokens)
+            bos, eos = self._lane.special_tokens()
             add_bos = entry.metadata.get("tokenizer.ggml.add_bos_token", True) is not False
             self._templates[spec] = (ChatTemplate(entry.chat_template, bos, eos), add_bos)
         return self._templates[spec]
@@ -237,9 +227,17 @@ class ChatService:
             prefix = grounding.notice + "\n\n"
             if on_text is not None:
                 on_text(prefix)
-        answer, done = self._stream(
-            answer_id, fitted.tokens, request.sampling, ctx, started, on_text, prefix
-        )
+        try:
+            answer, done = self._stream(
+                answer_id, fitted.tokens, request.sampling, ctx, started, on_text, prefix
+            )
+        except ModelCrashed as exc:
+            raise ModelCrashed(
+                f"{exc.message}; the partial answer is kept in conversation "
+                f"{conversation.id}, marked interrupted",
+                hint=exc.hint,
+                conversation_id=conversation.id,
+            ) from None
         citations = tuple(grounding.citations) if grounding is not None else ()
         if citations:
             self._store.set_citations(answer_id, [c.to_public() for c in citations])
@@ -289,7 +287,7 @@ class ChatService:
         """The system prompt with as many sources as the context leaves room for."""
 
         def count(text: str) -> int:
-            return len(self._lane.call(lambda m: m.tokenize(text, False)))
+            return len(self._lane.tokenize(text, False))
 
         reserve = min(sampling.max_tokens, spec.n_ctx // 4)
         # Template markers and the question take the rest; 64 tokens of slack for markers.
@@ -366,7 +364,7 @@ class ChatService:
         def encode(messages: list[ChatMessage]) -> list[int]:
             text = template.render(messages)
             skip_bos = bool(template.bos_token) and text.startswith(template.bos_token)
-            return self._lane.call(lambda m: m.tokenize(text, add_bos and not skip_bos))
+            return self._lane.tokenize(text, add_bos and not skip_bos)
 
         system = ChatMessage("system", system_text) if system_text else None
         reserve = min(sampling.max_tokens, spec.n_ctx // 4)

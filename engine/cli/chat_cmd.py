@@ -10,7 +10,7 @@ import click
 
 from engine.cli.common import cancel_on_signals, get_engine, json_option
 from engine.cli.output import emit_json, note
-from engine.errors import Cancelled
+from engine.errors import BastionError, Cancelled, ModelCrashed
 from engine.jobs import JobContext
 
 if TYPE_CHECKING:
@@ -64,16 +64,26 @@ def chat(
         return
     request = ChatRequest(prompt, model_id, conversation_id, system, sampling, collection)
     job = JobContext()
+    streamed: list[str] = []
+
+    def show(text: str) -> None:
+        streamed.append(text)
+        _write(text)
+
     with cancel_on_signals(job) as seen:
         try:
             result = engine.chat(
                 request,
                 job,
-                on_text=None if as_json else _write,
+                on_text=None if as_json else show,
                 on_notice=lambda msg: note(f"bastion: note: {msg}"),
             )
         except Cancelled:
             raise SystemExit(128 + seen.get("signal", 2)) from None
+        except BastionError:
+            if streamed:  # the error's line comes after the partial answer, not inside it
+                _write("\n")
+            raise
     if as_json:
         emit_json(result.to_json())
     else:
@@ -147,6 +157,9 @@ def _interactive(
                 )
             except Cancelled:
                 note("\n[stopped]")
+                continue
+            except ModelCrashed as exc:  # the next question starts a fresh model process
+                note(f"\n[{exc}]")
                 continue
         _write("\n")
         _show_citations(result)

@@ -13,6 +13,7 @@ from engine.cli.output import emit_json, note
 from engine.cli.progress import ProgressBar
 from engine.errors import Cancelled
 from engine.jobs import JobContext, Progress
+from engine.protocol import Event
 
 _PLAIN_EVERY_S = 10.0
 
@@ -32,7 +33,7 @@ class _TrainingProgress:
         if p.detail is None:  # the parent's own steps (checks, preparation): quick, quiet
             return
         now = time.monotonic()
-        is_step = p.detail.get("event") == "progress"
+        is_step = p.detail.get("event") == Event.PROGRESS
         if (not is_step and p.label != self._last_label) or (
             is_step and now - self._last_line >= _PLAIN_EVERY_S
         ):

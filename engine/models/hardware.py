@@ -68,7 +68,16 @@ def _cpu_name() -> str:
 
 @functools.cache
 def gpu_offload_supported() -> bool:
-    """Whether the installed llama.cpp was built with a GPU backend."""
+    """Whether the installed llama.cpp was built with a GPU backend.
+
+    The self-test's verdict says so without loading llama.cpp into this process (the
+    model lives in the model host); without a verdict, llama.cpp is asked.
+    """
+    from engine.models.selftest import read_verdict
+
+    verdict = read_verdict()
+    if verdict is not None:
+        return verdict.backend != "cpu"
     try:
         import llama_cpp
 

@@ -1,27 +1,26 @@
-"""The model lane: one thread that owns the loaded llama.cpp model and does all its work.
+"""A loaded llama.cpp model and the types of a generation: what the model host runs.
 
-llama.cpp contexts are not safe to share between threads, and a model is expensive to
-load, so exactly one worker thread holds it. Everything that touches the model (load,
-tokenize, generate) is a task on that thread; callers block on the result or consume a
-stream of tokens. Generation checks the job's cancel flag between tokens.
+``LoadedModel`` lives only in the model host process (``engine.models.host``) and in the
+self-test's probe (``engine.models.selftest``): never in the app, the CLI or the server,
+where a native crash would take the user's work with it. The parent side is the lane
+(``engine.models.lane``).
 """
 
 from __future__ import annotations
 
 import codecs
+import contextlib
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
-from engine.errors import ModelLoadError, OperationFailed
+from engine.errors import ModelLoadError
 from engine.jobs import JobContext
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -75,24 +74,71 @@ class GenerationDone:
 
 StreamEvent = TokenChunk | GenerationDone
 
+# The configurations the self-test tries, safest last. "default" is llama.cpp's own;
+# "no-repack" turns off the extra weight buffer types (weights repacked at load for the
+# CPU's wide kernels, AMX among them), which crash on some virtualised Intel Xeons
+# (llama.cpp issue 20824) and are the usual suspect when a build misbehaves.
+RUNTIME_CONFIGS = ("default", "no-repack")
+_DISABLED = {"no-repack": ("repacked weight buffers (extra buffer types, AMX among them)",)}
+_PARAMS_LOCK = threading.Lock()
+
+
+def disabled_by(config: str) -> tuple[str, ...]:
+    """What ``config`` turns off, in words (empty for the default)."""
+    return _DISABLED.get(config, ())
+
+
+@contextlib.contextmanager
+def _model_params(config: str) -> Iterator[None]:
+    """While inside, llama-cpp-python builds its model parameters for ``config``.
+
+    ``Llama`` does not take ``use_extra_bufts``; it builds its parameters from
+    ``llama_model_default_params`` inside the constructor, so that function is wrapped
+    for the duration of one load (in the model host, which loads one model at a time).
+    """
+    if config == "default":
+        yield
+        return
+    import llama_cpp.llama_cpp
+
+    # The module object ``llama_cpp.llama`` looks the function up in, at each call.
+    bindings: Any = llama_cpp.llama_cpp
+    original = bindings.llama_model_default_params
+
+    def params():  # type: ignore[no-untyped-def]
+        p = original()
+        p.use_extra_bufts = False
+        return p
+
+    with _PARAMS_LOCK:
+        bindings.llama_model_default_params = params
+        try:
+            yield
+        finally:
+            bindings.llama_model_default_params = original
+
 
 class LoadedModel:
-    """A llama.cpp model as seen from the lane thread. Never use it from another thread."""
+    """A llama.cpp model in this process. Use it from one thread at a time."""
 
-    def __init__(self, spec: LoadSpec) -> None:
+    def __init__(self, spec: LoadSpec, config: str = "default") -> None:
         import llama_cpp
 
+        if config not in RUNTIME_CONFIGS:
+            raise ValueError(f"unknown runtime configuration {config!r}")
         self.spec = spec
+        self.config = config
         try:
-            self.llm = llama_cpp.Llama(
-                model_path=spec.path,
-                n_ctx=spec.n_ctx,
-                n_threads=spec.n_threads,
-                n_threads_batch=spec.n_threads,
-                n_gpu_layers=spec.n_gpu_layers,
-                lora_path=spec.lora_path,
-                verbose=False,
-            )
+            with _model_params(config):
+                self.llm = llama_cpp.Llama(
+                    model_path=spec.path,
+                    n_ctx=spec.n_ctx,
+                    n_threads=spec.n_threads,
+                    n_threads_batch=spec.n_threads,
+                    n_gpu_layers=spec.n_gpu_layers,
+                    lora_path=spec.lora_path,
+                    verbose=False,
+                )
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelLoadError(
                 f"llama.cpp could not load model {spec.model_id}: {exc}",
@@ -106,6 +152,10 @@ class LoadedModel:
         else:
             eos = self.llm.token_eos()
             self._is_eog = lambda tok: tok == eos
+
+    def special_tokens(self) -> tuple[str, str]:
+        """The text of the BOS and EOS tokens (chat templates write them)."""
+        return self.token_text(self.llm.token_bos()), self.token_text(self.llm.token_eos())
 
     def token_text(self, token_id: int) -> str:
         return self.llm.detokenize([token_id], special=True).decode("utf-8", errors="replace")
@@ -176,151 +226,3 @@ class LoadedModel:
         close = getattr(self.llm, "close", None)
         if close is not None:
             close()
-
-
-class _Task:
-    def __init__(self, fn: Callable[[], Any]) -> None:
-        self.fn = fn
-        self.done = threading.Event()
-        self.result: Any = None
-        self.error: BaseException | None = None
-
-
-_STOP = object()
-
-
-class ModelLane:
-    """Owns at most one loaded model on one worker thread."""
-
-    def __init__(self) -> None:
-        self._tasks: queue.SimpleQueue[_Task | object] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._model: LoadedModel | None = None
-        self._lock = threading.Lock()
-
-    # -- plumbing -----------------------------------------------------------------------
-
-    def _ensure_thread(self) -> None:
-        with self._lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="model-lane", daemon=True)
-                self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            task = self._tasks.get()
-            if task is _STOP:
-                if self._model is not None:
-                    self._model.close()
-                    self._model = None
-                return
-            assert isinstance(task, _Task)
-            try:
-                task.result = task.fn()
-            except BaseException as exc:
-                task.error = exc
-            finally:
-                task.done.set()
-
-    def submit(self, fn: Callable[[], T]) -> _Task:
-        """Queue ``fn`` on the lane thread; see ``call`` for the blocking form."""
-        self._ensure_thread()
-        task = _Task(fn)
-        self._tasks.put(task)
-        return task
-
-    def call(self, fn: Callable[[LoadedModel], T]) -> T:
-        """Run ``fn(model)`` on the lane thread and return its result."""
-
-        def with_model() -> T:
-            if self._model is None:
-                raise OperationFailed("no model is loaded")
-            return fn(self._model)
-
-        task = self.submit(with_model)
-        task.done.wait()
-        if task.error is not None:
-            raise task.error
-        return task.result  # type: ignore[no-any-return]
-
-    # -- model --------------------------------------------------------------------------
-
-    @property
-    def loaded_spec(self) -> LoadSpec | None:
-        model = self._model
-        return model.spec if model is not None else None
-
-    def load(self, spec: LoadSpec) -> float:
-        """Make ``spec`` the loaded model (no-op if it is). Returns seconds spent loading."""
-
-        def do_load() -> float:
-            if self._model is not None and self._model.spec == spec:
-                return 0.0
-            if self._model is not None:
-                self._model.close()
-                self._model = None
-            started = time.perf_counter()
-            self._model = LoadedModel(spec)
-            elapsed = time.perf_counter() - started
-            log.info(
-                "loaded %s in %.2f s (ctx %d, threads %d, gpu layers %d)",
-                spec.model_id,
-                elapsed,
-                spec.n_ctx,
-                spec.n_threads,
-                spec.n_gpu_layers,
-            )
-            return elapsed
-
-        task = self.submit(do_load)
-        task.done.wait()
-        if task.error is not None:
-            raise task.error
-        return float(task.result)
-
-    def stream(
-        self, tokens: list[int], params: SamplingParams, ctx: JobContext, started: float
-    ) -> Iterator[StreamEvent]:
-        """Generate on the lane; yields text chunks, then one ``GenerationDone``.
-
-        If the consumer stops iterating early, generation is cancelled at the next token.
-        """
-        events: queue.SimpleQueue[StreamEvent | BaseException] = queue.SimpleQueue()
-        task = self.submit(lambda: self._generate(tokens, params, ctx, started, events.put))
-        finished = False
-        try:
-            while True:
-                event = events.get()
-                if isinstance(event, BaseException):
-                    raise event
-                yield event
-                if isinstance(event, GenerationDone):
-                    finished = True
-                    return
-        finally:
-            if not finished:
-                ctx.cancel("stream closed")
-            task.done.wait()
-
-    def _generate(
-        self,
-        tokens: list[int],
-        params: SamplingParams,
-        ctx: JobContext,
-        started: float,
-        put: Callable[[Any], None],
-    ) -> None:
-        try:
-            if self._model is None:
-                raise OperationFailed("no model is loaded")
-            self._model.generate(tokens, params, ctx, started, put)
-        except BaseException as exc:
-            put(exc)
-
-    def close(self) -> None:
-        """Unload the model and end the thread."""
-        thread = self._thread
-        if thread is not None and thread.is_alive():
-            self._tasks.put(_STOP)
-            thread.join(timeout=30)
-        self._thread = None

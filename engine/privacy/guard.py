@@ -57,6 +57,8 @@ TELEMETRY_SWITCHES = {
     "POSTHOG_DISABLED": "1",
     "DEEPSPEED_DISABLE_TELEMETRY": "1",
     "TRL_DISABLE_TELEMETRY": "1",
+    # ONNX Runtime (the embedder) keeps a device id under ~/.cache/Microsoft otherwise.
+    "ORT_DISABLE_TELEMETRY": "1",
 }
 
 # Frames in these modules are plumbing; the "caller" named in an error is the first frame

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import InvalidInput
+from engine.protocol import Event
 from engine.train.arch import TARGET_MODULES
 
 Emit = Callable[..., None]
@@ -93,7 +94,7 @@ def hf_folder_for_gguf(gguf_path: Path, cache_root: Path, emit: Emit) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
-    emit("status", message="dequantizing the GGUF base model (once; it is kept in the cache)")
+    emit(Event.STATUS, message="dequantizing the GGUF base model (once; it is kept in the cache)")
     model: Any = AutoModelForCausalLM.from_pretrained(
         str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
     )

@@ -27,8 +27,8 @@ import psutil
 
 from engine.errors import Cancelled, InvalidInput, OperationFailed
 from engine.jobs import JobContext
+from engine.protocol import Event, ExitCode, ProtocolError, decode, describe_exit
 from engine.store.db import Database
-from engine.train import worker as worker_codes
 
 _STOP_GRACE_S = 120.0  # a checkpoint of a large adapter can take a while to write
 _DB_UPDATE_S = 2.0
@@ -158,9 +158,11 @@ def run_worker(
         assert proc.stdout is not None
         for raw in proc.stdout:
             try:
-                events.put(json.loads(raw))
-            except ValueError:
+                message = decode(raw)
+            except ProtocolError:
                 continue
+            # Relayed as the dict the worker wrote: progress details travel as they are.
+            events.put({"event": message.kind, **message.fields})
         events.put(None)
 
     threading.Thread(target=read, daemon=True).start()
@@ -189,7 +191,7 @@ def run_worker(
             kind = event.get("event")
             if on_event is not None:
                 on_event(event)
-            if kind == "start":
+            if kind == Event.START:
                 start = event
                 total = event.get("total_steps")
                 runs.update(name, total_steps=total)
@@ -199,21 +201,21 @@ def run_worker(
                     f"{event['backend']} on {event['device']}: {event['reason']}",
                     detail=event,
                 )
-            elif kind == "status":
+            elif kind == Event.STATUS:
                 ctx.report(step, total, str(event.get("message", "")), detail=event)
-            elif kind == "progress":
+            elif kind == Event.PROGRESS:
                 step = int(event["step"])
                 label = f"loss {event['loss']:.3f} · {event['tokens_per_second']:.0f} tok/s"
                 ctx.report(step, total, label, eta=event.get("eta_seconds"), detail=event)
                 if time.monotonic() - last_db >= _DB_UPDATE_S:
                     runs.update(name, step=step)
                     last_db = time.monotonic()
-            elif kind in ("checkpoint", "stopped", "resumed"):
+            elif kind in (Event.CHECKPOINT, Event.STOPPED, Event.RESUMED):
                 step = int(event["step"])
                 runs.update(name, step=step)
-            elif kind == "done":
+            elif kind == Event.DONE:
                 done = event
-            elif kind == "error":
+            elif kind == Event.ERROR:
                 error = event
         code = proc.wait()
     except BaseException:
@@ -232,17 +234,17 @@ def run_worker(
     if code == 0 and done is not None:
         runs.update(name, step=int(done.get("steps", step)), pid=None)
         return WorkerOutcome(done=done, start=start)
-    if code == worker_codes.EXIT_STOPPED:
+    if code == ExitCode.STOPPED:
         runs.update(name, status="stopped", step=step, pid=None)
         raise Cancelled(
             f"training stopped {where}; the checkpoint is kept: "
             f"`bastion finetune --name {name} --resume` continues it"
         )
     message = (error or {}).get("message") or ""
-    if code == worker_codes.EXIT_INVALID:
+    if code == ExitCode.INVALID:
         runs.update(name, status="failed", error=message, pid=None)
         raise InvalidInput(message)
-    if code == worker_codes.EXIT_OOM:
+    if code == ExitCode.OOM:
         text = f"training ran out of memory {where}" + _allocation(message)
         runs.update(name, status="failed", error=text, pid=None)
         raise OperationFailed(
@@ -250,8 +252,10 @@ def run_worker(
             hint="lower --batch-size, --tokens-per-batch or --max-length, use a smaller "
             "--rank, or close other programs",
         )
-    how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"failed ({message})"
-    text = f"the training process {how} {where}"
+    if code < 0:
+        text = f"{describe_exit(code, 'the training process')} {where}"
+    else:
+        text = f"the training process failed ({message}) {where}"
     runs.update(name, status="failed", error=text, pid=None)
     has_checkpoint = any((run_dir / "checkpoints").glob("step-*/state.json"))
     raise OperationFailed(

@@ -1,7 +1,8 @@
 """The training child process: ``python -m engine.train.worker RUN_DIR [--resume]``.
 
 It reads ``RUN_DIR/spec.json`` and the encoded examples the parent wrote, trains a LoRA,
-and speaks only JSON lines on stdout, one event each::
+and speaks only JSON lines on stdout, one event each (every event and exit code is
+defined in ``engine.protocol``)::
 
     {"event": "start", "backend": "peft", "reason": "...", "device": "cpu", "total_steps": 40}
     {"event": "eval", "phase": "before", "loss": 2.31}
@@ -31,33 +32,15 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from engine.errors import InvalidInput
+from engine.protocol import ErrorKind, Event, EventWriter, ExitCode
 from engine.train.encode import Encoded
 from engine.train.spec import RunSpec
 
-EXIT_STOPPED = 3
-EXIT_OOM = 4
-EXIT_INVALID = 5
-EXIT_FAILED = 6
 _KEEP_CHECKPOINTS = 2
 _PROGRESS_EVERY_S = 0.25
-
-
-class Events:
-    """Writes one JSON object per line to the real stdout, which nothing else may use."""
-
-    def __init__(self) -> None:
-        sys.stdout.flush()
-        self._out: IO[str] = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
-        os.dup2(2, 1)  # print() from any library now lands on stderr
-        self._lock = threading.Lock()
-
-    def __call__(self, event: str, **fields: Any) -> None:
-        with self._lock:
-            self._out.write(json.dumps({"event": event, **fields}) + "\n")
-            self._out.flush()
 
 
 class StopFlag:
@@ -120,7 +103,7 @@ def is_oom(exc: BaseException) -> bool:
 class Trainer:
     """One run: model, data order, optimizer, checkpoints."""
 
-    def __init__(self, spec: RunSpec, emit: Events, stop: StopFlag) -> None:
+    def __init__(self, spec: RunSpec, emit: EventWriter, stop: StopFlag) -> None:
         self.spec = spec
         self.hp = spec.hyper
         self.emit = emit
@@ -158,7 +141,7 @@ class Trainer:
 
         self.choice = backends.choose(self.spec.backend)
         self.emit(
-            "start",
+            Event.START,
             backend=self.choice.name,
             reason=self.choice.reason,
             device=self.choice.device,
@@ -170,7 +153,7 @@ class Trainer:
         folder = Path(self.spec.base_path)
         if self.spec.base_kind == "gguf":
             folder = backends.hf_folder_for_gguf(folder, Path(self.spec.cache_dir), self.emit)
-        self.emit("status", message="loading the base model")
+        self.emit(Event.STATUS, message="loading the base model")
         self.model = backends.load(
             self.choice,
             folder,
@@ -252,7 +235,7 @@ class Trainer:
         os.replace(tmp, final)
         for old in sorted(root.glob("step-*"))[:-_KEEP_CHECKPOINTS]:
             shutil.rmtree(old, ignore_errors=True)
-        self.emit("checkpoint", step=step)
+        self.emit(Event.CHECKPOINT, step=step)
 
     def latest_checkpoint(self) -> Path | None:
         found = sorted(self.spec.path("checkpoints").glob("step-*/state.json"))
@@ -281,13 +264,13 @@ class Trainer:
         if checkpoint is not None:
             state = self.restore(checkpoint)
             start_step = int(state["step"])
-            self.emit("resumed", step=start_step)
+            self.emit(Event.RESUMED, step=start_step)
         else:
             shutil.rmtree(self.spec.path("checkpoints"), ignore_errors=True)
             self.spec.path("metrics.jsonl").unlink(missing_ok=True)
-            self.emit("status", message="measuring validation loss before training")
+            self.emit(Event.STATUS, message="measuring validation loss before training")
             state["eval_before"] = self.evaluate()
-            self.emit("eval", phase="before", loss=state["eval_before"])
+            self.emit(Event.EVAL, phase="before", loss=state["eval_before"])
             _append_metric(self.spec, {"step": 0, "eval_loss": state["eval_before"]})
         self.model.train()
         step = start_step
@@ -297,8 +280,8 @@ class Trainer:
         while step < self.total_steps:
             if self.stop.stopped:
                 self.save_checkpoint(step, state)
-                self.emit("stopped", step=step)
-                return EXIT_STOPPED
+                self.emit(Event.STOPPED, step=step)
+                return ExitCode.STOPPED
             began = time.perf_counter()
             lr = lr_at(step, self.total_steps, self.hp.lr, self.warmup)
             for group in self.optimizer.param_groups:
@@ -324,7 +307,7 @@ class Trainer:
             if now - last_report >= _PROGRESS_EVERY_S or step == self.total_steps:
                 last_report = now
                 self.emit(
-                    "progress",
+                    Event.PROGRESS,
                     step=step,
                     total_steps=self.total_steps,
                     epoch=round(step / self.steps_per_epoch, 3),
@@ -335,14 +318,14 @@ class Trainer:
                 )
             if step % self.save_every == 0 and step < self.total_steps:
                 self.save_checkpoint(step, state)
-        self.emit("status", message="measuring validation loss after training")
+        self.emit(Event.STATUS, message="measuring validation loss after training")
         eval_after = self.evaluate()
-        self.emit("eval", phase="after", loss=eval_after)
+        self.emit(Event.EVAL, phase="after", loss=eval_after)
         _append_metric(self.spec, {"step": step, "eval_loss": eval_after})
         self.save_checkpoint(step, state)
         outputs = self.export()
         self.emit(
-            "done",
+            Event.DONE,
             train_loss=state.get("last_loss", loss),
             eval_loss_before=state["eval_before"],
             eval_loss_after=eval_after,
@@ -353,7 +336,7 @@ class Trainer:
             device=self.choice.device,
             **outputs,
         )
-        return 0
+        return ExitCode.OK
 
     def export(self) -> dict[str, Any]:
         from peft import get_peft_model_state_dict
@@ -361,7 +344,7 @@ class Trainer:
         from engine.train.arch import for_gguf
         from engine.train.export import write_gguf_lora
 
-        self.emit("status", message="saving the adapter")
+        self.emit(Event.STATUS, message="saving the adapter")
         adapter_dir = self.spec.path("adapter")
         tmp = self.spec.path(".adapter.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -384,7 +367,7 @@ class Trainer:
         )
         outputs: dict[str, Any] = {"adapter_dir": str(adapter_dir), "gguf": str(gguf_path)}
         if self.spec.merged:
-            self.emit("status", message="writing the merged model")
+            self.emit(Event.STATUS, message="writing the merged model")
             merged_dir = self.spec.path("merged")
             tmp = self.spec.path(".merged.tmp")
             shutil.rmtree(tmp, ignore_errors=True)
@@ -429,33 +412,40 @@ def _append_metric(spec: RunSpec, record: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    emit = Events()
+    emit = EventWriter()
     stop = StopFlag()
     if not args:
-        emit("error", kind="invalid", message="usage: worker RUN_DIR [--resume]")
-        return EXIT_INVALID
+        emit(Event.ERROR, kind=ErrorKind.INVALID, message="usage: worker RUN_DIR [--resume]")
+        return ExitCode.INVALID
     from engine.privacy import guard
 
     guard.activate()
     spec = RunSpec.load(Path(args[0]) / "spec.json")
+    # Unsloth compiles kernels into ./unsloth_compiled_cache unless told otherwise; nothing
+    # may land in the user's working directory.
+    os.environ.setdefault(
+        "UNSLOTH_COMPILE_LOCATION", str(Path(spec.cache_dir) / "unsloth_compiled_cache")
+    )
     trainer: Trainer | None = None
     try:
         trainer = Trainer(spec, emit, stop)
         return trainer.run(resume="--resume" in args)
     except InvalidInput as exc:
-        emit("error", kind="invalid", message=str(exc))
-        return EXIT_INVALID
+        emit(Event.ERROR, kind=ErrorKind.INVALID, message=str(exc))
+        return ExitCode.INVALID
     except BaseException as exc:  # report it; the parent decides what the user sees
         if isinstance(exc, KeyboardInterrupt | SystemExit):
             raise
         if is_oom(exc):
-            emit("error", kind="oom", message=str(exc).splitlines()[0][:300] if str(exc) else "")
-            return EXIT_OOM
+            message = str(exc).splitlines()[0][:300] if str(exc) else ""
+            emit(Event.ERROR, kind=ErrorKind.OOM, message=message)
+            return ExitCode.OOM
         import traceback
 
         traceback.print_exc()
-        emit("error", kind="failed", message=f"{type(exc).__name__}: {exc}".splitlines()[0])
-        return EXIT_FAILED
+        message = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        emit(Event.ERROR, kind=ErrorKind.FAILED, message=message)
+        return ExitCode.FAILED
 
 
 if __name__ == "__main__":

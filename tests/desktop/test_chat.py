@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -370,3 +372,32 @@ def test_pickers_list_models_and_collections(window: MainWindow, page: ChatPage)
     window.show_page("Models")
     window.show_page("Chat")
     assert page.collection() == "handbook"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGSEGV, signal.SIGKILL])
+def test_a_model_process_crash_ends_the_answer_and_the_app_goes_on(
+    qtbot: Any, window: MainWindow, page: ChatPage, sig: signal.Signals
+) -> None:
+    page.max_tokens = 400
+    page.send("Write a long story about a lighthouse keeper and the sea.")
+    answer = answers(page)[-1]
+    qtbot.waitUntil(lambda: len(answer.text()) > 0, timeout=GENERATION_TIMEOUT_MS)
+    pid = window.engine.model_host_pid()
+    assert pid is not None and pid != os.getpid()
+    os.kill(pid, sig)
+    wait_idle(qtbot, page)
+
+    assert window.isVisible()
+    assert window.notice.isVisible() and sig.name in window.notice.label.text()
+    assert answer.interrupted and answer.text().strip()
+    assert "model process ended" in answer.status_label.text()
+    _, messages = window.engine.get_conversation(page.conversation_id or -1)
+    assert messages[-1].interrupted and messages[-1].content.strip()
+    assert page.history.current_id() == page.conversation_id
+
+    page.max_tokens = 8
+    page.send("Hi")  # a fresh model process answers
+    wait_idle(qtbot, page)
+    assert answers(page)[-1].text().strip() and not answers(page)[-1].interrupted
+    assert window.engine.model_host_pid() not in (None, pid)
+    assert len(page.transcript.messages()) == 4  # in the same conversation

@@ -1,0 +1,381 @@
+"""The llama.cpp self-test: is the installed build safe on this machine, and how to load it.
+
+Machines differ in ways a build cannot see: llama.cpp's AMX path, for one, crashes on
+some virtualised Intel Xeons as soon as a prompt has two tokens (llama.cpp issue 20824).
+So before any model is served, set-up runs this self-test; the model host (and the
+engine, when set-up's verdict is missing or stale) loads models only with the
+configuration it passed.
+
+Each probe runs in a child process (a crash there is a verdict, not an accident): it
+loads the default model with the thread count and GPU layers the engine would use,
+evaluates a prompt of a few hundred tokens in one batch, scores 32 more tokens one at a
+time (their mean negative log-likelihood tells a working build from one that computes
+garbage: a 135M model reads plain English at about 2-3 nats a token, noise is ~10.8),
+then generates 32 tokens greedily through the engine's own generation loop.
+Configurations are tried safest last (``runtime.RUNTIME_CONFIGS``); the first that
+passes is the verdict.
+
+    python -m engine.models.selftest run [--json] [--out FILE] [--model GGUF]
+
+The verdict is kept beside the build it judges (``<venv>/share/bastion/``), keyed by the
+llama.cpp library's identity and the CPU, so a rebuilt or copied install is tested anew.
+A test-only switch, ``BASTION_SELFTEST_CRASH=CONFIG``, makes that configuration's probe
+die by SIGSEGV where a native crash would happen (``BASTION_SELFTEST_GARBAGE=CONFIG``:
+as if the logits were noise).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import math
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from engine.models.runtime import RUNTIME_CONFIGS, disabled_by
+
+log = logging.getLogger(__name__)
+
+RECIPE = 1  # bump when the probe changes, so that old verdicts are not trusted
+VERDICT_FILE = "llama-selftest.json"
+PROBE_TIMEOUT_S = 180.0
+SCORED_TOKENS = 32
+GENERATED_TOKENS = 32
+MAX_MEAN_NLL = 7.0  # nats per token; noise over a 49k vocabulary is about 10.8
+CRASH_SWITCH = "BASTION_SELFTEST_CRASH"
+GARBAGE_SWITCH = "BASTION_SELFTEST_GARBAGE"
+
+# Plain English, written for this test: the probe needs text any model reads easily.
+PROMPT = (
+    "The lighthouse stood on a rock at the end of the harbour wall. Every evening the "
+    "keeper climbed the narrow stairs, trimmed the wick, wound the clockwork that turned "
+    "the lens, and wrote the weather in the log book. Ships coming home in the dark saw "
+    "the light long before they saw the land, and they knew from its pattern which "
+    "harbour it was: two short flashes and one long, every fifteen seconds. In winter the "
+    "storms were so strong that spray reached the lantern room, and the keeper had to "
+    "clean the salt from the glass twice a night. In summer the work was easier, and "
+    "children from the town came out along the wall to look at the great lens, which "
+    "was made of hundreds of pieces of glass arranged in rings. The keeper told them how "
+    "the rings bent the light into a single beam, how the beam could be seen twenty miles "
+    "away, and how, before there were lighthouses, people lit fires on the hills to "
+    "guide the boats. When the light was made electric, the keeper stayed on for a few "
+    "years to look after the machines, and then the lighthouse was run from the town. "
+    "Today the keeper's house is a small museum. Visitors can climb the stairs, stand in "
+    "the lantern room and read the old log books, which tell of fog, of wrecks and "
+    "rescues, and of quiet nights when nothing happened at all. The museum is open every "
+    "day from April to October, and on winter weekends when the weather allows. A path "
+    "runs from the harbour to the rock, and at low tide you can walk around its base and "
+    "see the marks that the waves have cut into the stone over two hundred years."
+)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One configuration tried: whether it passed, and the numbers or the failure."""
+
+    config: str
+    ok: bool
+    detail: str
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the self-test found for one llama.cpp build on one machine."""
+
+    build: str  # "native" | "portable" (set-up's wheel variant; "unknown" outside set-up)
+    backend: str  # "cpu" | "cuda" | "metal"
+    config: str | None  # the configuration that passed; None: none did
+    disabled: tuple[str, ...]  # what the passing configuration turned off, in words
+    probes: tuple[Probe, ...]
+    build_key: str
+    tested_at: str
+
+    @property
+    def ok(self) -> bool:
+        return self.config is not None
+
+    def summary(self) -> str:
+        """One line: what was chosen and why."""
+        if self.config is None:
+            failures = "; ".join(f"{p.config}: {p.detail}" for p in self.probes)
+            return f"llama.cpp ({self.build} {self.backend} build) failed its self-test: {failures}"
+        numbers = next((p.detail for p in self.probes if p.config == self.config), "")
+        text = f"llama.cpp ({self.build} {self.backend} build) passed its self-test"
+        failed = [p for p in self.probes if not p.ok]
+        if failed:
+            turned_off = ", ".join(self.disabled) or "nothing"
+            reasons = "; ".join(f"{p.config}: {p.detail}" for p in failed)
+            return f"{text} with {turned_off} turned off ({reasons}); {numbers}"
+        return f"{text} ({self.config} configuration{'; ' + numbers if numbers else ''})"
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["ok"] = self.ok
+        data["summary"] = self.summary()
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Verdict:
+        return cls(
+            build=str(data["build"]),
+            backend=str(data["backend"]),
+            config=data["config"],
+            disabled=tuple(data.get("disabled", ())),
+            probes=tuple(Probe(**p) for p in data.get("probes", ())),
+            build_key=str(data["build_key"]),
+            tested_at=str(data.get("tested_at", "")),
+        )
+
+
+# -- where the verdict lives, and whose it is -------------------------------------------
+
+
+def verdict_path() -> Path:
+    """Beside the default models that set-up installs into this environment."""
+    return Path(sys.prefix) / "share" / "bastion" / VERDICT_FILE
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith(("flags", "Features")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def build_key() -> str:
+    """The identity of the installed llama.cpp libraries on this CPU (no import needed)."""
+    spec = importlib.util.find_spec("llama_cpp")
+    parts = [f"recipe {RECIPE}", platform.machine(), _cpu_flags()]
+    if spec is None or spec.origin is None:
+        parts.append("llama_cpp missing")
+    else:
+        package = Path(spec.origin).parent
+        for lib in sorted((package / "lib").glob("*")):
+            st = lib.stat()
+            parts.append(f"{lib.name} {st.st_size} {st.st_mtime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def read_verdict(path: Path | None = None) -> Verdict | None:
+    """The verdict for the installed build; None if it was never tested (or rebuilt since)."""
+    path = path or verdict_path()
+    try:
+        verdict = Verdict.from_json(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return verdict if verdict.build_key == build_key() else None
+
+
+def _backend() -> str:
+    import llama_cpp
+
+    if not llama_cpp.llama_supports_gpu_offload():
+        return "cpu"
+    return "metal" if sys.platform == "darwin" else "cuda"
+
+
+# -- the parent: try the configurations in turn -----------------------------------------
+
+
+def default_model_path() -> Path | None:
+    """The default chat model set-up installed, which every probe loads."""
+    import tomllib
+
+    from engine.paths import builtin_models_dirs, resources_dir
+
+    catalogue = tomllib.loads((resources_dir() / "catalogue.toml").read_text(encoding="utf-8"))
+    for entry in catalogue.get("model", []):
+        for folder in builtin_models_dirs():
+            candidate = folder / str(entry["file"])
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def run_selftest(
+    model: Path,
+    *,
+    build: str = "unknown",
+    out: Path | None = None,
+    configs: tuple[str, ...] = RUNTIME_CONFIGS,
+) -> Verdict:
+    """Probe ``configs`` in turn (each in a child) until one passes; write the verdict."""
+    probes: list[Probe] = []
+    passed: str | None = None
+    for config in configs:
+        probe = _probe_in_child(model, config)
+        probes.append(probe)
+        log.info("self-test %s: %s (%s)", config, "passed" if probe.ok else "failed", probe.detail)
+        if probe.ok:
+            passed = config
+            break
+    verdict = Verdict(
+        build=build,
+        backend=_backend(),
+        config=passed,
+        disabled=disabled_by(passed) if passed else (),
+        probes=tuple(probes),
+        build_key=build_key(),
+        tested_at=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+    target = out or verdict_path()
+    try:
+        from engine.paths import atomic_write_bytes
+
+        atomic_write_bytes(target, json.dumps(verdict.to_json(), indent=1).encode())
+    except OSError as exc:  # a read-only environment: the verdict holds for this process
+        log.warning("could not keep the self-test verdict in %s: %s", target, exc)
+    return verdict
+
+
+def _probe_in_child(model: Path, config: str) -> Probe:
+    started = time.monotonic()
+    command = [sys.executable, "-m", "engine.models.selftest", "probe", str(model), config]
+    try:
+        done = subprocess.run(
+            command,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=PROBE_TIMEOUT_S,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return Probe(config, False, f"no answer in {PROBE_TIMEOUT_S:.0f} s", PROBE_TIMEOUT_S)
+    elapsed = round(time.monotonic() - started, 2)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode < 0:
+        from engine.protocol import describe_exit
+
+        return Probe(
+            config, False, describe_exit(done.returncode, "the probe", "llama.cpp"), elapsed
+        )
+    if not lines:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1][:200]
+        return Probe(config, False, f"exit code {done.returncode}: {tail}", elapsed)
+    result = json.loads(lines[-1])
+    return Probe(config, bool(result["ok"]), str(result["detail"]), elapsed)
+
+
+# -- the child: one probe ---------------------------------------------------------------
+
+
+def _probe(model_path: Path, config: str) -> tuple[bool, str]:
+    """Load, score and generate with ``config``; (passed, what was seen)."""
+    import numpy as np
+
+    from engine.jobs import JobContext
+    from engine.models import hardware
+    from engine.models.runtime import LoadedModel, LoadSpec, SamplingParams, StreamEvent
+    from engine.models.runtime import TokenChunk as Chunk
+
+    gpu_layers = 999 if hardware.gpu_offload_supported() else 0
+    spec = LoadSpec(
+        model_id="self-test",
+        path=str(model_path),
+        n_ctx=1024,
+        n_threads=hardware.physical_cores(),
+        n_gpu_layers=gpu_layers,
+    )
+    model = LoadedModel(spec, config)
+    llm = model.llm
+    tokens = model.tokenize(PROMPT, add_bos=True)
+    head, tail = tokens[:-SCORED_TOKENS], tokens[-SCORED_TOKENS:]
+    if os.environ.get(CRASH_SWITCH) == config:
+        os.kill(os.getpid(), signal.SIGSEGV)  # test-only: where a native crash would happen
+    llm.eval(head)  # one batch of a few hundred tokens: the path that crashes on AMX hosts
+
+    import llama_cpp
+
+    n_vocab = llm.n_vocab()
+    nll = 0.0
+    for token in tail:
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm.ctx), shape=(n_vocab,))
+        logits = logits.astype(np.float64)
+        if os.environ.get(GARBAGE_SWITCH) == config:
+            logits = np.random.default_rng(token).normal(size=n_vocab)
+        top = float(logits.max())
+        log_z = top + math.log(float(np.exp(logits - top).sum()))
+        nll += log_z - float(logits[token])
+        llm.eval([token])
+    mean_nll = nll / len(tail)
+    if not math.isfinite(mean_nll) or mean_nll > MAX_MEAN_NLL:
+        return False, f"garbage logits (mean NLL {mean_nll:.1f} nats/token on plain English)"
+
+    pieces: list[str] = []
+    done: list[StreamEvent] = []
+
+    def emit(event: StreamEvent) -> None:
+        (pieces.append(event.text) if isinstance(event, Chunk) else done.append(event))
+
+    greedy = SamplingParams(max_tokens=GENERATED_TOKENS, temperature=0.0, seed=0)
+    model.generate(tokens, greedy, JobContext(), time.perf_counter(), emit)
+    finished = done[-1] if done else None
+    produced = getattr(finished, "completion_tokens", 0)
+    if not "".join(pieces).strip() and produced == 0:
+        return False, "generated nothing"
+    rate = getattr(finished, "tokens_per_second", None)
+    speed = f" at {rate:.0f} tokens/s" if rate else ""
+    return True, (
+        f"mean NLL {mean_nll:.2f} over {len(tail)} tokens after a {len(head)}-token prompt, "
+        f"{produced} tokens generated{speed}, {spec.n_threads} threads, "
+        f"{gpu_layers} GPU layers"
+    )
+
+
+def _main(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m engine.models.selftest")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="probe every configuration and keep the verdict")
+    run.add_argument("--json", action="store_true", help="print the verdict as JSON")
+    run.add_argument("--out", type=Path, help="where to keep the verdict")
+    run.add_argument("--model", type=Path, help="the GGUF to probe with (default model)")
+    run.add_argument("--build", default="unknown", help="the wheel variant, for the record")
+    probe = sub.add_parser("probe", help="(internal) one configuration, in this process")
+    probe.add_argument("model", type=Path)
+    probe.add_argument("config", choices=RUNTIME_CONFIGS)
+    args = parser.parse_args(argv)
+
+    if args.command == "probe":
+        from engine.protocol import ExitCode
+
+        try:
+            ok, detail = _probe(args.model, args.config)
+        except Exception as exc:  # llama.cpp refused to load, or similar: a failed probe
+            ok, detail = False, f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        sys.stdout.write(json.dumps({"ok": ok, "detail": detail}) + "\n")
+        return ExitCode.OK if ok else ExitCode.FAILED
+
+    from engine.privacy import guard
+
+    guard.activate()
+    model = args.model or default_model_path()
+    if model is None:
+        sys.stderr.write("self-test: the default model is not installed\n")
+        return 2
+    verdict = run_selftest(model, build=args.build, out=args.out)
+    if args.json:
+        sys.stdout.write(json.dumps(verdict.to_json()) + "\n")
+    sys.stderr.write(verdict.summary() + "\n")
+    return 0 if verdict.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
