@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.errors import OperationFailed
-from engine.rag.loaders import Section
+from engine.rag.loaders import Section, split_section
 
 TokenCounter = Callable[[list[str]], list[int]]
 """Counts the tokens of each text of a batch, without special tokens."""
@@ -94,7 +94,9 @@ def chunk_sections(
 
     A chunk starts with up to ``overlap_tokens`` tokens from the end of the previous one.
     A chunk never spans two pages or two headings, and no overlap is carried across them.
-    Its line range is the range of lines its text comes from.
+    Its line range is the range of lines its text comes from. Memory is bounded by the
+    longest section, and a section longer than ``loaders.MAX_SECTION_CHARS`` is taken in
+    pieces of that size (the tokenizer costs about 45 bytes per character of a batch).
 
     Args:
         sections: from ``load_document``, in document order.
@@ -109,8 +111,9 @@ def chunk_sections(
         raise ValueError(f"bad chunk sizes: max {max_tokens}, overlap {overlap_tokens}")
     packer = _Packer(count_tokens, max_tokens, overlap_tokens)
     for section in sections:
-        if section.text.strip():
-            yield from packer.add(section)
+        for piece in split_section(section):
+            if piece.text.strip():
+                yield from packer.add(piece)
     yield from packer.flush(carry=False)
 
 

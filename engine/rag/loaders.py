@@ -5,14 +5,23 @@ from __future__ import annotations
 import io
 import logging
 import re
+import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Literal
 
 from engine.errors import BastionError
-from engine.rag.markup import Part, docx_parts, html_parts, markdown_parts
-from engine.rag.textio import CONTROL_CHARS, open_text, text_blocks
+from engine.rag.markup import (
+    MAX_HTML_MARKUP_CHARS,
+    MarkupTooLong,
+    Part,
+    docx_parts,
+    html_parts,
+    markdown_parts,
+)
+from engine.rag.textio import BLOCK_CHARS, CONTROL_CHARS, open_text, text_blocks
+from engine.units import human_size
 
 if TYPE_CHECKING:
     from docx.document import Document as DocxDocument
@@ -24,6 +33,29 @@ DocumentState = Literal["failed", "skipped"]
 # A scanned PDF yields no text, or a stamp and a page number per page; a real text layer
 # yields hundreds of letters per page. Below this average per page there is nothing to index.
 _MIN_PDF_LETTERS_PER_PAGE = 8
+
+# No section is longer than this, whatever the format: a longer one (a PDF page of a
+# log dump, a Word paragraph of a whole book) is cut at line breaks, or at spaces. Chunking
+# tokenizes a section in one batch, at about 45 bytes of memory per character: an 18 MB
+# section (a log in one HTML <pre>) peaked at 800 MB, the same text in 1 MB sections at
+# 57 MB. Text files are read in blocks of this size already.
+MAX_SECTION_CHARS = BLOCK_CHARS
+# A heading longer than this is cut (with "…"): it is stored with every chunk under it.
+_MAX_HEADING_CHARS = 200
+
+# python-docx unpacks every part of a DOCX into memory and parses its XML parts into a
+# tree of about 10 (Word's own markup) to 22 (empty paragraphs) times their size: 30 MB of
+# Word-like XML (58,000 paragraphs, some 4,000 pages) peaked at 314 MB, 16 MB of empty
+# paragraphs at 363 MB. Sizes are checked in the zip's directory before anything is
+# unpacked; pictures and other binary parts stay bytes and count toward the total only.
+DOCX_MAX_XML_BYTES = 32_000_000
+DOCX_MAX_UNPACKED_BYTES = 256_000_000
+# Word's XML packs 4 to 25 times; a part that unpacks to more than 100 times its packed
+# size is a decompression bomb (Apache POI's ZipSecureFile draws the line at the same ratio):
+# the 96 KB file holding 20 MB of paragraphs that took 357 MB to open. Parts under 1 MB
+# are exempt: they cannot cost much whatever their ratio.
+DOCX_MAX_RATIO = 100
+_DOCX_RATIO_GRACE = 1_000_000
 
 
 def _table(kind: str, extensions: str) -> dict[str, str]:
@@ -58,7 +90,8 @@ class Section:
 
     For text-like formats ``text`` is exactly lines ``line_start``..``line_end`` (1-based,
     inclusive) of the file joined by "\\n", so the line of any offset in ``text`` is
-    ``line_start`` plus the newlines before it. ``page`` is 1-based and set for PDFs only.
+    ``line_start`` plus the newlines before it; only a line longer than
+    ``MAX_SECTION_CHARS`` is cut between sections. ``page`` is 1-based and set for PDFs only.
     """
 
     text: str
@@ -99,7 +132,9 @@ def load_document(
     """Read a document lazily, section by section, keeping pages, lines and headings.
 
     Large files are streamed, so memory stays bounded whatever the file's size. A PDF
-    section never holds text of two pages.
+    section never holds text of two pages. No section is longer than ``MAX_SECTION_CHARS``;
+    a DOCX whose parts unpack past ``DOCX_MAX_XML_BYTES`` or ``DOCX_MAX_UNPACKED_BYTES``,
+    or more than ``DOCX_MAX_RATIO`` times their packed size, fails before it is unpacked.
 
     Args:
         path: the file to read; its kind comes from ``detect_kind``.
@@ -129,7 +164,7 @@ def load_document(
             elif kind == "docx":
                 sections = _sections(docx_parts(_open_docx(raw), check))
             elif kind == "html":
-                sections = _sections(html_parts(_open_text(raw), check))
+                sections = _html_sections(_open_text(raw), check)
             else:
                 blocks = text_blocks(_open_text(raw), check)
                 if kind == "markdown":
@@ -160,22 +195,68 @@ def _read_error(exc: OSError) -> DocumentError:
 def _section(
     text: str, first_line: int | None, heading: str | None = None, page: int | None = None
 ) -> list[Section]:
-    """The section of ``text`` without its blank edges: one, or none if nothing is left."""
-    lead = _LEADING_BLANK_LINES.match(text)
-    if lead:
-        text = text[lead.end() :]
+    """The sections of ``text`` without blank edges, cut at ``MAX_SECTION_CHARS``.
+
+    None if nothing is left; more than one only for text longer than the limit.
+    """
+    if heading is not None and len(heading) > _MAX_HEADING_CHARS:
+        cut = heading.rfind(" ", 0, _MAX_HEADING_CHARS)
+        heading = heading[: cut if cut > _MAX_HEADING_CHARS // 2 else _MAX_HEADING_CHARS]
+        heading = heading.rstrip() + "…"
+    sections: list[Section] = []
+    while True:
+        lead = _LEADING_BLANK_LINES.match(text)
+        if lead:
+            text = text[lead.end() :]
+            if first_line is not None:
+                first_line += lead.group().count("\n")
+        rest = ""
+        if len(text) > MAX_SECTION_CHARS:
+            # At the last line break in the window (a text format's section stays whole
+            # lines), else the last space; the rest starts on the line the cut falls in.
+            cut = text.rfind("\n", 1, MAX_SECTION_CHARS)
+            if cut > 0:
+                text, rest = text[:cut], text[cut:]
+            else:
+                cut = text.rfind(" ", 1, MAX_SECTION_CHARS)
+                if cut > 0:
+                    text, rest = text[:cut], text[cut + 1 :]
+                else:  # a 1 MB "word": anywhere will do
+                    text, rest = text[:MAX_SECTION_CHARS], text[MAX_SECTION_CHARS:]
+        piece = text.rstrip()
+        if piece:
+            last_line = None if first_line is None else first_line + piece.count("\n")
+            sections.append(Section(piece, page, first_line, last_line, heading))
+        if not rest:
+            return sections
         if first_line is not None:
-            first_line += lead.group().count("\n")
-    text = text.rstrip()
-    if not text:
-        return []
-    last_line = None if first_line is None else first_line + text.count("\n")
-    return [Section(text, page, first_line, last_line, heading)]
+            first_line += text.count("\n")
+        text = rest
+
+
+def split_section(section: Section) -> list[Section]:
+    """``section`` itself, or, when longer than ``MAX_SECTION_CHARS``, its cut pieces.
+
+    The pieces keep the page and heading; their line ranges are those of their text.
+    """
+    if len(section.text) <= MAX_SECTION_CHARS:
+        return [section]
+    return _section(section.text, section.line_start, section.heading, section.page)
 
 
 def _sections(parts: Iterable[Part]) -> Iterator[Section]:
     for part in parts:
         yield from _section(part.text, part.first_line, part.heading)
+
+
+def _html_sections(reader: io.TextIOWrapper, check: Callable[[], None]) -> Iterator[Section]:
+    try:
+        yield from _sections(html_parts(reader, check))
+    except MarkupTooLong as exc:
+        raise DocumentError(
+            "HTML has a comment, script or tag that does not end within "
+            f"{human_size(MAX_HTML_MARKUP_CHARS)} (the limit)",
+        ) from exc
 
 
 def _open_text(raw: BinaryIO) -> io.TextIOWrapper:
@@ -188,10 +269,61 @@ def _open_text(raw: BinaryIO) -> io.TextIOWrapper:
 def _open_docx(raw: BinaryIO) -> DocxDocument:
     import docx
 
+    _check_docx_sizes(raw)
+    raw.seek(0)
     try:
         return docx.Document(raw)
     except Exception as exc:  # zipfile, lxml and KeyError failures on damaged packages
         raise DocumentError("corrupt DOCX: not a readable Word document") from exc
+
+
+def _check_docx_sizes(raw: BinaryIO) -> None:
+    """Refuse a DOCX that would unpack too large, before python-docx unpacks anything.
+
+    The sizes come from the zip's central directory, and then each part is inflated in
+    64 KB steps and thrown away: a part that holds more than its recorded size fails its
+    checksum after at most that size. ``ZipFile.read``, which python-docx uses, inflates a
+    whole part in one call before it cuts it to the recorded size: a part that claimed
+    1 KB and held 200 MB took 400 MB that way.
+    """
+    too_large = "save it as PDF or plain text, or split it, and add that"
+    try:
+        with zipfile.ZipFile(raw) as package:
+            parts = package.infolist()
+            xml = sum(p.file_size for p in parts if p.filename.lower().endswith(_XML_PARTS))
+            if xml > DOCX_MAX_XML_BYTES:
+                raise DocumentError(
+                    f"DOCX too large: its text unpacks to {human_size(xml)} "
+                    f"(the limit is {human_size(DOCX_MAX_XML_BYTES)})",
+                    hint=too_large,
+                )
+            total = sum(p.file_size for p in parts)
+            if total > DOCX_MAX_UNPACKED_BYTES:
+                raise DocumentError(
+                    f"DOCX too large: it unpacks to {human_size(total)} "
+                    f"(the limit is {human_size(DOCX_MAX_UNPACKED_BYTES)})",
+                    hint=too_large,
+                )
+            for p in parts:
+                if p.file_size > max(_DOCX_RATIO_GRACE, DOCX_MAX_RATIO * p.compress_size):
+                    raise DocumentError(
+                        "DOCX refused as a decompression bomb: a part unpacks to "
+                        f"{p.file_size // max(p.compress_size, 1)} times its packed size "
+                        f"(the limit is {DOCX_MAX_RATIO})"
+                    )
+            for p in parts:
+                with package.open(p) as part:
+                    while part.read(1 << 16):
+                        pass
+    except (DocumentError, OSError):
+        raise
+    except Exception as exc:  # BadZipFile (a checksum that fails after the recorded size,
+        # too), zlib.error, EOFError, NotImplementedError for an unknown compression method
+        raise DocumentError("corrupt DOCX: not a readable Word document") from exc
+
+
+# Parts python-docx parses as XML; other parts (pictures, fonts) stay bytes.
+_XML_PARTS = (".xml", ".rels")
 
 
 # --- PDF -------------------------------------------------------------------------------
@@ -236,7 +368,8 @@ def _pdf_sections(raw: BinaryIO, check: Callable[[], None]) -> Iterator[Section]
             text = reader.pages[number - 1].extract_text()
         except Exception as exc:  # one damaged page should not cost the whole document
             bad_pages += 1
-            log.warning("PDF page %d could not be read: %s", number, _short(exc))
+            # The type only: a parser's message can quote the document (never logged).
+            log.warning("PDF page %d could not be read (%s)", number, type(exc).__name__)
             continue
         text = CONTROL_CHARS.sub("", text).replace("\r\n", "\n").replace("\r", "\n")
         found = _section(text, None, page=number)

@@ -7,15 +7,24 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from html.parser import HTMLParser
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from engine.rag.textio import BLOCK_CHARS
 
 if TYPE_CHECKING:
     from docx.document import Document as DocxDocument
+    from docx.table import Table
 
 # HTML and DOCX parts are cut at about this size so that no part holds a whole book.
 _SECTION_CHARS = 64 * 1024
+# Only this much of a heading's or page title's text is kept for the heading (the loader
+# cuts it to 200): an <h1> that never closes would otherwise capture the rest of the page.
+_MAX_CAPTURE_CHARS = 1000
+# HTMLParser holds back everything after an unclosed comment, <script> or tag, waiting for
+# its end, and scans that backlog again on every block: an unclosed "<!--" at the top of a
+# 200 MB page would hold all of it. Inline data-URI images make tags of several MB in real
+# pages; a construct longer than this ends the page's reading with a clear error instead.
+MAX_HTML_MARKUP_CHARS = 32_000_000
 # One Markdown line that matters for structure: a code fence, an ATX heading, or a setext
 # underline (whose heading is the line above it).
 _MD_LINE = re.compile(
@@ -98,6 +107,14 @@ _HTML_BLOCK = frozenset(
 _HTML_HEADINGS = frozenset({"h1", "h2", "h3", "h4", "h5", "h6"})
 
 
+class MarkupTooLong(Exception):
+    """An HTML comment, script or tag that does not end within ``limit`` characters."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"HTML markup longer than {limit} characters")
+        self.limit = limit
+
+
 class _HtmlText(HTMLParser):
     """Visible text of an HTML page, cut into parts at headings."""
 
@@ -109,6 +126,7 @@ class _HtmlText(HTMLParser):
         self._heading: str | None = None
         self._skip = 0
         self._capture: list[str] | None = None  # the text of the heading or title being read
+        self._captured = 0
         self._in_title = False
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
@@ -116,9 +134,9 @@ class _HtmlText(HTMLParser):
             self._skip += 1
         elif tag in _HTML_HEADINGS:
             self.flush()
-            self._capture = []
+            self._capture, self._captured = [], 0
         elif tag == "title":
-            self._in_title, self._capture = True, []
+            self._in_title, self._capture, self._captured = True, [], 0
         elif tag in _HTML_BLOCK:
             self._break()
         elif tag in ("td", "th"):
@@ -139,23 +157,59 @@ class _HtmlText(HTMLParser):
     def handle_data(self, data: str) -> None:
         if self._skip:
             return
-        if self._capture is not None:
-            self._capture.append(data)
+        if self._capture is not None and self._captured < _MAX_CAPTURE_CHARS:
+            self._capture.append(data[: _MAX_CAPTURE_CHARS - self._captured])
+            self._captured += len(self._capture[-1])
         if self._in_title:
             return  # the title names the page; it is not part of its text
         self._parts.append(data)
         self._size += len(data)
+        if self._size > _SECTION_CHARS:
+            self._cut()
+
+    def parse_html_declaration(self, i: int) -> int:
+        # "<![" that is not a well-formed marked section makes the standard library raise
+        # AssertionError (quoting the page). Browsers read any "<![" in HTML content as a
+        # bogus comment that ends at the next ">", and so does this parser.
+        if self.rawdata.startswith("<![", i):
+            return self.parse_bogus_comment(i)
+        return super().parse_html_declaration(i)
 
     def _break(self) -> None:
         self._parts.append("\n")
         if self._size > _SECTION_CHARS:
             self.flush()
 
+    def _cut(self) -> None:
+        """Close parts of about 64 KB at line breaks (or spaces) inside one run of text.
+
+        Text inside one <pre>, or a page without block tags, has no tag to cut at: as one
+        part, an 18 MB log in a <pre> was tokenized in one call and peaked at 800 MB (the
+        same text as .txt: 57 MB; cut here: 13 MB), and 19 MB of words with no block tag at
+        3.2 GB. Whole lines are kept together wherever a line is short enough.
+        """
+        text = "".join(self._parts)
+        start = 0
+        while len(text) - start > _SECTION_CHARS:
+            end = start + _SECTION_CHARS
+            cut = text.rfind("\n", start + 1, end)
+            if cut < 0:
+                cut = text.rfind(" ", start + 1, end)
+            if cut < 0:
+                cut = end  # one "word" of 64 KB (base64, minified code): cut anywhere
+            self._emit(text[start:cut])
+            start = cut
+        self._parts, self._size = [text[start:]], len(text) - start
+
     def flush(self) -> None:
         """Close the current part (at a heading, a size limit or the end)."""
-        text = re.sub(r"[ \t\r\f\v]+", " ", "".join(self._parts))
-        text = re.sub(r" ?\n[\s]*", "\n", text).strip()
+        text = "".join(self._parts)
         self._parts, self._size = [], 0
+        self._emit(text)
+
+    def _emit(self, raw: str) -> None:
+        text = re.sub(r"[ \t\r\f\v]+", " ", raw)
+        text = re.sub(r" ?\n[\s]*", "\n", text).strip()
         if text:
             self.ready.append(Part(text, self._heading))
 
@@ -166,6 +220,9 @@ def html_parts(reader: io.TextIOWrapper, check: Callable[[], None]) -> Iterator[
     Args:
         reader: the page's text, from its start.
         check: called before each block is read; raises ``Cancelled`` to stop.
+
+    Raises:
+        MarkupTooLong: a comment, script or tag runs on past ``MAX_HTML_MARKUP_CHARS``.
     """
     parser = _HtmlText()
     while True:
@@ -176,6 +233,10 @@ def html_parts(reader: io.TextIOWrapper, check: Callable[[], None]) -> Iterator[
         parser.feed(block)
         yield from parser.ready
         parser.ready.clear()
+        # What the parser holds back is an unfinished comment, script or tag (plus at most a
+        # character reference cut by the block's end).
+        if len(parser.rawdata) > MAX_HTML_MARKUP_CHARS:
+            raise MarkupTooLong(MAX_HTML_MARKUP_CHARS)
     parser.close()
     parser.flush()
     yield from parser.ready
@@ -187,12 +248,17 @@ def html_parts(reader: io.TextIOWrapper, check: Callable[[], None]) -> Iterator[
 def docx_parts(document: DocxDocument, check: Callable[[], None]) -> Iterator[Part]:
     """The paragraphs and tables of a Word document, cut at headings and at about 64 KB.
 
+    Each paragraph and each table cell is read once, whatever the style sheet or the
+    merged cells: the walk is linear in the document's size.
+
     Args:
         document: the opened document.
         check: called every 100 paragraphs or tables; raises ``Cancelled`` to stop.
     """
     from docx.table import Table
 
+    style_names = _paragraph_style_names(document)
+    default_style = style_names.get(None, "")
     heading: str | None = None
     parts: list[str] = []
     size = 0
@@ -200,10 +266,13 @@ def docx_parts(document: DocxDocument, check: Callable[[], None]) -> Iterator[Pa
         if i % 100 == 0:
             check()
         if isinstance(block, Table):
-            text = "\n".join(_table_row(row) for row in block.rows)
+            text = "\n".join(_table_rows(block))
         else:
             text = block.text.strip()
-            style = block.style.name if block.style is not None else ""
+            # Paragraph.style looks the id up in the whole style sheet, twice when the
+            # paragraph has none: 1.2 ms a paragraph with Word's 164 default styles; 58,000
+            # paragraphs took 129 s, 6.5 s with the map. The id is the paragraph's own.
+            style = style_names.get(block._p.style, default_style)
             if text and (style.startswith("Heading") or style == "Title"):
                 yield Part("\n".join(parts), heading)
                 heading, parts, size = text, [], 0
@@ -216,10 +285,49 @@ def docx_parts(document: DocxDocument, check: Callable[[], None]) -> Iterator[Pa
     yield Part("\n".join(parts), heading)
 
 
-def _table_row(row: Any) -> str:
-    cells: list[str] = []
-    for cell in row.cells:
-        text = " ".join(cell.text.split())
-        if not cells or cells[-1] != text:  # a merged cell repeats in every column it spans
-            cells.append(text)
-    return " | ".join(cells)
+def _paragraph_style_names(document: DocxDocument) -> dict[str | None, str]:
+    """Paragraph style id -> name as python-docx shows it; None -> the default style's name.
+
+    As ``Paragraph.style`` resolves it: the first style with an id counts, and an id that
+    is missing or names a style of another type (character, table) means the default.
+    """
+    from docx.enum.style import WD_STYLE_TYPE
+
+    styles = document.styles
+    names: dict[str | None, str] = {}
+    seen: set[str] = set()
+    for style in styles:
+        if style.style_id in seen:
+            continue
+        seen.add(style.style_id)
+        if style.type == WD_STYLE_TYPE.PARAGRAPH:
+            names[style.style_id] = style.name or ""
+    default = styles.default(WD_STYLE_TYPE.PARAGRAPH)
+    names[None] = (default.name or "") if default is not None else ""
+    return names
+
+
+def _table_rows(table: Table) -> Iterator[str]:
+    """Each row of a table as "cell | cell", a merged cell's text in each row it spans.
+
+    python-docx's ``row.cells`` finds the top of a vertically merged cell by walking up
+    one row at a time, recursively: quadratic in the rows it spans (600 rows: 12 s), a
+    RecursionError past about 1,000, and a ValueError when the first row says "continue".
+    Here the text of each grid column is carried down from the row above instead.
+    """
+    above: dict[int, str] = {}
+    for tr in table._tbl.tr_lst:
+        row: dict[int, str] = {}
+        cells: list[str] = []
+        offset = tr.grid_before
+        for tc in tr.tc_lst:
+            if tc.vMerge == "continue":
+                text = above.get(offset, "")
+            else:
+                text = " ".join("\n".join(p.text for p in tc.p_lst).split())
+            row[offset] = text
+            offset += tc.grid_span
+            if not cells or cells[-1] != text:  # neighbours that read the same, written once
+                cells.append(text)
+        above = row
+        yield " | ".join(cells)
