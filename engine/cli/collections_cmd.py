@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 import click
@@ -14,6 +15,15 @@ from engine.jobs import JobContext
 if TYPE_CHECKING:
     from engine.rag.collections import Collection
     from engine.rag.indexer import IndexReport
+
+
+# Control characters are legal in file names (a newline, a tab); in a table or a note they
+# would break the line, so they are shown escaped there. JSON carries them as they are.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _one_line(text: str) -> str:
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
 
 
 def _collection_json(collection: Collection, summary: dict[str, int]) -> dict[str, object]:
@@ -35,9 +45,9 @@ def _finish(report: IndexReport, as_json: bool, seen: dict[str, int]) -> None:
             f"written in {report.seconds:.1f} s"
         )
         for path, error in report.failed:
-            note(f"  failed: {path}: {error}")
+            note(f"  failed: {_one_line(path)}: {error}")
         for path in report.missing_sources:
-            note(f"  missing: {path} (its documents were kept)")
+            note(f"  missing: {_one_line(path)} (its documents were kept)")
     if report.cancelled:
         note("[cancelled: what was indexed is kept; run the same command again to resume]")
         raise SystemExit(128 + seen.get("signal", 2))
@@ -136,7 +146,7 @@ def status(name: str, as_json: bool) -> None:
     )
     table(
         ["STATE", "CHUNKS", "PATH", "ERROR"],
-        [[d.state, d.chunk_count, d.path, d.error or ""] for d in documents],
+        [[d.state, d.chunk_count, _one_line(d.path), _one_line(d.error or "")] for d in documents],
     )
 
 
@@ -191,5 +201,5 @@ def search(name: str, query: str, k: int, mode: str, as_json: bool) -> None:
             if r.chunk.page
             else (f"lines {r.chunk.line_start}-{r.chunk.line_end}" if r.chunk.line_start else "")
         )
-        click.echo(f"[{n}] {r.chunk.path} {where} (score {r.score:.4f})")
+        click.echo(f"[{n}] {_one_line(r.chunk.path)} {where} (score {r.score:.4f})")
         click.echo("    " + " ".join(r.chunk.text.split())[:300])

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from engine.errors import AlreadyExists, InvalidInput, NotFound
+from engine.rag.scanner import db_path, os_path, shown_path
 from engine.store.db import Database
 
 if TYPE_CHECKING:
@@ -18,26 +19,40 @@ if TYPE_CHECKING:
 
 _NAME_RE = re.compile(r"^[\w][\w .+-]{0,63}$")
 STATES = ("pending", "indexed", "failed", "skipped")
+# Lone surrogates: what Python makes of bytes that are not UTF-8. SQLite refuses them.
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+def safe_text(text: str) -> str:
+    """``text`` with any lone surrogate (never valid UTF-8) shown as U+FFFD."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", text)
+    return text
+
+
 @dataclass(frozen=True)
 class Collection:
     id: int
     name: str
-    embedder: str
+    embedder: str  # the id the user gave: all-minilm-l6-v2 or a folder path
     generation: int  # bumped by every committed change to the collection's chunks
     created_at: str
+    # The content hash of the embedder's model files that the chunks and vectors were made
+    # with; None until the first sync (and in databases older than content keys).
+    embedder_key: str | None = None
 
 
 @dataclass(frozen=True)
 class Source:
     """A file or folder the user added, with the patterns it was added with."""
 
-    path: str
+    path: str  # the OS path (see ``db_path``)
     include: tuple[str, ...]
     exclude: tuple[str, ...]
 
@@ -45,7 +60,7 @@ class Source:
 @dataclass(frozen=True)
 class Document:
     id: int
-    path: str
+    path: str  # shown form (valid Unicode); ``os_path`` opens the file
     size: int | None
     mtime_ns: int | None
     content_hash: str | None
@@ -53,6 +68,7 @@ class Document:
     error: str | None
     chunk_count: int
     pages: int | None
+    os_path: str = ""
 
     def to_public(self) -> dict[str, Any]:
         return {
@@ -79,7 +95,7 @@ class NewChunk:
 class StoredChunk:
     id: int
     document_id: int
-    path: str
+    path: str  # shown form; ``path_of_shown`` gives the OS path back
     ordinal: int
     text: str
     page: int | None
@@ -89,15 +105,27 @@ class StoredChunk:
 
 
 def _collection(row: sqlite3.Row) -> Collection:
-    return Collection(row["id"], row["name"], row["embedder"], row["generation"], row["created_at"])
+    return Collection(
+        row["id"],
+        row["name"],
+        row["embedder"],
+        row["generation"],
+        row["created_at"],
+        row["embedder_key"],
+    )
+
+
+_DOCUMENT_COLUMNS = tuple(f.name for f in fields(Document) if f.name not in ("path", "os_path"))
 
 
 def _document(row: sqlite3.Row) -> Document:
-    return Document(**{f.name: row[f.name] for f in fields(Document)})
+    values = {name: row[name] for name in _DOCUMENT_COLUMNS}
+    return Document(path=shown_path(row["path"]), os_path=os_path(row["path"]), **values)
 
 
 def _chunk(row: sqlite3.Row) -> StoredChunk:
-    return StoredChunk(**{f.name: row[f.name] for f in fields(StoredChunk)})
+    values = {f.name: row[f.name] for f in fields(StoredChunk)}
+    return StoredChunk(**{**values, "path": shown_path(row["path"])})
 
 
 class CollectionStore:
@@ -138,16 +166,57 @@ class CollectionStore:
         self.db.execute("DELETE FROM collections WHERE id = ?", (collection.id,))
 
     def set_embedder(self, collection: Collection, embedder: str) -> None:
-        """Switch the embedder; every document must then be indexed again."""
+        """Switch the embedder; every document must then be indexed again.
+
+        The content key is cleared: the next sync records the new model's (it has nothing
+        indexed to check against).
+        """
+        self._reindex(collection, "embedder = ?, embedder_key = NULL", (embedder,))
+
+    def rekey(self, collection: Collection, key: str) -> None:
+        """The embedder's model files changed: record their key, and index everything again.
+
+        The chunks go too, not only the vectors: they were cut with the old tokenizer.
+        """
+        self._reindex(collection, "embedder_key = ?", (key,))
+
+    def _reindex(self, collection: Collection, assignments: str, values: tuple[str, ...]) -> None:
         with self.db.transaction() as conn:
             conn.execute(
-                "UPDATE collections SET embedder = ?, generation = generation + 1 WHERE id = ?",
-                (embedder, collection.id),
+                f"UPDATE collections SET {assignments}, generation = generation + 1 WHERE id = ?",
+                (*values, collection.id),
             )
             conn.execute(
                 "UPDATE documents SET state = 'pending', content_hash = NULL WHERE "
                 "collection_id = ? AND state = 'indexed'",
                 (collection.id,),
+            )
+
+    def vector_sample(self, collection: Collection, limit: int) -> list[tuple[str, bytes | None]]:
+        """(text, stored vector or None) of up to ``limit`` random indexed chunks.
+
+        The vector is whatever is stored under the collection's embedder id, whatever the
+        model key it carries: the caller checks it against a fresh embedding.
+        """
+        rows = self.db.query(
+            "SELECT c.text, e.vector FROM chunks c JOIN documents d ON d.id = c.document_id "
+            "LEFT JOIN embeddings e ON e.embedder = ? AND e.text_hash = c.text_hash "
+            "WHERE d.collection_id = ? AND d.state = 'indexed' ORDER BY random() LIMIT ?",
+            (collection.embedder, collection.id, limit),
+        )
+        return [(r[0], r[1]) for r in rows]
+
+    def adopt_vectors(self, collection: Collection, key: str) -> None:
+        """Vectors stored before content keys were checked and found to be ``key``'s: keep them."""
+        with self.db.transaction() as conn:
+            conn.execute(
+                "UPDATE embeddings SET model_key = ? WHERE embedder = ? AND model_key IS NULL "
+                "AND text_hash IN (SELECT c.text_hash FROM chunks c JOIN documents d "
+                "ON d.id = c.document_id WHERE d.collection_id = ?)",
+                (key, collection.embedder, collection.id),
+            )
+            conn.execute(
+                "UPDATE collections SET embedder_key = ? WHERE id = ?", (key, collection.id)
             )
 
     def generation(self, collection_id: int) -> int:
@@ -177,7 +246,12 @@ class CollectionStore:
             "INSERT INTO collection_sources (collection_id, path, include, exclude) "
             "VALUES (?, ?, ?, ?) ON CONFLICT (collection_id, path) DO UPDATE SET "
             "include = excluded.include, exclude = excluded.exclude",
-            (collection.id, source.path, json.dumps(source.include), json.dumps(source.exclude)),
+            (
+                collection.id,
+                db_path(source.path),
+                json.dumps(source.include),
+                json.dumps(source.exclude),
+            ),
         )
 
     def sources(self, collection: Collection) -> list[Source]:
@@ -187,7 +261,9 @@ class CollectionStore:
             (collection.id,),
         )
         return [
-            Source(r["path"], tuple(json.loads(r["include"])), tuple(json.loads(r["exclude"])))
+            Source(
+                os_path(r["path"]), tuple(json.loads(r["include"])), tuple(json.loads(r["exclude"]))
+            )
             for r in rows
         ]
 
@@ -206,11 +282,12 @@ class CollectionStore:
                 "INSERT INTO documents (collection_id, path, state, updated_at) "
                 "VALUES (?, ?, 'pending', ?) ON CONFLICT (collection_id, path) DO UPDATE SET "
                 "state = 'pending', error = NULL, updated_at = excluded.updated_at",
-                [(collection.id, p, _now()) for p in paths],
+                [(collection.id, db_path(p), _now()) for p in paths],
             )
 
     def record_missing(self, collection: Collection, path: str) -> None:
         """A source file that does not exist: failed, without chunks (one transaction)."""
+        value = db_path(path)
         with self.db.transaction() as conn:
             conn.execute(
                 "INSERT INTO documents (collection_id, path, state, error, updated_at) "
@@ -218,12 +295,12 @@ class CollectionStore:
                 "ON CONFLICT (collection_id, path) DO UPDATE SET state = 'failed', "
                 "error = excluded.error, content_hash = NULL, chunk_count = 0, "
                 "updated_at = excluded.updated_at",
-                (collection.id, path, _now()),
+                (collection.id, value, _now()),
             )
             conn.execute(
                 "DELETE FROM chunks WHERE document_id = "
                 "(SELECT id FROM documents WHERE collection_id = ? AND path = ?)",
-                (collection.id, path),
+                (collection.id, value),
             )
             conn.execute(
                 "UPDATE collections SET generation = generation + 1 WHERE id = ?",
@@ -260,6 +337,7 @@ class CollectionStore:
         pages: int | None = None,
     ) -> None:
         """Close a document's indexing: its state, numbers, and a new collection generation."""
+        error = None if error is None else safe_text(error)
         with self.db.transaction() as conn:
             count = conn.execute(
                 "SELECT count(*) FROM chunks WHERE document_id = ?", (document_id,)
@@ -288,16 +366,21 @@ class CollectionStore:
                 (document_id,),
             )
 
-    def missing_vectors(self, embedder: str, hashes: Sequence[str]) -> set[str]:
-        """Which of ``hashes`` have no stored vector for ``embedder`` yet."""
+    # Vectors are stored under the embedder's id (as before content keys) and carry the
+    # content key of the model files that made them: a vector counts only when its key is
+    # the model's current one, so replacing the model in a folder can never serve stale
+    # vectors (or vectors of another dimension), and a re-embedded text replaces its row.
+
+    def missing_vectors(self, embedder: str, key: str, hashes: Sequence[str]) -> set[str]:
+        """Which of ``hashes`` have no stored vector made by ``embedder``'s model ``key``."""
         found: set[str] = set()
         unique = list(dict.fromkeys(hashes))
         for start in range(0, len(unique), 500):
             part = unique[start : start + 500]
             rows = self.db.query(
-                f"SELECT text_hash FROM embeddings WHERE embedder = ? AND text_hash IN "
-                f"({','.join('?' * len(part))})",
-                (embedder, *part),
+                f"SELECT text_hash FROM embeddings WHERE embedder = ? AND model_key = ? "
+                f"AND text_hash IN ({','.join('?' * len(part))})",
+                (embedder, key, *part),
             )
             found.update(r[0] for r in rows)
         return set(unique) - found
@@ -306,6 +389,7 @@ class CollectionStore:
         self,
         document_id: int,
         embedder: str,
+        key: str,
         chunks: Sequence[NewChunk],
         vectors: dict[str, np.ndarray],
     ) -> None:
@@ -314,8 +398,10 @@ class CollectionStore:
 
         with self.db.transaction() as conn:
             conn.executemany(
-                "INSERT OR IGNORE INTO embeddings (embedder, text_hash, vector) VALUES (?, ?, ?)",
-                [(embedder, h, v.astype(np.float16).tobytes()) for h, v in vectors.items()],
+                "INSERT INTO embeddings (embedder, text_hash, vector, model_key) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (embedder, text_hash) DO UPDATE SET "
+                "vector = excluded.vector, model_key = excluded.model_key",
+                [(embedder, h, v.astype(np.float16).tobytes(), key) for h, v in vectors.items()],
             )
             conn.executemany(
                 "INSERT INTO chunks (document_id, ordinal, text, page, line_start, line_end, "
@@ -355,8 +441,9 @@ class CollectionStore:
         rows = self.db.query(
             "SELECT c.id, e.vector FROM chunks c JOIN documents d ON d.id = c.document_id "
             "JOIN embeddings e ON e.text_hash = c.text_hash AND e.embedder = ? "
+            "AND e.model_key = ? "
             "WHERE d.collection_id = ? AND d.state = 'indexed' ORDER BY c.id",
-            (collection.embedder, collection.id),
+            (collection.embedder, collection.embedder_key, collection.id),
         )
         ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
         if not rows:

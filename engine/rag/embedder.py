@@ -22,6 +22,7 @@ within noise.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -176,8 +177,77 @@ class _Layout:
     lowercase: bool
 
 
-_CACHE: dict[tuple[str, str], Embedder] = {}
+# Loaded embedders by (model id, content key, backend): a model replaced in its folder is
+# loaded afresh by a long-running process (the app, the server), not served from memory.
+_CACHE: dict[tuple[str, str, str], Embedder] = {}
 _LOCK = threading.Lock()
+# Content keys by folder, with the (name, size, mtime, inode) of every file they were
+# computed from: hashing all-MiniLM-L6-v2's 88 MB took ~70 ms, a stat of its files ~0.2 ms.
+_KEYS: dict[str, tuple[tuple[tuple[str, int, int, int], ...], str]] = {}
+_KEYS_LOCK = threading.Lock()
+
+
+def _model_files(folder: Path) -> list[tuple[str, Path]]:
+    """The files that make the model: docs, hidden files and ONNX/OpenVINO copies left out.
+
+    The same files as the ONNX export cache's key (``embedder_export._model_digest``).
+    """
+    files = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder)
+        if (
+            rel.parts[0] in ("onnx", "openvino")
+            or any(part.startswith(".") for part in rel.parts)
+            or rel.suffix == ".md"
+        ):
+            continue
+        files.append((rel.as_posix(), path))
+    return files
+
+
+def folder_key(folder: Path) -> str:
+    """The content key of a model folder: a SHA-256 of its files' names and bytes.
+
+    Unlike the export cache's digest it leaves the export recipe out: a new recipe changes
+    how Bastion runs the model, not the vectors it stands for, and must not re-embed every
+    collection.
+
+    Raises:
+        InvalidInput: a file of the folder cannot be read.
+    """
+    try:
+        files = _model_files(folder)
+        signature = tuple(
+            (rel, st.st_size, st.st_mtime_ns, st.st_ino)
+            for rel, st in ((rel, path.stat()) for rel, path in files)
+        )
+        with _KEYS_LOCK:
+            known = _KEYS.get(str(folder))
+        if known is not None and known[0] == signature:
+            return known[1]
+        digest = hashlib.sha256()
+        for rel, path in files:
+            digest.update(rel.encode("utf-8", "surrogateescape") + b"\0")
+            with path.open("rb") as fh:
+                digest.update(hashlib.file_digest(fh, "sha256").digest())
+    except OSError as exc:
+        raise InvalidInput(
+            f"the embedder folder {folder} cannot be read: {(exc.strerror or str(exc)).lower()}"
+        ) from exc
+    key = "sha256:" + digest.hexdigest()[:32]
+    with _KEYS_LOCK:
+        _KEYS[str(folder)] = (signature, key)
+    return key
+
+
+def embedder_key(model_id: str) -> str:
+    """The content key of the model that ``model_id`` names now (see ``folder_key``).
+
+    Raises:
+        NotFound: no such embedder id or folder.
+        InvalidInput: the folder is not a sentence-transformers model, or cannot be read.
+    """
+    return folder_key(resolve_embedder(model_id))
 
 
 def get_embedder(
@@ -210,14 +280,17 @@ def get_embedder(
             )
     elif requested not in BACKENDS:
         raise InvalidInput(f"unknown embedder backend {backend!r}", hint=f"use one of {BACKENDS}")
+    folder = resolve_embedder(model_id)
+    key = folder_key(folder)
     with _LOCK:
-        cached = _CACHE.get((model_id, requested))
+        cached = _CACHE.get((model_id, key, requested))
         if cached is not None:
             return cached
-        folder = resolve_embedder(model_id)
+        for stale in [k for k in _CACHE if k[0] == model_id and k[1] != key]:
+            del _CACHE[stale]  # the model in that folder was replaced
         embedder = _load(model_id, folder, requested, cache_dir or default_cache_dir())
-        _CACHE[(model_id, requested)] = embedder
-        _CACHE.setdefault((model_id, embedder.backend), embedder)
+        _CACHE[(model_id, key, requested)] = embedder
+        _CACHE.setdefault((model_id, key, embedder.backend), embedder)
         return embedder
 
 
@@ -225,6 +298,8 @@ def clear_embedder_cache() -> None:
     """Forget every loaded embedder (frees their memory once no caller holds them)."""
     with _LOCK:
         _CACHE.clear()
+    with _KEYS_LOCK:
+        _KEYS.clear()
 
 
 def resolve_embedder(model_id: str) -> Path:
@@ -395,6 +470,8 @@ EXPORT_IN_CHILD = "BASTION_EMBEDDER_EXPORT_IN_CHILD"
 _CHILD_EXPORT = (
     "import sys\n"
     "from pathlib import Path\n"
+    "from engine.privacy import guard\n"
+    "guard.activate()\n"
     "from engine.rag.embedder import get_embedder\n"
     "get_embedder(sys.argv[1], cache_dir=Path(sys.argv[2]), backend='onnx-int8')\n"
 )

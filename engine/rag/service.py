@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.errors import InvalidInput
+from engine.errors import BastionError, InvalidInput, OperationFailed
 from engine.jobs import JobContext
 from engine.rag.collections import Collection, CollectionStore, Document, Source
 from engine.rag.grounding import Grounding, ground
-from engine.rag.indexer import Indexer, IndexReport
+from engine.rag.indexer import Indexer, IndexReport, fault_reason, fault_summary
 from engine.rag.retrieval import Retriever, SearchResult
+from engine.rag.scanner import identities, is_private, is_protected, path_of_shown, shown_path
 from engine.store.db import Database
 
 log = logging.getLogger(__name__)
@@ -24,6 +27,13 @@ DEFAULT_EMBEDDER = "all-minilm-l6-v2"
 # asked for, so a 200 MB log opens as fast as a note (the viewer says it is a window).
 SOURCE_WINDOW_LINES = 4000
 SOURCE_MAX_CHARS = 2_000_000
+# Vectors stored before content keys are kept when a sample of them points the way the
+# model embeds the same texts now. The int8 and fp32 runs of one model agree to at least
+# 0.98 on every probe (the export's check); another model's vectors are unrelated.
+SAME_MODEL_COSINE = 0.95
+_SAMPLE_CHUNKS = 16
+# What Bastion keeps in its home (see ``protected_folders``).
+_HOME_PARTS = ("logs", "adapters", "models", "collections", "cache")
 
 
 @dataclass(frozen=True)
@@ -50,7 +60,7 @@ class Documents:
     def __init__(self, db: Database, home: Path) -> None:
         self.store = CollectionStore(db)
         self._home = home
-        self._indexer = Indexer(self.store, self.embedder)
+        self._indexer = Indexer(self.store, self.embedder, self.protected_folders)
         self._retriever = Retriever(self.store, home, self.embedder)
 
     def embedder(self, model_id: str) -> Any:
@@ -58,6 +68,97 @@ class Documents:
         from engine.rag.embedder import get_embedder
 
         return get_embedder(model_id, cache_dir=self._home / "cache" / "embedders")
+
+    def protected_folders(self) -> list[Path]:
+        """Folders that are never scanned, even inside an added folder.
+
+        Bastion's home (its logs and audit log hold prompts and answers; the redaction
+        reports of fine-tunes hold the personal data that redaction removed), its caches
+        (embedder exports, the training cache), its models and the Python environment it
+        runs in. The macOS default home lies in ``~/Library``, which users add with the
+        rest of their home folder.
+        """
+        import platformdirs
+
+        from engine.paths import builtin_models_dirs
+
+        homes = [self._home, Path(platformdirs.user_data_dir("bastion", appauthor=False))]
+        others = [
+            self._home / "cache" / "embedders",  # often a link to a shared cache
+            Path(platformdirs.user_cache_dir("bastion", appauthor=False)),
+            Path(platformdirs.user_cache_dir("bastion")),
+            Path(sys.prefix),
+            Path(sys.exec_prefix),
+            *builtin_models_dirs(),
+        ]
+        if os.environ.get("BASTION_TRAIN_CACHE"):
+            others.append(Path(os.environ["BASTION_TRAIN_CACHE"]).expanduser())
+        # A folder that holds the user's whole home (BASTION_HOME=~, a Python installed at
+        # "/") would leave nothing to index: of a Bastion home, its own sub-folders are
+        # protected then; anything else such is left out.
+        user = Path.home().resolve()
+
+        def holds_user_home(folder: Path) -> bool:
+            resolved = folder.resolve()
+            return resolved == user or resolved in user.parents
+
+        folders: list[Path] = []
+        for home in homes:
+            if holds_user_home(home):
+                folders.extend(home / part for part in _HOME_PARTS)
+            else:
+                folders.append(home)
+        folders.extend(f for f in others if not holds_user_home(f))
+        return folders
+
+    def _current(self, collection: Collection, *, reindex: bool) -> Collection:
+        """``collection`` with vectors of the model its embedder names now.
+
+        The model files' content key is compared with the one the collection was indexed
+        with. Vectors from before content keys are checked on a sample and kept when they
+        match. Otherwise the collection must be indexed again: ``sync`` (``reindex``) marks
+        every document for it; a search says so rather than use stale vectors.
+
+        Raises:
+            OperationFailed: the model changed and ``reindex`` is False.
+            NotFound: the embedder's folder is gone.
+        """
+        from engine.rag.embedder import embedder_key
+
+        key = embedder_key(collection.embedder)
+        if collection.embedder_key == key:
+            return collection
+        if collection.embedder_key is None and self._vectors_agree(collection):
+            self.store.adopt_vectors(collection, key)
+            return self.store.get(collection.name)
+        if not reindex:
+            raise OperationFailed(
+                f"the embedder model of collection {collection.name!r} "
+                f"({shown_path(collection.embedder)}) changed since it was indexed",
+                hint=f"run: bastion collections sync {collection.name} (it embeds it again)",
+            )
+        log.info("the embedder of collection %s changed: indexing it again", collection.name)
+        self.store.rekey(collection, key)
+        self._retriever.forget(collection)
+        return self.store.get(collection.name)
+
+    def _vectors_agree(self, collection: Collection) -> bool:
+        """Whether stored vectors (a sample) are what the embedder makes of their texts now."""
+        import numpy as np
+
+        sample = self.store.vector_sample(collection, _SAMPLE_CHUNKS)
+        if not sample:
+            return True
+        embedder = self.embedder(collection.embedder)
+        blobs = [v for _, v in sample]
+        if any(v is None or len(v) != 2 * embedder.dimension for v in blobs):
+            return False  # missing, or of another dimension
+        stored = np.stack([np.frombuffer(v, dtype=np.float16) for v in blobs if v is not None])
+        fresh = embedder.encode([text for text, _ in sample])
+        stored = stored.astype(np.float32)
+        norms = np.maximum(np.linalg.norm(stored, axis=1), 1e-12)
+        cosine = np.sum(stored * fresh, axis=1) / norms
+        return bool(cosine.min() >= SAME_MODEL_COSINE)
 
     @staticmethod
     def check_embedder_id(model_id: str) -> str:
@@ -67,10 +168,16 @@ class Documents:
         folder = Path(model_id).expanduser()
         if not (folder / "modules.json").is_file() and not (folder / "config.json").is_file():
             raise InvalidInput(
-                f"unknown embedder {model_id!r}",
+                f"unknown embedder {shown_path(model_id)!r}",
                 hint=f"use {DEFAULT_EMBEDDER} or the path of a local sentence-transformers folder",
             )
-        return str(folder.resolve())
+        resolved = str(folder.resolve())
+        if shown_path(resolved) != resolved:  # the id is stored as text and shown everywhere
+            raise InvalidInput(
+                f"the embedder folder {shown_path(resolved)} has a name that is not UTF-8",
+                hint="rename the folder (or link to it from a UTF-8 name) and use that",
+            )
+        return resolved
 
     # -- collections ------------------------------------------------------------------
 
@@ -110,14 +217,22 @@ class Documents:
         if not paths:
             raise InvalidInput("give at least one file or folder to add")
         collection = self.store.get(name)
-        for raw in paths:
-            path = os.path.abspath(os.path.expanduser(raw))
+        protected = identities(self.protected_folders())
+        absolute = [os.path.abspath(os.path.expanduser(raw)) for raw in paths]
+        for path in absolute:
+            if is_protected(path, protected) or is_private(os.path.basename(path)):
+                raise InvalidInput(
+                    f"{shown_path(path)} is Bastion's own data (its home, a cache, a redaction "
+                    "report or its Python environment); it is never indexed",
+                    hint="add your own files and folders",
+                )
+        for path in absolute:
             self.store.add_source(collection, Source(path, tuple(include), tuple(exclude)))
         return self.sync(name, ctx)
 
     def sync(self, name: str, ctx: JobContext) -> IndexReport:
         """Re-index what changed in a collection's sources and drop what was deleted."""
-        collection = self.store.get(name)
+        collection = self._current(self.store.get(name), reindex=True)
         report = self._indexer.run(collection, ctx)
         if not report.cancelled:
             self._retriever.refresh(self.store.get(name))
@@ -141,41 +256,58 @@ class Documents:
         HTML source) gives its lines as the indexer numbers them, decoded the same way; a
         large one gives a window of lines around ``line``. Word files give their text.
 
+        ``path`` is a path as the engine shows it (a citation's); names that are not UTF-8
+        are found from it (see ``scanner.path_of_shown``).
+
         Raises:
             NotFound: the file does not exist (moved or deleted since it was indexed).
             InvalidInput: ``page`` is outside the PDF.
-            DocumentError: the file cannot be read (unsupported, binary, corrupt PDF).
+            DocumentError: the file cannot be read (unsupported, binary, corrupt, or its
+                parser failed on it).
         """
         from engine.errors import NotFound
         from engine.rag.loaders import DocumentError, detect_kind, load_document
 
-        file = Path(path)
+        shown = shown_path(path)
+        real = path_of_shown(path)
+        file = Path(real)
         if not file.is_file():
-            raise NotFound(f"file not found: {path}", hint="it was moved or deleted")
+            raise NotFound(f"file not found: {shown}", hint="it was moved or deleted")
         kind = detect_kind(file)
         if kind is None:
-            raise DocumentError(f"unsupported file type ({file.suffix or 'no extension'})")
+            suffix = shown_path(file.suffix) or "no extension"
+            raise DocumentError(f"unsupported file type ({suffix})")
         try:
             if kind == "pdf":
-                return _pdf_page(path, page or 1)
-            if kind == "docx":
+                source = _pdf_page(real, page or 1)
+            elif kind == "docx":
                 text = "\n\n".join(s.text for s in load_document(file))
-                return SourceText(path, kind, text[:SOURCE_MAX_CHARS])
-            return _text_window(path, kind, line or 1)
+                source = SourceText(real, kind, text[:SOURCE_MAX_CHARS])
+            else:
+                source = _text_window(real, kind, line or 1)
         except OSError as exc:
             raise DocumentError(f"cannot read: {(exc.strerror or str(exc)).lower()}") from exc
+        except BastionError:
+            raise
+        except Exception as exc:  # a parser's own fault on this file; see indexer.py
+            log.warning("%r could not be read for viewing: %s", real, fault_summary(exc))
+            raise DocumentError(fault_reason(exc, kind)) from exc
+        return dataclasses.replace(source, path=shown)
 
     # -- search and answers -----------------------------------------------------------
 
     def search(self, name: str, query: str, k: int = 5, mode: str = "hybrid") -> list[SearchResult]:
-        return self._retriever.search(self.store.get(name), query, k, mode)
+        collection = self.store.get(name)
+        if mode != "keyword":  # keyword search uses no vectors
+            collection = self._current(collection, reindex=False)
+        return self._retriever.search(collection, query, k, mode)
 
     def evaluate(self, name: str, qa_path: Path) -> dict[str, Any]:
         """Retrieval quality on questions with known sources (see evaluation.py)."""
         from engine.rag.evaluation import evaluate, read_qa
 
         questions = read_qa(qa_path)
-        collection = self.store.get(name)
+        collection = self._current(self.store.get(name), reindex=False)
 
         def count(q: Any) -> int:
             return self.store.count_chunks_of(collection, q.file, q.page)
@@ -191,7 +323,10 @@ class Documents:
         """Retrieve for a question and decide how it may be answered."""
         collection = self.store.get(name)
         summary = self.store.summary(collection)
-        results = self._retriever.search(collection, question, k) if summary["indexed"] else []
+        results = []
+        if summary["indexed"]:
+            collection = self._current(collection, reindex=False)
+            results = self._retriever.search(collection, question, k)
         return ground(collection.name, question, results, summary)
 
 

@@ -188,6 +188,17 @@ M006_MESSAGE_RATING: Final = """
 ALTER TABLE messages ADD COLUMN rating INTEGER;
 """
 
+# Vectors follow the content of the embedder's model files, not the name of its folder:
+# replacing the model in a folder must re-embed, never reuse vectors of the old one (wrong
+# results, or another dimension). ``model_key`` is the content hash of the model that made
+# a vector; ``embedder_key`` the one a collection's chunks and vectors were made with. Rows
+# from before have NULL keys: the engine checks a sample of them against the model on the
+# collection's next use and keeps them (same model) or re-indexes.
+M007_EMBEDDER_CONTENT_KEYS: Final = """
+ALTER TABLE embeddings ADD COLUMN model_key TEXT;
+ALTER TABLE collections ADD COLUMN embedder_key TEXT;
+"""
+
 # Append only. See the module docstring.
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     ("m001_conversations", M001_CONVERSATIONS),
@@ -196,6 +207,7 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     ("m004_message_citations", M004_MESSAGE_CITATIONS),
     ("m005_training_runs", M005_TRAINING_RUNS),
     ("m006_message_rating", M006_MESSAGE_RATING),
+    ("m007_embedder_content_keys", M007_EMBEDDER_CONTENT_KEYS),
 )
 
 _CREATE_TABLE: Final = (
