@@ -45,6 +45,8 @@ class _LlamaProbe:
 # the other checks do.
 _PROBE_SCRIPT = """\
 import json
+from engine.privacy import guard
+guard.activate()  # before llama.cpp: every process Bastion starts runs under the guard
 import llama_cpp
 from engine.models import hardware
 info = llama_cpp.llama_print_system_info().decode("utf-8", "replace")
@@ -189,20 +191,12 @@ def _nvidia_driver() -> str | None:
     found = re.search(r"Kernel Module(?: for \S+)?\s+(\d+(?:\.\d+)+)", text)
     if found:
         return found.group(1)
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
+    from engine.models.hardware import nvidia_smi_query
+
+    lines = nvidia_smi_query("driver_version")
+    if lines is None:
         return "of unknown version" if text else None
-    try:
-        out = subprocess.run(
-            [smi, "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return "of unknown version" if text else None
-    return out.strip().splitlines()[0] if out.strip() else None
+    return lines[0].strip() if lines else None
 
 
 def gpu_finding(gpus: list[dict[str, Any]], offload: bool, driver: str | None) -> Check:

@@ -86,22 +86,27 @@ def gpu_offload_supported() -> bool:
         return False
 
 
-def _nvidia_gpus() -> list[GPU]:
+def nvidia_smi_query(fields: str) -> list[str] | None:
+    """``nvidia-smi --query-gpu=FIELDS`` as CSV lines (one a GPU); None when it cannot answer."""
     smi = shutil.which("nvidia-smi")
     if smi is None:
-        return []
+        return None
     try:
         out = subprocess.run(
-            [smi, "--query-gpu=name,memory.total,memory.free", "--format=csv,noheader,nounits"],
+            [smi, f"--query-gpu={fields}", "--format=csv,noheader,nounits"],
             capture_output=True,
             text=True,
             timeout=10,
             check=True,
         ).stdout
     except (OSError, subprocess.SubprocessError):
-        return []
+        return None
+    return out.strip().splitlines()
+
+
+def _nvidia_gpus() -> list[GPU]:
     gpus = []
-    for line in out.strip().splitlines():
+    for line in nvidia_smi_query("name,memory.total,memory.free") or []:
         parts = [p.strip() for p in line.split(",")]
         if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
             mib = 1024**2

@@ -38,6 +38,7 @@ from engine.errors import (
 )
 from engine.jobs import JobContext
 from engine.models.runtime import GenerationDone, LoadSpec, SamplingParams, StreamEvent, TokenChunk
+from engine.paths import open_private
 from engine.protocol import ErrorKind, Event, Message, Op, ProtocolError, decode, describe_exit
 from engine.protocol import encode as encode_line
 
@@ -123,7 +124,8 @@ class ModelLane:
                 return host
             config = self._runtime_config(probe_model)
             self._log_path.parent.mkdir(parents=True, exist_ok=True)
-            with self._log_path.open("ab") as log_file:
+            # 0600: llama.cpp's messages name the user's model files.
+            with open(open_private(self._log_path, os.O_WRONLY | os.O_APPEND), "ab") as log_file:
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "engine.models.host", config],
                     stdin=subprocess.PIPE,

@@ -352,7 +352,10 @@ def _main(argv: list[str]) -> int:
     probe.add_argument("model", type=Path)
     probe.add_argument("config", choices=RUNTIME_CONFIGS)
     args = parser.parse_args(argv)
+    from engine.privacy import guard
 
+    # First, before llama.cpp is loaded: every process Bastion starts runs under the guard.
+    guard.activate()
     if args.command == "probe":
         from engine.protocol import ExitCode
 
@@ -363,9 +366,6 @@ def _main(argv: list[str]) -> int:
         sys.stdout.write(json.dumps({"ok": ok, "detail": detail}) + "\n")
         return ExitCode.OK if ok else ExitCode.FAILED
 
-    from engine.privacy import guard
-
-    guard.activate()
     model = args.model or default_model_path()
     if model is None:
         sys.stderr.write("self-test: the default model is not installed\n")

@@ -4,10 +4,10 @@ Two layers, both installed by ``activate()`` at engine start:
 
 1. environment switches that put the Hugging Face libraries offline and turn off every
    telemetry switch we know of, so well-behaved libraries never try;
-2. a Python audit hook that refuses any socket connection or DNS lookup that is not
-   loopback or a Unix socket, raising ``NetworkBlocked`` with the name of the code that
-   tried, and logging it. Audit hooks cannot be removed once added, so a library cannot
-   quietly undo the guard.
+2. a Python audit hook that refuses any socket connection or DNS lookup (forward or
+   reverse) that is not loopback or a Unix socket, raising ``NetworkBlocked`` with the
+   name of the code that tried, and logging it. Audit hooks cannot be removed once
+   added, so a library cannot quietly undo the guard.
 
 ``allow_network(reason)`` opens the guard for the duration of an explicit, user-requested
 download (e.g. a model the user asked to fetch).
@@ -191,6 +191,19 @@ def _audit(event: str, args: tuple[Any, ...]) -> None:
         # resolve locally; connecting to them is checked above.
         if not _is_local_host(host) and not _is_ip_literal(host):
             _refuse(f"{host} (name lookup)")
+    elif event == "socket.gethostbyaddr":
+        host = args[0] if args else None
+        # A reverse lookup asks a DNS server who an address is (a PTR query), so even an
+        # address literal leaves the machine, and a name is resolved forwards first.
+        if not _is_local_host(host):
+            _refuse(f"{host} (reverse name lookup)")
+    elif event == "socket.getnameinfo":
+        target = _target(args[0] if args else None)
+        # The event carries the address but not the flags, so a purely numeric call
+        # (NI_NUMERICHOST) cannot be told from a PTR query and is refused as well; the
+        # ipaddress module formats an address without asking anyone.
+        if target is not None and not _is_local_host(target[0]):
+            _refuse(f"{target[1]} (reverse name lookup)")
 
 
 def activate() -> None:

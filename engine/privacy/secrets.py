@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import EnvironmentFault
+from engine.paths import PRIVATE_DIR_MODE, PRIVATE_FILE_MODE, restrict_mode
 
 log = logging.getLogger(__name__)
 SERVICE = "bastion"
@@ -74,7 +75,14 @@ class SecretStore:
 
                 backend = CryptFileKeyring()
                 folder = self._home / "secrets"
-                folder.mkdir(mode=0o700, exist_ok=True)
+                folder.mkdir(mode=PRIVATE_DIR_MODE, exist_ok=True)
+                # An older version's folder, or one loosened by hand: private again.
+                # keyrings.cryptfile creates keyring.cfg 0600 itself.
+                try:
+                    restrict_mode(folder, PRIVATE_DIR_MODE)
+                    restrict_mode(folder / "keyring.cfg", PRIVATE_FILE_MODE)
+                except OSError as exc:  # not the owner: the file is still encrypted
+                    log.warning("could not make %s private: %s", folder, exc.strerror or exc)
                 backend.file_path = str(folder / "keyring.cfg")
                 backend.keyring_key = _file_key()
                 self._backend = backend

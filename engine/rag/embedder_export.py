@@ -201,6 +201,8 @@ _EXIT_MISSING_MODULE = 3
 _EXIT_OS_ERROR = 4
 _QUANTIZE = f"""\
 import sys
+from engine.privacy import guard
+guard.activate()  # before ONNX Runtime: every process Bastion starts runs under the guard
 try:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 except ImportError as exc:

@@ -30,12 +30,15 @@ product is cosine.
 
 Files: ``index.faiss`` and the sidecar ``index.json`` (kind, dimension, count, nprobe,
 size and SHA-256 of the index file, plus the caller's ``meta``: generation, embedder).
-Both are written atomically; ``load`` returns None rather than raising for anything
-missing, damaged or inconsistent, and the caller rebuilds from SQLite.
+Both are written atomically (temporary file, fsync, read back and compared, rename), and
+they are a cache: ``save`` returns False rather than raising when the disk refuses them,
+and ``load`` returns None rather than raising for anything missing, damaged or
+inconsistent; the caller rebuilds from SQLite.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -43,14 +46,12 @@ import math
 import os
 import tempfile
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from engine.paths import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -234,29 +235,32 @@ class VectorIndex:
 
     # -- files ------------------------------------------------------------------------
 
-    def save(self, folder: Path, meta: Mapping[str, Any] | None = None) -> None:
+    def save(self, folder: Path, meta: Mapping[str, Any] | None = None) -> bool:
         """Write ``index.faiss`` and ``index.json`` into ``folder``, each atomically.
+
+        The files are a cache: a disk that refuses them (full, over quota, read-only) is
+        logged and the index in memory goes on serving; the cache already on disk is left
+        as it was, never replaced by a short file.
 
         Args:
             folder: the collection's folder (created if missing).
             meta: what the caller needs to trust the cache later, e.g. ``generation`` and
                 ``embedder``; stored in the sidecar and given back as ``meta`` by ``load``.
-        """
-        import faiss
 
+        Returns:
+            True when both files were written, False when the disk refused them.
+        """
         if meta is not None:
             clash = _RESERVED & set(meta)
             if clash:
                 raise ValueError(f"meta keys {sorted(clash)} are reserved")
             self.meta = dict(meta)
-        folder.mkdir(parents=True, exist_ok=True)
-        target = folder / INDEX_FILE
-        fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{INDEX_FILE}.")
-        os.close(fd)
-        tmp = Path(tmp_name)
+        written: list[Path] = []
         try:
+            folder.mkdir(parents=True, exist_ok=True)
             with self._lock:
-                faiss.write_index(self._index, str(tmp))
+                index_tmp, size, digest = _write_checked(folder, INDEX_FILE, self._serialize)
+                written.append(index_tmp)
                 sidecar = {
                     "format": FORMAT,
                     "kind": self.kind,
@@ -264,19 +268,40 @@ class VectorIndex:
                     "count": len(self),
                     "nprobe": self.nprobe,
                     **self.meta,
+                    "index_bytes": size,
+                    "index_sha256": digest,
                 }
-            with tmp.open("rb") as fh:
-                digest = hashlib.file_digest(fh, "sha256").hexdigest()
-                os.fsync(fh.fileno())
-            sidecar["index_bytes"] = tmp.stat().st_size
-            sidecar["index_sha256"] = digest
-            os.replace(tmp, target)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        # The sidecar goes last: an index file without its matching sidecar fails the
-        # checksum in load and is rebuilt, never trusted.
-        atomic_write_bytes(folder / SIDECAR_FILE, json.dumps(sidecar, indent=1).encode())
+            encoded = json.dumps(sidecar, indent=1).encode()
+            sidecar_tmp, _, _ = _write_checked(folder, SIDECAR_FILE, lambda sink: sink(encoded))
+            written.append(sidecar_tmp)
+            # Both files are complete on disk before either replaces the cache. The sidecar
+            # goes last: an index file without its matching sidecar (a crash between the two
+            # renames) fails the checksum in load and is rebuilt, never trusted.
+            os.replace(index_tmp, folder / INDEX_FILE)
+            os.replace(sidecar_tmp, folder / SIDECAR_FILE)
+        except BaseException as exc:
+            for tmp in written:
+                tmp.unlink(missing_ok=True)
+            if not isinstance(exc, OSError):
+                raise
+            log.warning(
+                "could not save the vector index cache in %s (%s): searches use the index "
+                "in memory, and it is rebuilt from the database next time",
+                folder,
+                exc.strerror or exc,
+            )
+            return False
+        return True
+
+    def _serialize(self, sink: Callable[[bytes], int]) -> None:
+        """Stream the index through ``sink``: FAISS's own file writer loses write errors."""
+        import faiss
+
+        # faiss.write_index(index, path) writes through a stdio FILE and ignores the error
+        # of the final flush in fclose: a full disk left a short (even 0-byte) file with no
+        # error. A Python callback writes through Python's file object, which raises.
+        writer = faiss.PyCallbackIOWriter(sink)  # type: ignore[attr-defined]  # not in the stubs
+        faiss.write_index(self._index, writer)
 
     @classmethod
     def load(
@@ -338,6 +363,46 @@ def _serial(serial: bool) -> Iterator[None]:
         yield
     finally:
         faiss.omp_set_num_threads(before)
+
+
+def _write_checked(
+    folder: Path, name: str, produce: Callable[[Callable[[bytes], int]], object]
+) -> tuple[Path, int, str]:
+    """Write what ``produce`` hands its sink to a temporary file beside ``name``, fsynced.
+
+    The file is read back and must match, in size and SHA-256, what was handed over.
+
+    Returns:
+        The temporary file (to be renamed into place), its size and its SHA-256.
+
+    Raises:
+        OSError: the disk refused a write, or the file does not read back as written.
+    """
+    fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{name}.")
+    tmp = Path(tmp_name)
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        with os.fdopen(fd, "wb") as fh:
+
+            def sink(chunk: bytes) -> int:
+                nonlocal size
+                fh.write(chunk)
+                digest.update(chunk)
+                size += len(chunk)
+                return len(chunk)
+
+            produce(sink)
+            fh.flush()
+            os.fsync(fh.fileno())
+        with tmp.open("rb") as back:
+            on_disk = hashlib.file_digest(back, "sha256").hexdigest()
+        if tmp.stat().st_size != size or on_disk != digest.hexdigest():
+            raise OSError(errno.EIO, f"{tmp.name} does not read back as written")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp, size, on_disk
 
 
 def _sidecar_problem(sidecar: Any, data: bytes, dimension: int | None) -> str | None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -13,7 +15,7 @@ from types import TracebackType
 from typing import Any, Final
 
 from engine.errors import EnvironmentFault
-from engine.paths import HOME_ENV
+from engine.paths import HOME_ENV, open_private
 from engine.store.migrations import apply_migrations
 
 logger = logging.getLogger(__name__)
@@ -120,6 +122,17 @@ def translate_error(exc: sqlite3.Error, path: Path) -> EnvironmentFault | None:
     return None
 
 
+def _create_private(path: Path) -> None:
+    """Create a missing database file owner-only (0600).
+
+    SQLite would create it with the umask's mode, usually readable by every local user,
+    and it gives the ``-wal``, ``-shm`` and ``-journal`` files the database file's mode.
+    """
+    # A failure here is met again by sqlite3.connect, which reports it, translated.
+    with contextlib.suppress(OSError):
+        os.close(open_private(path, os.O_RDONLY))
+
+
 class Database:
     """One connection to ``bastion.db``, shared by the threads of one process.
 
@@ -149,6 +162,7 @@ class Database:
         self._depth = 0
         self._conn: sqlite3.Connection | None = None
         with self._translated():
+            _create_private(self.path)
             conn = sqlite3.connect(
                 self.path,
                 timeout=timeout,

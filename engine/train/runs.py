@@ -27,6 +27,7 @@ import psutil
 
 from engine.errors import Cancelled, InvalidInput, OperationFailed
 from engine.jobs import JobContext
+from engine.paths import open_private
 from engine.protocol import Event, ExitCode, ProtocolError, decode, describe_exit
 from engine.store.db import Database
 
@@ -142,7 +143,7 @@ def run_worker(
     if resume:
         command.append("--resume")
     log_path = run_dir / "worker.log"
-    with log_path.open("ab") as log:
+    with open(open_private(log_path, os.O_WRONLY | os.O_APPEND), "ab") as log:
         proc = subprocess.Popen(
             command,
             stdin=subprocess.PIPE,
