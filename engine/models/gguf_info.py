@@ -23,6 +23,10 @@ from engine.errors import InvalidModelFile, NotFound
 _SMALL_ARRAY = 64
 # A GGUF with more keys or tensors than this is corrupt rather than big.
 _MAX_COUNT = 10_000_000
+# Arrays of arrays nested deeper than this are corrupt (llama.cpp reads no nested arrays
+# at all); the walk is recursive, so a bound keeps a crafted header from exhausting the
+# stack ("RecursionError") instead of being refused as a bad file.
+_MAX_NESTING = 8
 
 
 @dataclass(frozen=True)
@@ -150,7 +154,7 @@ def _scalar_formats() -> dict[int, str]:
     }
 
 
-def _read_value(cur: _Cursor, vtype: int, key: str, formats: dict[int, str]) -> Any:
+def _read_value(cur: _Cursor, vtype: int, key: str, formats: dict[int, str], depth: int = 0) -> Any:
     from gguf import GGUFValueType as T
 
     if vtype in formats:
@@ -158,25 +162,34 @@ def _read_value(cur: _Cursor, vtype: int, key: str, formats: dict[int, str]) -> 
     if vtype == T.STRING:
         return cur.string(f"the value of {key}")
     if vtype == T.ARRAY:
+        if depth >= _MAX_NESTING:
+            raise InvalidModelFile(
+                f"{cur.path.name} has a corrupt header: the value of {key} is arrays nested "
+                f"more than {_MAX_NESTING} deep"
+            )
         item_type = cur.u32(f"the array type of {key}")
         count = cur.u64(f"the array length of {key}")
         if count > _MAX_COUNT * 100:
             raise InvalidModelFile(f"{cur.path.name} declares an impossible array length for {key}")
-        # Every element takes at least one byte (strings: eight for the length).
-        min_item = (
-            8 if item_type == T.STRING else struct.calcsize("<" + formats.get(item_type, "B"))
-        )
+        # Every element takes at least one byte (strings: eight for the length; arrays:
+        # twelve for their type and length).
+        if item_type == T.STRING:
+            min_item = 8
+        elif item_type == T.ARRAY:
+            min_item = 12
+        else:
+            min_item = struct.calcsize("<" + formats.get(item_type, "B"))
         if cur.pos + count * min_item > cur.size:
             raise cur._truncated(f"the array {key}")
         if count <= _SMALL_ARRAY:
-            return [_read_value(cur, item_type, key, formats) for _ in range(count)]
+            return [_read_value(cur, item_type, key, formats, depth + 1) for _ in range(count)]
         if item_type == T.STRING:
             cur.skip_strings(count, f"the array {key}")
         elif item_type in formats:
             cur.skip(struct.calcsize("<" + formats[item_type]) * count, f"the array {key}")
         else:
             for _ in range(count):  # arrays of arrays: rare, walk them
-                _read_value(cur, item_type, key, formats)
+                _read_value(cur, item_type, key, formats, depth + 1)
         return _ArrayLength(count)
     raise InvalidModelFile(f"{cur.path.name} has an unknown value type {vtype} for key {key}")
 

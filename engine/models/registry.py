@@ -2,21 +2,32 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
+import os
 import re
 import shutil
 import sqlite3
+import tempfile
 import tomllib
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from engine.errors import AlreadyExists, InvalidInput, InvalidModelFile, NotFound
+from engine.errors import (
+    AlreadyExists,
+    EnvironmentFault,
+    InvalidInput,
+    InvalidModelFile,
+    NotFound,
+)
 from engine.models.gguf_info import GGUFInfo, read_gguf_info
 from engine.paths import builtin_models_dirs, resources_dir
 from engine.store.db import Database
+from engine.units import human_size
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +96,80 @@ def validate_id(model_id: str) -> str:
             "or digit",
         )
     return model_id
+
+
+def _copy_into(source: Path, folder: Path) -> Path:
+    """Copy ``source`` into ``folder`` under its own name, whole or not at all.
+
+    The copy goes to a temporary file that is fsynced before it takes its name, so a
+    crash or a full disk never leaves a torn model where a good one is expected; the name
+    is taken with a hard link, which fails instead of replacing a file that a concurrent
+    import put there first.
+
+    Raises:
+        AlreadyExists: ``folder`` holds a file of that name already.
+        EnvironmentFault: the disk is full, or the folder cannot be written.
+    """
+    target = folder / source.name
+    taken = AlreadyExists(f"{target} exists already", hint="import the file without --copy")
+    if target.exists():
+        raise taken
+    size = source.stat().st_size
+    tmp: Path | None = None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if shutil.disk_usage(folder).free < size:  # refuse now, not after copying 90 %
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        fd, name = tempfile.mkstemp(dir=folder, prefix=f".{source.name}.", suffix=".partial")
+        tmp = Path(name)
+        with os.fdopen(fd, "wb") as out:
+            shutil.copyfile(source, tmp)  # through the kernel's copy, not Python buffers
+            os.fsync(out.fileno())  # the same file: its data is on disk before the rename
+        try:
+            os.link(tmp, target)
+        except FileExistsError as exc:
+            raise taken from exc
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                raise
+            if target.exists():  # a file system without hard links (FAT, some mounts)
+                raise taken from exc
+            tmp.replace(target)
+        _fsync_folder(folder)
+    except OSError as exc:
+        raise _copy_fault(exc, source, folder, size) from exc
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)  # after the link, the copy lives on as ``target``
+    return target
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (where the platform can open folders)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _copy_fault(exc: OSError, source: Path, folder: Path, size: int) -> EnvironmentFault:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return EnvironmentFault(
+            f"not enough disk space to copy {source.name} ({human_size(size)}) into {folder}",
+            hint="free some space, or import without --copy to use the file where it is",
+        )
+    if exc.errno == errno.EFBIG:
+        return EnvironmentFault(
+            f"{source.name} ({human_size(size)}) is larger than the disk holding {folder} "
+            "allows for one file (or than this process's file-size limit)",
+            hint="import without --copy to use the file where it is",
+        )
+    return EnvironmentFault(
+        f"could not copy {source.name} into {folder}: {exc.strerror or exc}",
+        hint="check that the folder is writable and the disk healthy",
+    )
 
 
 def _now() -> str:
@@ -158,18 +243,19 @@ class ModelRegistry:
             )
         model_id = validate_id(model_id or derive_id(path))
         self._check_free(model_id, str(info.path))
+        copied: Path | None = None
         if copy_into is not None:
-            target = copy_into / path.name
-            if target.exists():
-                raise AlreadyExists(f"{target} exists already")
-            partial = target.with_name(target.name + ".partial")
-            shutil.copyfile(path, partial)
-            partial.replace(target)
-            info = read_gguf_info(target)
+            copied = _copy_into(path, copy_into)
         try:
+            if copied is not None:
+                info = read_gguf_info(copied)
             self._insert(model_id, info, builtin=False)
-        except sqlite3.IntegrityError as exc:  # a concurrent import took the id
-            raise AlreadyExists(f"a model with id {model_id!r} exists already") from exc
+        except BaseException as exc:
+            if copied is not None:
+                copied.unlink(missing_ok=True)  # this call made it, and nothing refers to it
+            if isinstance(exc, sqlite3.IntegrityError):  # a concurrent import took the id
+                raise AlreadyExists(f"a model with id {model_id!r} exists already") from exc
+            raise
         log.info("registered model %s (%s, %s)", model_id, info.architecture, info.quant)
         return self.get(model_id)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import sqlite3
 from dataclasses import dataclass
@@ -17,12 +18,19 @@ SNIPPET_ELLIPSIS: Final = "…"
 _SNIPPET_TOKENS: Final = 16
 _SNIPPET_CONTEXT_CHARS: Final = 40
 
+# Far more different words than anyone types to find a message: a bound, so that a pasted
+# document fails with a clear message instead of a scan with thousands of patterns.
+MAX_SEARCH_WORDS: Final = 4096
+
 # Scripts written without spaces between words. FTS5's unicode61 tokenizer makes a whole
 # run of them one token, so "日本" would not find "日本語を話す"; such terms are also
 # looked up as plain substrings.
 _UNSPACED_SCRIPT: Final = re.compile(
     "[\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]"
 )
+
+# Half of a surrogate pair: never a character of UTF-8 text (see ``search_terms``).
+_LONE_SURROGATE: Final = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -37,6 +45,43 @@ class SearchHit:
     created_at: str
 
 
+def search_terms(text: str) -> list[str]:
+    """The distinct whitespace-separated words of what a user typed, in order.
+
+    NUL counts as a space: FTS5 reads its query as a C string, so a NUL inside a phrase
+    ends the query mid-string ("unterminated string"), and no stored message can hold
+    one as part of a word anyway.
+
+    Raises:
+        InvalidInput: The text is empty or blank, holds more than ``MAX_SEARCH_WORDS``
+            different words, or is not valid Unicode (bytes that were not UTF-8 reach
+            Python as lone surrogates, e.g. from a command-line argument).
+    """
+    bad = _LONE_SURROGATE.search(text)
+    if bad is not None:
+        code = ord(bad.group())
+        # 0xDC80-0xDCFF is how Python carries an undecodable byte (surrogateescape).
+        what = (
+            f"the byte 0x{code - 0xDC00:02X}"
+            if 0xDC80 <= code <= 0xDCFF
+            else f"half of a surrogate pair (U+{code:04X})"
+        )
+        raise InvalidInput(
+            f"the search text is not valid UTF-8: it holds {what}",
+            hint="check that the terminal's encoding is UTF-8",
+        )
+    terms = list(dict.fromkeys(text.replace("\x00", " ").split()))
+    if not terms:
+        raise InvalidInput("the search text is empty", hint="give one or more words to look for")
+    if len(terms) > MAX_SEARCH_WORDS:
+        raise InvalidInput(
+            f"the search text has {len(terms):,} different words; at most "
+            f"{MAX_SEARCH_WORDS:,} are searched",
+            hint="search for a few words that the message holds",
+        )
+    return terms
+
+
 def fts_query(text: str) -> str:
     """Turn what a user typed into an FTS5 query that cannot be a syntax error.
 
@@ -45,11 +90,12 @@ def fts_query(text: str) -> str:
     are ANDed.
 
     Raises:
-        InvalidInput: The text is empty or blank.
+        InvalidInput: As ``search_terms``.
     """
-    terms = text.split()
-    if not terms:
-        raise InvalidInput("the search text is empty", hint="give one or more words to look for")
+    return _phrases(search_terms(text))
+
+
+def _phrases(terms: list[str]) -> str:
     return " ".join('"' + term.replace('"', '""') + '"' for term in terms)
 
 
@@ -66,9 +112,11 @@ def search_messages(db: Database, text: str, limit: int) -> list[SearchHit]:
         limit: At most this many hits.
 
     Raises:
-        InvalidInput: The text is empty or blank.
+        InvalidInput: As ``search_terms``: empty text, too many words, or text that is
+            not valid UTF-8.
     """
-    query = fts_query(text)
+    terms = search_terms(text)
+    query = _phrases(terms)
     rows = db.query(
         "SELECT m.conversation_id, c.title, m.id, m.role, m.created_at,"
         " snippet(messages_fts, 0, ?, ?, ?, ?) AS snippet"
@@ -81,21 +129,24 @@ def search_messages(db: Database, text: str, limit: int) -> list[SearchHit]:
     hits = [_hit(row, row[5]) for row in rows]
     if len(hits) < limit and _UNSPACED_SCRIPT.search(text):
         seen = {hit.message_id for hit in hits}
-        hits += [
-            hit for hit in _substring_search(db, text.split(), limit) if hit.message_id not in seen
-        ][: limit - len(hits)]
+        hits += [hit for hit in _substring_search(db, terms, limit) if hit.message_id not in seen][
+            : limit - len(hits)
+        ]
     return hits
 
 
 def _substring_search(db: Database, terms: list[str], limit: int) -> list[SearchHit]:
-    # A full scan with LIKE: fine for a personal history, and only for these scripts.
-    where = " AND ".join("m.content LIKE ? ESCAPE '\\'" for _ in terms)
+    # A full scan with LIKE: fine for a personal history, and only for these scripts. The
+    # patterns travel as one JSON array, so any number of words is one condition: ANDing
+    # one LIKE per word fails past 1,000 words ("Expression tree is too large").
     patterns = ["%" + re.sub(r"([\\%_])", r"\\\1", term) + "%" for term in terms]
     rows = db.query(
         "SELECT m.conversation_id, c.title, m.id, m.role, m.created_at, m.content"
         " FROM messages m JOIN conversations c ON c.id = m.conversation_id"
-        f" WHERE {where} ORDER BY m.id DESC LIMIT ?",
-        (*patterns, limit),
+        " WHERE NOT EXISTS (SELECT 1 FROM json_each(?) AS p"
+        " WHERE m.content NOT LIKE p.value ESCAPE '\\')"
+        " ORDER BY m.id DESC LIMIT ?",
+        (json.dumps(patterns), limit),
     )
     return [_hit(row, _substring_snippet(row[5], terms[0])) for row in rows]
 

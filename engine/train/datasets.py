@@ -22,24 +22,33 @@ every rule broken is reported on its line:
 - at least one assistant turn (the loss is computed on the assistant's turns only);
 - a conversation may end with a user turn: it is kept, it only adds context.
 
-The file is read once, line by line; only the normalized examples stay in memory.
+The file is read once, line by line; only the normalized examples stay in memory. A line
+longer than ``MAX_LINE_BYTES`` is a bad line: it is skipped in chunks, never held whole. A
+line is also bad when it holds an integer of more than 4,300 digits (Python's own limit
+for reading one; no training field needs one) or text with half of a surrogate pair
+(``"\\ud800"`` alone is valid JSON but not a character, and no tokenizer or UTF-8 file can
+take it).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Final
 
 from engine.errors import InvalidInput, NotFound
 
 FORMATS = ("chat", "sharegpt", "alpaca", "text")
 TOO_LONG_POLICY = "truncated to max_tokens at training time"
 DEFAULT_MAX_TOKENS = 1024
+# The longest line read: 16 MiB is millions of tokens, far past any training sequence,
+# and bounds what one line costs in memory (the bytes, their text and the parsed object).
+MAX_LINE_BYTES: Final = 16 * 1024 * 1024
 
 TokenCounter = Callable[[list[str]], list[int]]
 """Counts the tokens of each text of a batch."""
@@ -49,6 +58,13 @@ Turns = tuple[tuple[str, str], ...]
 # Lines looked at before the file's format is decided (they are the only raw objects held).
 _DETECT_WINDOW = 1000
 _COUNT_BATCH = 512
+# Digits of the longest integer read: Python's default limit for int <-> str, kept even
+# where that limit is raised, because converting longer ones costs quadratic time.
+_MAX_INT_DIGITS = 4300
+# How much of a value an error message quotes.
+_QUOTE_CHARS = 40
+_SKIP_CHUNK = 1024 * 1024
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 # Characters per token when no tokenizer is given: the usual rule of thumb for English
 # with BPE vocabularies; it over-counts code a little and under-counts CJK text.
 _CHARS_PER_TOKEN = 4
@@ -168,6 +184,7 @@ def read_dataset(
     fmt: str | None = None,
     count_tokens: TokenCounter | None = None,
     max_tokens: int = DEFAULT_MAX_TOKENS,
+    max_line_bytes: int = MAX_LINE_BYTES,
 ) -> DatasetReport:
     """Read a JSONL training set, check every line, and summarize what is usable.
 
@@ -178,6 +195,7 @@ def read_dataset(
             token per four characters and sets ``tokens_estimated``.
         max_tokens: the training sequence length; longer examples are counted in
             ``too_long`` (they are truncated at training time, not dropped).
+        max_line_bytes: longer lines are bad lines, skipped without being held whole.
 
     Returns:
         The report. An empty dataset is a report with no examples, not an error.
@@ -194,12 +212,12 @@ def read_dataset(
     if max_tokens < 1:
         raise InvalidInput(f"max_tokens must be at least 1, not {max_tokens}")
     bad: list[BadLine] = []
-    lines = _lines(path)
+    lines = _lines(path, max_line_bytes)
     window: list[tuple[int, dict[str, Any]]] = []
     chosen = fmt
     if chosen is None:
         for number, text in lines:
-            parsed = _parse(text)
+            parsed = _parse(text, max_line_bytes)
             if isinstance(parsed, str):
                 bad.append(BadLine(number, parsed))
                 continue
@@ -211,6 +229,8 @@ def read_dataset(
 
     def take(number: int, obj: dict[str, Any]) -> None:
         turns = _turns(obj, chosen, forced=fmt is not None)
+        if not isinstance(turns, str):
+            turns = _check_characters(turns)
         if isinstance(turns, str):
             bad.append(BadLine(number, turns))
         else:
@@ -220,7 +240,7 @@ def read_dataset(
         take(number, obj)
     window.clear()
     for number, text in lines:  # the rest of the file, after the detection window
-        parsed = _parse(text)
+        parsed = _parse(text, max_line_bytes)
         if isinstance(parsed, str):
             bad.append(BadLine(number, parsed))
         else:
@@ -240,8 +260,11 @@ def read_dataset(
     )
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """The file's non-blank lines with their 1-based numbers, decoded strictly as UTF-8."""
+def _lines(path: Path, max_line_bytes: int) -> Iterator[tuple[int, str | None]]:
+    """The file's non-blank lines with their 1-based numbers, decoded strictly as UTF-8.
+
+    A line longer than ``max_line_bytes`` comes as None (it is skipped, not read whole).
+    """
     try:
         fh = path.open("rb")
     except FileNotFoundError as exc:
@@ -251,7 +274,13 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
     except OSError as exc:
         raise InvalidInput(f"dataset file {path} cannot be read: {exc.strerror or exc}") from exc
     with fh:
-        for number, raw in enumerate(fh, 1):
+        number = 0
+        while raw := fh.readline(max_line_bytes + 1):
+            number += 1
+            if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
+                _skip_rest_of_line(fh)
+                yield number, None
+                continue
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
@@ -259,23 +288,70 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
                     f"{path} is not UTF-8 text (line {number}, byte {exc.start + 1})",
                     hint="save the file as UTF-8",
                 ) from exc
-            if number == 1:
-                text = text.removeprefix("\ufeff")
+            # A byte order mark starts the file, or each part of files joined with `cat`.
+            text = text.removeprefix("\ufeff")
             if text.strip():
                 yield number, text
 
 
-def _parse(text: str) -> dict[str, Any] | str:
+def _skip_rest_of_line(fh: BinaryIO) -> None:
+    while (chunk := fh.readline(_SKIP_CHUNK)) and not chunk.endswith(b"\n"):
+        pass
+
+
+class _NumberTooLong(ValueError):
+    def __init__(self, digits: int) -> None:
+        super().__init__(digits)
+        self.digits = digits
+
+
+def _parse_int(text: str) -> int:
+    digits = len(text) - text.startswith("-")
+    if digits > _MAX_INT_DIGITS:
+        raise _NumberTooLong(digits)
+    return int(text)
+
+
+def _parse(text: str | None, max_line_bytes: int) -> dict[str, Any] | str:
     """The line's JSON object, or the reason it is not one."""
+    if text is None:
+        return f"the line is longer than {max_line_bytes:,} bytes, the limit for one example"
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_int=_parse_int)
     except json.JSONDecodeError as exc:
-        return f"malformed JSON: {exc.msg} at column {exc.colno}"
+        # Some messages end in "at" ("Invalid control character at"): the column follows.
+        return f"malformed JSON: {exc.msg.removesuffix(' at')} at column {exc.colno}"
+    except _NumberTooLong as exc:
+        return (
+            f"a number with {exc.digits:,} digits; numbers of more than "
+            f"{_MAX_INT_DIGITS:,} digits are not read"
+        )
+    except ValueError as exc:  # e.g. a lower limit on int digits set for this Python
+        return f"unreadable JSON value: {_quote(str(exc))}"
     except RecursionError:
         return "malformed JSON: nested too deeply"
     if not isinstance(value, dict):
         return f"not a JSON object (found {_JSON_TYPES.get(type(value), 'a value')})"
     return value
+
+
+def _check_characters(turns: Turns) -> Turns | str:
+    """``turns``, or what is wrong when a text holds half of a surrogate pair."""
+    for i, (role, content) in enumerate(turns, 1):
+        bad = _LONE_SURROGATE.search(content)
+        if bad is not None:
+            where = "the text" if role == "text" else f"turn {i} ({role})"
+            return (
+                f"{where} holds \\u{ord(bad.group()):04x}, half of a surrogate pair and not a "
+                "character (the text was probably cut inside an emoji)"
+            )
+    return turns
+
+
+def _quote(value: object) -> str:
+    """``repr(value)``, cut short: errors name a value, never repeat a whole line."""
+    text = repr(value)
+    return text if len(text) <= _QUOTE_CHARS else text[: _QUOTE_CHARS - 1] + "…"
 
 
 def _shape(obj: Mapping[str, Any]) -> str | None:
@@ -348,7 +424,7 @@ def _conversation(
         role = allowed.get(raw_role) if isinstance(raw_role, str) else None
         if role is None:
             expected = ", ".join(sorted(allowed))
-            return f"{noun} {i}: unknown role {raw_role!r} (expected one of {expected})"
+            return f"{noun} {i}: unknown role {_quote(raw_role)} (expected one of {expected})"
         content = item[content_key]
         if not isinstance(content, str):
             return f"{noun} {i} ({role}): '{content_key}' is not a string"

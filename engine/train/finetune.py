@@ -5,8 +5,9 @@ model (unknown, itself a fine-tune, an architecture that can't be exported to ll
 no GGUF to chat with), the data (bad lines, nothing left to learn), the settings. Then:
 
 1. the data is prepared like ``bastion dataset prepare`` (duplicates out, personal data
-   redacted unless ``redact=False``, a validation split) into the run's folder
-   ``<home>/adapters/<name>/``, and encoded with the GGUF model's template and vocabulary;
+   redacted unless ``redact=False``, a validation split) into a folder of the run's own
+   (``claim_run_dir``: ``<home>/adapters/<name>/``, or ``<name>@2/``… when that is taken),
+   and encoded with the GGUF model's template and vocabulary;
 2. the child process trains (``engine.train.worker``), checkpointing as it goes;
 3. the GGUF adapter is registered as model ``name`` (base + adapter), held-out prompts are
    answered by base and fine-tune through llama.cpp, and ``report.md`` is written.
@@ -14,10 +15,18 @@ no GGUF to chat with), the data (bad lines, nothing left to learn), the settings
 A fine-tune needs a GGUF of its base to be chatted with. For a registry model that is the
 model itself; for a Hugging Face folder or cache id it is the registered GGUF with the
 same architecture and shapes (or the one named with ``gguf``).
+
+A run never deletes a folder it did not create. An existing ``adapters/<name>/`` may belong
+to an earlier run of that name whose model was removed (``models remove`` keeps the files:
+the adapter, its GGUF and the report stay where the run record points), or to a run of
+that name started a moment ago by another process and not yet recorded. Each run claims a
+fresh folder with ``mkdir``, which only one process can win, and removes it again only when
+it is refused before it is recorded.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -25,20 +34,27 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.chat.templates import ChatTemplate
 from engine.errors import AlreadyExists, InvalidInput, NotFound
 from engine.jobs import JobContext
 from engine.models.registry import ModelEntry, ModelRegistry, validate_id
+from engine.paths import PRIVATE_DIR_MODE
 from engine.train import arch as arches
 from engine.train.runs import RunStore, run_worker
 from engine.train.spec import Hyper, RunSpec
+
+if TYPE_CHECKING:
+    from engine.train.datasets import DatasetReport
 
 Complete = Callable[[str, str], str]
 """Answers one prompt with a registered model, without saving it: (model id, prompt)."""
 
 COMPARISONS = 3
+# Names of later runs' folders: ``name@2``. Model names cannot hold "@", so such a folder
+# can never be the first folder of another name.
+_RUN_SUFFIX = "@"
 
 
 @dataclass(frozen=True)
@@ -157,11 +173,8 @@ class FineTuner:
     def _new_run(
         self, name: str, request: FinetuneRequest, ctx: JobContext
     ) -> tuple[RunSpec, dict[str, Any]]:
-        from engine.models.tokenizer import Vocabulary, token_counter
+        from engine.models.tokenizer import token_counter
         from engine.train.datasets import read_dataset
-        from engine.train.encode import ExampleEncoder
-        from engine.train.prepare import prepare
-        from engine.train.worker import write_encoded
 
         if request.base is None or request.data is None:
             raise InvalidInput("--base and --data are needed (or --resume with --name)")
@@ -181,9 +194,30 @@ class FineTuner:
             )
         if not report.examples:
             raise InvalidInput(f"{request.data} has no examples")
-        run_dir = self._home / "adapters" / name
-        shutil.rmtree(run_dir, ignore_errors=True)  # no run on record: leftovers only
-        run_dir.mkdir(parents=True)
+        run_dir = claim_run_dir(self._home / "adapters", name)
+        try:
+            return self._prepare_run(name, request, ctx, base, hyper, report, run_dir)
+        except BaseException:
+            # Refused before the run was recorded: the folder is this call's alone.
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+
+    def _prepare_run(
+        self,
+        name: str,
+        request: FinetuneRequest,
+        ctx: JobContext,
+        base: _Base,
+        hyper: Hyper,
+        report: DatasetReport,
+        run_dir: Path,
+    ) -> tuple[RunSpec, dict[str, Any]]:
+        from engine.models.tokenizer import Vocabulary
+        from engine.train.datasets import read_dataset
+        from engine.train.encode import ExampleEncoder
+        from engine.train.prepare import prepare
+        from engine.train.worker import write_encoded
+
         prepared_path = run_dir / "prepared.jsonl"
         prep = prepare(
             report,
@@ -204,6 +238,7 @@ class FineTuner:
             base.entry.chat_template,
             vocab.token_text(vocab.bos_id),
             vocab.token_text(vocab.eos_id),
+            model=base.entry.id,
         )
         encoder = ExampleEncoder(
             vocab,
@@ -256,6 +291,9 @@ class FineTuner:
             "train_tokens": train_stats.tokens,
         }
         (run_dir / "data.json").write_text(json.dumps(data))
+        # Preparing took a while: a run of this name may have been recorded meanwhile by
+        # another process. Its record must not be taken over.
+        self._check_name(name)
         self._runs.start(name, base.entry.id, base.source, run_dir)
         return spec, data
 
@@ -343,6 +381,23 @@ class FineTuner:
                 }
             )
         return rows, None
+
+
+def claim_run_dir(adapters: Path, name: str) -> Path:
+    """A new, empty folder for a run of ``name``, created by this call and no other.
+
+    ``adapters/<name>`` when it does not exist yet, else ``<name>@2``, ``<name>@3``…
+    ``mkdir`` fails when the folder exists, so two processes never share one.
+    """
+    adapters.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+    for n in itertools.count(1):
+        folder = adapters / (name if n == 1 else f"{name}{_RUN_SUFFIX}{n}")
+        try:
+            folder.mkdir(mode=PRIVATE_DIR_MODE)
+        except FileExistsError:
+            continue
+        return folder
+    raise AssertionError("unreachable")  # itertools.count never ends
 
 
 def _hf_folder(source: str) -> Path:

@@ -249,7 +249,9 @@ class Trainer:
         weights = load_file(str(folder / "adapter.safetensors"), device=self.choice.device)
         set_peft_model_state_dict(self.model, weights)
         self.optimizer.load_state_dict(
-            torch.load(folder / "optimizer.pt", map_location=self.choice.device)
+            # weights_only: tensors and plain containers, never pickled code, even if the
+            # default changes or TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set.
+            torch.load(folder / "optimizer.pt", map_location=self.choice.device, weights_only=True)
         )
         state: dict[str, Any] = json.loads((folder / "state.json").read_text())
         return state
