@@ -199,3 +199,23 @@ def test_cli_chat_survives_a_host_crash_with_one_line_and_exit_1(
 
     again = cli("chat", "Hi", "--max-tokens", "4", "--json")
     assert again.code == 0 and again.json()["usage"]["completion_tokens"] > 0
+
+
+def test_loading_compiles_none_of_the_gguf_chat_templates() -> None:
+    # llama-cpp-python would compile (and constant-fold) every template in the GGUF at load;
+    # a hostile one built gigabytes there. Bastion renders templates itself, bounded.
+    import llama_cpp.llama_chat_format
+
+    from engine.models.runtime import LoadedModel, LoadSpec
+    from tests.conftest import default_model_path
+
+    original = llama_cpp.llama_chat_format.Jinja2ChatFormatter
+    model = LoadedModel(LoadSpec(DEFAULT_MODEL, str(default_model_path()), 256, 1, 0))
+    try:
+        handlers = model.llm._chat_handlers
+        assert "chat_template.default" in handlers
+        with pytest.raises(RuntimeError, match="renders chat templates itself"):
+            handlers["chat_template.default"](llama=model.llm, messages=[])
+        assert llama_cpp.llama_chat_format.Jinja2ChatFormatter is original  # put back
+    finally:
+        model.close()

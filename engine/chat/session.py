@@ -148,7 +148,8 @@ class ChatService:
         if spec not in self._templates:
             bos, eos = self._lane.special_tokens()
             add_bos = entry.metadata.get("tokenizer.ggml.add_bos_token", True) is not False
-            self._templates[spec] = (ChatTemplate(entry.chat_template, bos, eos), add_bos)
+            template = ChatTemplate(entry.chat_template, bos, eos, model=entry.id)
+            self._templates[spec] = (template, add_bos)
         return self._templates[spec]
 
     def send(

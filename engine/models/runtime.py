@@ -88,34 +88,56 @@ def disabled_by(config: str) -> tuple[str, ...]:
     return _DISABLED.get(config, ())
 
 
+class _NoChatFormatter:
+    """Stands in for llama-cpp-python's ``Jinja2ChatFormatter`` while a model loads.
+
+    ``Llama`` compiles every chat template in the GGUF at load, in a Jinja sandbox that
+    folds constants: a template holding ``{{ 'x' * 10**10 }}`` builds ten gigabytes there
+    (the model host was OOM-killed after 90 s). Bastion never uses those handlers -- it
+    renders templates itself, bounded (``engine.chat.templates``) -- so none is compiled.
+    """
+
+    def __init__(self, **_: object) -> None:
+        pass
+
+    def to_chat_handler(self) -> Callable[..., object]:
+        def refuse(**_: object) -> object:
+            raise RuntimeError("Bastion renders chat templates itself")
+
+        return refuse
+
+
 @contextlib.contextmanager
-def _model_params(config: str) -> Iterator[None]:
-    """While inside, llama-cpp-python builds its model parameters for ``config``.
+def _loading(config: str) -> Iterator[None]:
+    """While inside, ``llama_cpp.Llama`` loads as ``config`` says, compiling no template.
 
     ``Llama`` does not take ``use_extra_bufts``; it builds its parameters from
     ``llama_model_default_params`` inside the constructor, so that function is wrapped
     for the duration of one load (in the model host, which loads one model at a time).
+    Both replacements are looked up by ``llama_cpp.llama`` at each call.
     """
-    if config == "default":
-        yield
-        return
+    import llama_cpp.llama_chat_format
     import llama_cpp.llama_cpp
 
-    # The module object ``llama_cpp.llama`` looks the function up in, at each call.
     bindings: Any = llama_cpp.llama_cpp
-    original = bindings.llama_model_default_params
+    formats: Any = llama_cpp.llama_chat_format
+    original_params = bindings.llama_model_default_params
+    original_formatter = formats.Jinja2ChatFormatter
 
     def params():  # type: ignore[no-untyped-def]
-        p = original()
-        p.use_extra_bufts = False
+        p = original_params()
+        p.use_extra_bufts = config != "no-repack"
         return p
 
     with _PARAMS_LOCK:
-        bindings.llama_model_default_params = params
+        formats.Jinja2ChatFormatter = _NoChatFormatter
+        if config != "default":
+            bindings.llama_model_default_params = params
         try:
             yield
         finally:
-            bindings.llama_model_default_params = original
+            bindings.llama_model_default_params = original_params
+            formats.Jinja2ChatFormatter = original_formatter
 
 
 class LoadedModel:
@@ -129,7 +151,7 @@ class LoadedModel:
         self.spec = spec
         self.config = config
         try:
-            with _model_params(config):
+            with _loading(config):
                 self.llm = llama_cpp.Llama(
                     model_path=spec.path,
                     n_ctx=spec.n_ctx,
@@ -139,7 +161,7 @@ class LoadedModel:
                     lora_path=spec.lora_path,
                     verbose=False,
                 )
-        except (ValueError, RuntimeError, OSError) as exc:
+        except (ValueError, RuntimeError, OSError, MemoryError) as exc:
             raise ModelLoadError(
                 f"llama.cpp could not load model {spec.model_id}: {exc}",
                 hint="the file may use an architecture this llama.cpp build does not support",

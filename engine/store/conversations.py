@@ -403,7 +403,8 @@ class ConversationStore:
             limit: At most this many hits.
 
         Raises:
-            InvalidInput: The text is empty or blank.
+            InvalidInput: The text is empty or blank, has more than ``MAX_SEARCH_WORDS``
+                different words, or is not valid UTF-8 (see ``search_terms``).
         """
         return search_messages(self._db, text, limit)
 
