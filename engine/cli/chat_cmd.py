@@ -57,6 +57,9 @@ def chat(
         prompt = sys.stdin.read()
     sampling = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
     engine = get_engine()
+    # The model process starts (about 0.2 s) while this one reads the conversation and
+    # renders the prompt.
+    engine.start_model_host()
     if prompt is None:
         if as_json:
             raise click.UsageError("--json needs a PROMPT (the interactive chat prints text)")
