@@ -33,6 +33,8 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from desktop.collector import GuiThreadCollector
+
 if TYPE_CHECKING:
     from engine import Engine
 
@@ -80,6 +82,7 @@ class MainWindow(QMainWindow):
     def __init__(self, engine: Engine) -> None:
         super().__init__()
         self.engine = engine
+        self.collector = GuiThreadCollector(self)
         self.setWindowTitle("Bastion")
         self.resize(1180, 760)
         central = QWidget()

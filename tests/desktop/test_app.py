@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from typing import Any
 
 from desktop.app import MainWindow
 
@@ -42,3 +43,24 @@ def test_qt_calls_do_not_leak_references_to_none(window: MainWindow) -> None:
     for _ in range(20000):
         label.setText("x")
     assert abs(sys.getrefcount(None) - before) < 1000
+
+
+def test_cycles_are_collected_on_the_gui_thread_only(window: Any, qtbot: Any) -> None:
+    import gc
+    import threading
+    import weakref
+
+    assert not gc.isenabled()  # no collection in whatever worker thread allocates next
+
+    class Node:
+        pass
+
+    collected_in: list[threading.Thread] = []
+    node = Node()
+    node.me = node  # type: ignore[attr-defined]  # a cycle only the collector frees
+    weakref.finalize(node, lambda: collected_in.append(threading.current_thread()))
+    del node
+    junk = [[] for _ in range(gc.get_threshold()[0] * 2)]  # past generation 0's threshold
+    qtbot.waitUntil(lambda: bool(collected_in), timeout=5000)
+    assert collected_in == [threading.main_thread()]
+    del junk
