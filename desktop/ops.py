@@ -103,9 +103,12 @@ class Operation(QObject):
         try:
             result = self._fn(self.ctx)
         except Cancelled as exc:
-            outcome: tuple[str, object] = ("cancel", exc)
+            outcome: tuple[str, object] = ("cancel", exc.with_traceback(None))
         except BastionError as exc:
-            outcome = ("error", exc)
+            # Expected errors travel without their traceback: its frames (this one among
+            # them) would keep this QObject in a reference cycle, and the collector could
+            # then free it on whatever thread it runs in -- a crash for a QObject.
+            outcome = ("error", exc.with_traceback(None))
         except Exception as exc:  # a bug: logged with its traceback, shown by the caller
             log.exception("operation %s failed", self.name)
             outcome = ("error", exc)
@@ -115,6 +118,11 @@ class Operation(QObject):
             self._done.emit(*outcome)
         except RuntimeError:  # the page that started it was closed meanwhile: nobody listens
             _running.discard(self)
+        finally:
+            # A bug's traceback holds this frame: drop the frame's hold on the exception,
+            # so that no cycle through this QObject is left for the collector.
+            outcome = ("done", None)
+            result = None
 
     def _on_done(self, kind: str, value: object) -> None:
         self._publish_progress()

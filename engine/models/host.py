@@ -34,10 +34,6 @@ from engine.protocol import ProtocolError as BadLine
 
 log = logging.getLogger("bastion.model-host")
 
-# Streamed text leaves the host at most this often after the first piece: smooth to the
-# eye (the desktop paints every 30 ms) and cheap for the cores generating it.
-STREAM_INTERVAL_S = 0.025
-
 
 class Host:
     """The host's state: the loaded model and the generations that may be cancelled."""
@@ -154,24 +150,12 @@ class Host:
         with self._lock:
             self._generations[rid] = ctx
         emit = self.emit
-        held: list[str] = []
-        sent_at = [0.0]
 
         def relay(event: StreamEvent) -> None:
-            # The first piece goes at once (time to first token); later ones at most every
-            # STREAM_INTERVAL_S. Each message wakes the parent, and on a small machine every
-            # wake-up takes a core from llama.cpp's threads in the middle of a token.
             if isinstance(event, TokenChunk):
-                held.append(event.text)
-                now = time.perf_counter()
-                if now - sent_at[0] >= STREAM_INTERVAL_S:
-                    emit(Event.TOKEN, id=rid, text="".join(held))
-                    held.clear()
-                    sent_at[0] = now
-                return
-            if held:
-                emit(Event.TOKEN, id=rid, text="".join(held))
-            emit(Event.FINISHED, id=rid, **asdict(event))
+                emit(Event.TOKEN, id=rid, text=event.text)
+            else:
+                emit(Event.FINISHED, id=rid, **asdict(event))
 
         try:
             params = SamplingParams(**fields["sampling"])
