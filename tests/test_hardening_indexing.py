@@ -21,6 +21,7 @@ import pytest
 from engine import Engine
 from engine.jobs import JobContext
 from tests.conftest import CLIResult, assert_one_line_error
+from tests.tiny_embedder import tiny_model
 
 # Words that appear only inside documents, to look for where they must never be.
 DOCX_WORD = "Zanzibarquux"
@@ -388,43 +389,6 @@ def test_files_of_the_home_indexed_by_an_older_version_are_dropped_at_sync(
 # -- finding 9: vectors follow the model's content, not its folder's name -----------------
 
 
-def _tiny_model(folder: Path, hidden: int = 32, seed: int = 0) -> Path:
-    """A 2-layer random BERT as a sentence-transformers folder, written into ``folder``."""
-    import torch
-    from transformers import BertConfig, BertModel
-
-    from engine.rag.embedder import DEFAULT_EMBEDDER, resolve_embedder
-
-    src = resolve_embedder(DEFAULT_EMBEDDER)
-    folder.mkdir(parents=True)
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=30522,
-        hidden_size=hidden,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=2 * hidden,
-    )
-    BertModel(config).save_pretrained(folder)  # type: ignore[no-untyped-call]
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        shutil.copy(src / name, folder / name)
-    modules = [
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {
-            "idx": 1,
-            "name": "1",
-            "path": "1_Pooling",
-            "type": "sentence_transformers.models.Pooling",
-        },
-    ]
-    (folder / "modules.json").write_text(json.dumps(modules))
-    (folder / "1_Pooling").mkdir()
-    pool = {"word_embedding_dimension": hidden, "pooling_mode_mean_tokens": True}
-    (folder / "1_Pooling" / "config.json").write_text(json.dumps(pool))
-    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 64}))
-    return folder
-
-
 def _stored_vectors(home: Path) -> dict[str, np.ndarray]:
     """Chunk text -> the vector the collection's dense search uses, read from SQLite."""
     from engine.rag.collections import CollectionStore
@@ -456,7 +420,7 @@ def test_replacing_the_model_in_an_embedder_folder_re_embeds(
     assert {v.shape[0] for v in before.values()} == {384}
 
     shutil.rmtree(folder)
-    _tiny_model(folder, hidden=32)  # another model, another dimension, the same folder
+    tiny_model(folder, hidden=32)  # another model, another dimension, the same folder
 
     stale = cli("search", "docs", "polished lens")
     assert_one_line_error(stale, 1, "changed", "sync")

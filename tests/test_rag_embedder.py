@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from engine.rag.embedder import (
     resolve_embedder,
 )
 from engine.rag.embedder_export import INT8_FILE, STATUS_FILE
+from tests.tiny_embedder import tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -92,46 +92,6 @@ def int8(exported: tuple[Path, dict[str, object]]) -> Embedder:
 @pytest.fixture(scope="module")
 def fp32(exported: tuple[Path, dict[str, object]]) -> Embedder:
     return get_embedder(cache_dir=exported[0], backend="torch-fp32")
-
-
-def _tiny_model(folder: Path, pooling: str = "mean") -> Path:
-    """A 2-layer, 32-wide random BERT as a sentence-transformers folder (exports in ~1 s)."""
-    import torch
-    from transformers import BertConfig, BertModel
-
-    src = resolve_embedder(DEFAULT_EMBEDDER)
-    folder.mkdir(parents=True)
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-    )
-    BertModel(config).save_pretrained(folder)  # type: ignore[no-untyped-call]
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        shutil.copy(src / name, folder / name)
-    modules = [
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {
-            "idx": 1,
-            "name": "1",
-            "path": "1_Pooling",
-            "type": "sentence_transformers.models.Pooling",
-        },
-    ]
-    (folder / "modules.json").write_text(json.dumps(modules))
-    (folder / "1_Pooling").mkdir()
-    pool = {
-        "word_embedding_dimension": 32,
-        "pooling_mode_mean_tokens": pooling == "mean",
-        "pooling_mode_max_tokens": pooling == "max",
-        "pooling_mode_cls_token": pooling == "cls",
-    }
-    (folder / "1_Pooling" / "config.json").write_text(json.dumps(pool))
-    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 64}))
-    return folder
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -265,7 +225,7 @@ def test_a_folder_that_is_no_model_is_invalid(tmp_path: Path) -> None:
 
 
 def test_a_broken_model_folder_gives_a_clear_error(tmp_path: Path) -> None:
-    folder = _tiny_model(tmp_path / "broken")
+    folder = tiny_model(tmp_path / "broken")
     (folder / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(InvalidInput, match="cannot be loaded") as info:
         get_embedder(str(folder), cache_dir=tmp_path / "cache")
@@ -273,7 +233,7 @@ def test_a_broken_model_folder_gives_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_a_local_folder_is_exported_and_loaded_by_path(tmp_path: Path) -> None:
-    folder = _tiny_model(tmp_path / "tiny")
+    folder = tiny_model(tmp_path / "tiny")
     embedder = get_embedder(str(folder), cache_dir=tmp_path / "cache", backend="onnx-int8")
     assert (embedder.model_id, embedder.dimension, embedder.max_tokens) == (str(folder), 32, 64)
     vectors = embedder.encode(["short", "a longer text " * 20])
@@ -287,7 +247,7 @@ def test_an_unsupported_layout_falls_back_to_torch(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(emb, "_cuda_available", lambda: False)
-    folder = _tiny_model(tmp_path / "maxpool", pooling="max")
+    folder = tiny_model(tmp_path / "maxpool", pooling="max")
     with caplog.at_level(logging.WARNING, logger="engine.rag.embedder"):
         embedder = get_embedder(str(folder), cache_dir=tmp_path / "cache")
     assert embedder.backend == "torch-fp32"
@@ -301,7 +261,7 @@ def test_a_failed_quality_check_is_remembered_and_falls_back(
 ) -> None:
     monkeypatch.setattr(emb, "_cuda_available", lambda: False)
     monkeypatch.setattr(emb, "MIN_PROBE_COSINE", 1.01)  # no export can pass this
-    folder = _tiny_model(tmp_path / "tiny")
+    folder = tiny_model(tmp_path / "tiny")
     with caplog.at_level(logging.WARNING, logger="engine.rag.embedder"):
         embedder = get_embedder(str(folder), cache_dir=tmp_path / "cache")
     assert embedder.backend == "torch-fp32"
