@@ -28,9 +28,12 @@ class GuiThreadCollector(QObject):
         self._timer.setInterval(INTERVAL_MS)
         self._timer.timeout.connect(self.collect)
         self._timer.start()
+        # Counted: a window closed (its ``destroyed`` delivered) after the next one opened
+        # must not turn automatic collection back on under it.
+        _alive[0] += 1
         gc.disable()
         # Not a method: the object is gone by the time ``destroyed`` is delivered.
-        self.destroyed.connect(_enable_automatic_collection)
+        self.destroyed.connect(_collector_gone)
 
     def collect(self) -> int:
         """Collect the generations whose allocation counts passed their thresholds."""
@@ -44,5 +47,11 @@ class GuiThreadCollector(QObject):
         return found
 
 
-def _enable_automatic_collection() -> None:
-    gc.enable()
+_alive = [0]  # collectors alive in this process
+
+
+def _collector_gone() -> None:
+    _alive[0] -= 1
+    if _alive[0] <= 0:
+        _alive[0] = 0
+        gc.enable()

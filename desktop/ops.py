@@ -39,7 +39,18 @@ _running: set[Operation] = set()
 # on the GUI thread, once: after the first paint, or at the latest before the first
 # operation starts. torch is kept out of the app's process altogether (the embedder's
 # export runs in a child; training always does).
-NATIVE_MODULES = ("numpy", "faiss", "onnxruntime", "tokenizers", "llama_cpp")
+NATIVE_MODULES = (
+    "numpy",
+    "faiss",
+    "onnxruntime",
+    "tokenizers",
+    "llama_cpp",
+    # pypdf imports cryptography (Rust, pyo3): a collection while it loaded on an
+    # indexing worker crashed the suite with SIGSEGV; lxml is python-docx's parser.
+    "cryptography",
+    "pypdf",
+    "lxml.etree",
+)
 _preloaded: set[str] = set()
 
 
