@@ -454,9 +454,8 @@ def _make_legacy(home: Path) -> None:
     db.close()
 
 
-def test_vectors_stored_before_content_keys_are_kept_when_the_model_is_the_same(
-    engine: Engine, tmp_path: Path, home: Path
-) -> None:
+def _legacy_collection(engine: Engine, tmp_path: Path, home: Path) -> None:
+    """Collection ``docs`` of two files, indexed, then made to look pre-content-keys."""
     root = tmp_path / "docs"
     root.mkdir()
     (root / "a.txt").write_text(GOOD + "\n")
@@ -464,6 +463,12 @@ def test_vectors_stored_before_content_keys_are_kept_when_the_model_is_the_same(
     engine.documents.create("docs")
     assert engine.documents.add("docs", [str(root)], JobContext()).indexed == 2
     _make_legacy(home)
+
+
+def test_vectors_stored_before_content_keys_are_kept_when_the_model_is_the_same(
+    engine: Engine, tmp_path: Path, home: Path
+) -> None:
+    _legacy_collection(engine, tmp_path, home)
 
     again = Engine(home)
     try:
@@ -483,13 +488,7 @@ def test_vectors_stored_before_content_keys_are_kept_when_the_model_is_the_same(
 def test_vectors_stored_before_content_keys_by_another_model_are_re_embedded(
     engine: Engine, tmp_path: Path, home: Path
 ) -> None:
-    root = tmp_path / "docs"
-    root.mkdir()
-    (root / "a.txt").write_text(GOOD + "\n")
-    (root / "b.txt").write_text("The harbour stew is seasoned with smoked paprika.\n")
-    engine.documents.create("docs")
-    assert engine.documents.add("docs", [str(root)], JobContext()).indexed == 2
-    _make_legacy(home)
+    _legacy_collection(engine, tmp_path, home)
     # The model was replaced before the upgrade: the stored vectors point elsewhere.
     rng = np.random.default_rng(0)
     db = sqlite3.connect(home / "bastion.db")
