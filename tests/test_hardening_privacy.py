@@ -214,8 +214,8 @@ CHILDREN: dict[str, list[str]] = {
     "-m engine.train.worker": ["{tmp}/no-such-run"],
     "-m engine.models.selftest": ["probe", "{tmp}/missing.gguf", "default"],
     "-c engine.doctor.runtime._PROBE_SCRIPT": [],
-    "-c engine.rag.embedder_export._QUANTIZE": ["{tmp}/missing.onnx", "{tmp}/out.onnx"],
-    "-c engine.rag.embedder._CHILD_EXPORT": ["no-such-embedder", "{tmp}/cache"],
+    "-c engine.rag.embedder.export._QUANTIZE": ["{tmp}/missing.onnx", "{tmp}/out.onnx"],
+    "-c engine.rag.embedder.onnx_backend._CHILD_EXPORT": ["no-such-embedder", "{tmp}/cache"],
 }
 # Children known to lack the guard until a change lands elsewhere (none now): strict, so
 # the mark must go when it does.

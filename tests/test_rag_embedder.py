@@ -20,9 +20,11 @@ from engine.rag.embedder import (
     Embedder,
     clear_embedder_cache,
     get_embedder,
+    loader,
+    onnx_backend,
     resolve_embedder,
 )
-from engine.rag.embedder_export import INT8_FILE, STATUS_FILE
+from engine.rag.embedder.cache import INT8_FILE, STATUS_FILE
 from tests.tiny_embedder import tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,7 +113,7 @@ def test_default_exports_and_embeds_offline_in_a_fresh_process(
     assert np.allclose(result["norms"], 1.0, atol=1e-5)  # type: ignore[arg-type]
     (folder,) = [p for p in cache.iterdir() if p.is_dir()]
     status = json.loads((folder / STATUS_FILE).read_text())
-    assert status["ok"] and status["min_cosine"] >= emb.MIN_PROBE_COSINE
+    assert status["ok"] and status["min_cosine"] >= onnx_backend.MIN_PROBE_COSINE
     assert not list(folder.glob(".export-*"))  # the temporary work folder is gone
 
 
@@ -157,7 +159,7 @@ def test_export_is_reused_by_a_later_load(
 def test_the_process_cache_returns_the_same_object(
     exported: tuple[Path, dict[str, object]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(emb, "_cuda_available", lambda: False)
+    monkeypatch.setattr(loader, "_cuda_available", lambda: False)
     clear_embedder_cache()
     first = get_embedder(cache_dir=exported[0])
     assert first.backend == "onnx-int8"  # auto picks int8 on a CPU-only machine
@@ -246,7 +248,7 @@ def test_a_local_folder_is_exported_and_loaded_by_path(tmp_path: Path) -> None:
 def test_an_unsupported_layout_falls_back_to_torch(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(emb, "_cuda_available", lambda: False)
+    monkeypatch.setattr(loader, "_cuda_available", lambda: False)
     folder = tiny_model(tmp_path / "maxpool", pooling="max")
     with caplog.at_level(logging.WARNING, logger="engine.rag.embedder"):
         embedder = get_embedder(str(folder), cache_dir=tmp_path / "cache")
@@ -259,8 +261,8 @@ def test_an_unsupported_layout_falls_back_to_torch(
 def test_a_failed_quality_check_is_remembered_and_falls_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(emb, "_cuda_available", lambda: False)
-    monkeypatch.setattr(emb, "MIN_PROBE_COSINE", 1.01)  # no export can pass this
+    monkeypatch.setattr(loader, "_cuda_available", lambda: False)
+    monkeypatch.setattr(onnx_backend, "MIN_PROBE_COSINE", 1.01)  # no export can pass this
     folder = tiny_model(tmp_path / "tiny")
     with caplog.at_level(logging.WARNING, logger="engine.rag.embedder"):
         embedder = get_embedder(str(folder), cache_dir=tmp_path / "cache")

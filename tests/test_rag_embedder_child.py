@@ -6,23 +6,27 @@ import subprocess
 import sys
 from pathlib import Path
 
+# Through the option the desktop sets (``Documents(..., embedder_export_in_child=True)``),
+# so the test covers the way from the constructor to the export.
 SCRIPT = (
-    "import os, sys\n"
-    "os.environ['BASTION_EMBEDDER_EXPORT_IN_CHILD'] = '1'\n"
+    "import sys\n"
     "from pathlib import Path\n"
-    "from engine.rag.embedder import get_embedder\n"
-    "e = get_embedder('all-minilm-l6-v2', cache_dir=Path(sys.argv[1]))\n"
+    "from engine.rag.service import Documents\n"
+    "from engine.store.db import Database\n"
+    "home = Path(sys.argv[1])\n"
+    "documents = Documents(Database(home / 'bastion.db'), home, embedder_export_in_child=True)\n"
+    "e = documents.embedder('all-minilm-l6-v2')\n"
     "vectors = e.encode(['the keeper lit the lamp'])\n"
     "print(e.backend, 'torch' in sys.modules, len(vectors[0]))\n"
 )
 
 
 def test_first_export_happens_in_a_child_and_torch_stays_out(tmp_path: Path) -> None:
-    cache = tmp_path / "embedders"
     out = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(cache)], capture_output=True, text=True, timeout=900
+        [sys.executable, "-c", SCRIPT, str(tmp_path)], capture_output=True, text=True, timeout=900
     )
     assert out.returncode == 0, out.stderr[-2000:]
     backend, torch_loaded, dimension = out.stdout.split()[-3:]
     assert backend == "onnx-int8" and torch_loaded == "False" and dimension == "384"
+    cache = tmp_path / "cache" / "embedders"
     assert list(cache.glob("*/*.onnx")), "the child left the export in the cache"

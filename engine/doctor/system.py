@@ -101,7 +101,8 @@ def _torch_has_cuda() -> bool:
 
 
 def _check_embedder(ctx: _Context) -> Check:
-    from engine.rag import embedder, embedder_export
+    from engine.rag import embedder
+    from engine.rag.embedder import cache as embedder_export
 
     name = f"{embedder.DEFAULT_EMBEDDER} embedder"
     forced = os.environ.get(embedder.BACKEND_ENV, "").strip()

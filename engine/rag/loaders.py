@@ -25,6 +25,7 @@ from engine.units import human_size
 
 if TYPE_CHECKING:
     from docx.document import Document as DocxDocument
+    from pypdf import PdfReader
 
 log = logging.getLogger(__name__)
 
@@ -329,14 +330,28 @@ _XML_PARTS = (".xml", ".rels")
 # --- PDF -------------------------------------------------------------------------------
 
 
-def _pdf_sections(raw: BinaryIO, check: Callable[[], None]) -> Iterator[Section]:
+def open_pdf(source: str | BinaryIO, *, parser_message: bool = True) -> tuple[PdfReader, int]:
+    """A PDF opened for reading, and its number of pages.
+
+    Many PDFs are "encrypted" only against editing, with an empty user password: those
+    are decrypted.
+
+    Args:
+        source: the file's path, or the file opened in binary mode.
+        parser_message: name a damaged file's fault by pypdf's message, shortened (the file
+            list's "corrupt PDF: ..."); False names only its type, for errors shown where
+            parser text is not quoted (the source viewer).
+
+    Raises:
+        DocumentError: the PDF is encrypted with a password, its cipher needs a missing
+            library, or pypdf cannot read it.
+    """
     from pypdf import PasswordType, PdfReader
     from pypdf.errors import DependencyError
 
     try:
-        reader = PdfReader(raw)
+        reader = PdfReader(source)
         if reader.is_encrypted:
-            # Many PDFs are "encrypted" only against editing, with an empty user password.
             try:
                 opened = reader.decrypt("")
             except DependencyError as exc:
@@ -348,11 +363,16 @@ def _pdf_sections(raw: BinaryIO, check: Callable[[], None]) -> Iterator[Section]
                     "encrypted PDF: Bastion cannot read it without the password",
                     hint="save a copy without the password and add that",
                 )
-        n_pages = len(reader.pages)
+        return reader, len(reader.pages)
     except DocumentError:
         raise
     except Exception as exc:  # pypdf raises many types (ValueError, KeyError...) on damage
-        raise DocumentError(f"corrupt PDF: {_short(exc)}") from exc
+        fault = _short(exc) if parser_message else type(exc).__name__
+        raise DocumentError(f"corrupt PDF: {fault}") from exc
+
+
+def _pdf_sections(raw: BinaryIO, check: Callable[[], None]) -> Iterator[Section]:
+    reader, n_pages = open_pdf(raw)
     if n_pages == 0:
         raise DocumentError("corrupt PDF: it has no pages")
 

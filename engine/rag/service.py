@@ -14,6 +14,7 @@ from typing import Any
 from engine.errors import BastionError, InvalidInput, OperationFailed
 from engine.jobs import JobContext
 from engine.rag.collections import Collection, CollectionStore, Document, Source
+from engine.rag.embedder import DEFAULT_EMBEDDER
 from engine.rag.grounding import Grounding, ground
 from engine.rag.indexer import Indexer, IndexReport, fault_reason, fault_summary
 from engine.rag.retrieval import Retriever, SearchResult
@@ -22,7 +23,6 @@ from engine.store.db import Database
 
 log = logging.getLogger(__name__)
 
-DEFAULT_EMBEDDER = "all-minilm-l6-v2"
 # What ``source_text`` returns of a text file at most: a window of lines around the one
 # asked for, so a 200 MB log opens as fast as a note (the viewer says it is a window).
 SOURCE_WINDOW_LINES = 4000
@@ -55,19 +55,28 @@ class SourceText:
 
 
 class Documents:
-    """Owns the collection tables, the indexer, the retriever and the loaded embedders."""
+    """Owns the collection tables, the indexer, the retriever and the loaded embedders.
 
-    def __init__(self, db: Database, home: Path) -> None:
+    ``embedder_export_in_child`` runs an embedder's one-time int8 export in a child
+    process (see ``get_embedder``); the desktop app asks for it.
+    """
+
+    def __init__(self, db: Database, home: Path, *, embedder_export_in_child: bool = False) -> None:
         self.store = CollectionStore(db)
         self._home = home
+        self._embedder_export_in_child = embedder_export_in_child
         self._indexer = Indexer(self.store, self.embedder, self.protected_folders)
         self._retriever = Retriever(self.store, home, self.embedder)
 
     def embedder(self, model_id: str) -> Any:
-        """The embedder for ``model_id``, loaded once per process (see embedder.py)."""
+        """The embedder for ``model_id``, loaded once per process (see ``engine.rag.embedder``)."""
         from engine.rag.embedder import get_embedder
 
-        return get_embedder(model_id, cache_dir=self._home / "cache" / "embedders")
+        return get_embedder(
+            model_id,
+            cache_dir=self._home / "cache" / "embedders",
+            export_in_child=self._embedder_export_in_child,
+        )
 
     def protected_folders(self) -> list[Path]:
         """Folders that are never scanned, even inside an added folder.
@@ -332,20 +341,10 @@ class Documents:
 
 def _pdf_page(path: str, page: int) -> SourceText:
     """One page of a PDF, extracted and cleaned as ``loaders`` does for indexing."""
-    from pypdf import PasswordType, PdfReader
-
-    from engine.rag.loaders import DocumentError
+    from engine.rag.loaders import DocumentError, open_pdf
     from engine.rag.textio import CONTROL_CHARS
 
-    try:
-        reader = PdfReader(path)
-        if reader.is_encrypted and reader.decrypt("") == PasswordType.NOT_DECRYPTED:
-            raise DocumentError("encrypted PDF: Bastion cannot read it without the password")
-        pages = len(reader.pages)
-    except DocumentError:
-        raise
-    except Exception as exc:  # pypdf raises many types on damage, as in loaders
-        raise DocumentError(f"corrupt PDF: {type(exc).__name__}") from exc
+    reader, pages = open_pdf(path, parser_message=False)
     if not 1 <= page <= pages:
         raise InvalidInput(f"page {page} is outside the PDF (1–{pages})")
     try:

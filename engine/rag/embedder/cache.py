@@ -1,4 +1,4 @@
-"""The embedder's int8 ONNX cache: export, quantize, check against fp32, and remember."""
+"""The int8 export cache: a folder per model and recipe, checked once, reused by every process."""
 
 from __future__ import annotations
 
@@ -9,14 +9,21 @@ import os
 import shutil
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from engine.paths import atomic_write_bytes
+from engine.rag.embedder.export import export_fp32_onnx, quantize
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    # The reference (sentence-transformers fp32) and the candidate (the ONNX models in a
+    # folder) are passed in by the ONNX backend, which owns loading; this module never
+    # imports it, so there is no cycle.
+    ReferenceEncoder = Callable[[list[str]], np.ndarray]
+    CandidateEncoder = Callable[[Path, list[str]], np.ndarray]
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +35,6 @@ FP32_FILE = "model-fp32.onnx"
 STATUS_FILE = "status.json"
 
 _STALE_EXPORT_SECONDS = 3600
-
-# The reference (sentence-transformers fp32) and the candidate (the ONNX models in a
-# folder) are passed in by ``engine.rag.embedder``, which owns loading; this module
-# never imports it, so there is no cycle.
-ReferenceEncoder = Callable[[list[str]], np.ndarray]
-CandidateEncoder = Callable[[Path, list[str]], np.ndarray]
 
 
 class NoOnnx(Exception):
@@ -90,6 +91,13 @@ def forget_export(target: Path) -> None:
     (target / STATUS_FILE).unlink(missing_ok=True)
 
 
+def default_cache_dir() -> Path:
+    """The user cache folder for exports, used when the caller names none."""
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("bastion", appauthor=False)) / "embedders"
+
+
 def _export(
     model_id: str,
     folder: Path,
@@ -106,14 +114,16 @@ def _export(
     Every step writes into a private temporary folder and the results are renamed into
     place, so two processes exporting at once both succeed and leave one good copy.
     """
+    import numpy as np
+
     target.mkdir(parents=True, exist_ok=True)
     _remove_stale_exports(target)
     work = Path(tempfile.mkdtemp(dir=target, prefix=".export-"))
     started = time.monotonic()
     try:
         try:
-            _export_fp32_onnx(transformer_dir, work / FP32_FILE)
-            _quantize(work / FP32_FILE, work / INT8_FILE)
+            export_fp32_onnx(transformer_dir, work / FP32_FILE)
+            quantize(work / FP32_FILE, work / INT8_FILE)
         except ImportError as exc:
             raise NoOnnx(f"{exc.name or 'a library'} is needed to export to ONNX") from exc
         except OSError as exc:  # disk full, unwritable cache: not the model's fault
@@ -143,119 +153,6 @@ def _export(
         return status
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-def _export_fp32_onnx(transformer_dir: Path, out: Path) -> None:
-    import inspect
-
-    import torch
-    from transformers import AutoModel
-
-    quiet_hf_progress()
-    # Eager attention exports as plain MatMul/Softmax, which ORT runs faster than the
-    # SDPA graph; the numbers are the same.
-    model = AutoModel.from_pretrained(str(transformer_dir), attn_implementation="eager").eval()
-    names = ["input_ids", "attention_mask"]
-    if "token_type_ids" in inspect.signature(model.forward).parameters:
-        names.append("token_type_ids")
-
-    class LastHiddenState(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, *args: torch.Tensor) -> torch.Tensor:
-            # Keyword arguments: transformers 5 reordered positional ones.
-            hidden: torch.Tensor = self.model(
-                **dict(zip(names, args, strict=True))
-            ).last_hidden_state
-            return hidden
-
-    example = tuple(torch.ones((2, 8), dtype=torch.long) for _ in names)
-    axes = {name: {0: "batch", 1: "sequence"} for name in [*names, "last_hidden_state"]}
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # tracer warnings about shape-dependent branches
-        torch.onnx.export(
-            LastHiddenState(),
-            example,
-            str(out),
-            input_names=names,
-            output_names=["last_hidden_state"],
-            dynamic_axes=axes,
-            opset_version=17,
-            dynamo=False,
-        )
-
-
-# ONNX Runtime's quantizer writes scratch files where its caller cannot choose. Its symbolic
-# shape inference (``SymbolicShapeInference.infer_shapes``, run by ``quant_pre_process``)
-# saves ``sym_shape_infer_temp.onnx`` and a ``<uuid>.data`` copy of every weight into the
-# current directory when the inference is incomplete, as it is for MiniLM: that is how 90 MB
-# of debris once landed in the repository root. ``quantize_dynamic`` itself writes whole
-# copies of the model into the system temp folder for its shape-inference round trips, left
-# there if the export is killed. Neither place is a parameter, and the cwd and ``tempfile``'s
-# folder belong to the whole process (which may be running other threads), so the quantizer
-# runs in a child whose cwd and temp folder are the export's own work folder: the export
-# removes it, or a later export does if this one was killed.
-_EXIT_MISSING_MODULE = 3
-_EXIT_OS_ERROR = 4
-_QUANTIZE = f"""\
-import sys
-from engine.privacy import guard
-guard.activate()  # before ONNX Runtime: every process Bastion starts runs under the guard
-try:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-except ImportError as exc:
-    print(exc.name or "onnxruntime", file=sys.stderr)
-    sys.exit({_EXIT_MISSING_MODULE})
-try:
-    quantize_dynamic(sys.argv[1], sys.argv[2], weight_type=QuantType.QInt8, per_channel=True)
-except OSError as exc:
-    print(exc, file=sys.stderr)
-    sys.exit({_EXIT_OS_ERROR})
-"""
-
-
-def _quantize(src: Path, dst: Path) -> None:
-    """Dynamic int8 with per-channel weights, from ``src`` to ``dst`` in the work folder.
-
-    Raises:
-        ImportError: ONNX Runtime's quantizer (or the ``onnx`` package) is missing.
-        OSError: the quantizer could not write (a full disk).
-        RuntimeError: the quantizer failed on this model.
-    """
-    import subprocess
-    import sys
-
-    work = dst.parent.resolve()
-    # tempfile reads TMPDIR on POSIX, TEMP or TMP on Windows.
-    scratch = {name: str(work) for name in ("TMPDIR", "TEMP", "TMP")}
-    done = subprocess.run(
-        [sys.executable, "-c", _QUANTIZE, str(src.resolve()), str(work / dst.name)],
-        cwd=work,
-        env={**os.environ, **scratch},
-        capture_output=True,  # read only on failure: else it is the advice to pre-process
-        text=True,
-        check=False,
-    )
-    if done.returncode == 0:
-        return
-    last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
-    if done.returncode == _EXIT_MISSING_MODULE:
-        raise ImportError(f"No module named {last!r}", name=last)
-    if done.returncode == _EXIT_OS_ERROR:
-        raise OSError(last)
-    raise RuntimeError(f"int8 quantization: {last}")
-
-
-def quiet_hf_progress() -> None:
-    """The engine never draws progress bars; transformers 5 does on every load."""
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-    except ImportError:
-        pass
 
 
 def _model_digest(folder: Path) -> str:
@@ -293,10 +190,3 @@ def _remove_stale_exports(target: Path) -> None:
                 shutil.rmtree(stale, ignore_errors=True)
         except OSError:
             pass
-
-
-def default_cache_dir() -> Path:
-    """The user cache folder for exports, used when the caller names none."""
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("bastion", appauthor=False)) / "embedders"

@@ -1,0 +1,133 @@
+"""Loading embedders: the choice of backend, and one loaded embedder per model and backend."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+from pathlib import Path
+
+from engine.errors import InvalidInput, OperationFailed
+from engine.rag.embedder.cache import NoOnnx, default_cache_dir
+from engine.rag.embedder.layout import (
+    DEFAULT_EMBEDDER,
+    folder_key,
+    forget_keys,
+    read_layout,
+    resolve_embedder,
+)
+from engine.rag.embedder.model import BACKENDS, ONNX_INT8, TORCH_FP32, Embedder
+
+log = logging.getLogger(__name__)
+
+BACKEND_ENV = "BASTION_EMBEDDER_BACKEND"
+
+# Loaded embedders by (model id, content key, backend): a model replaced in its folder is
+# loaded afresh by a long-running process (the app, the server), not served from memory.
+_CACHE: dict[tuple[str, str, str], Embedder] = {}
+_LOCK = threading.Lock()
+
+
+def get_embedder(
+    model_id: str = DEFAULT_EMBEDDER,
+    cache_dir: Path | None = None,
+    backend: str = "auto",
+    *,
+    export_in_child: bool = False,
+) -> Embedder:
+    """The embedder for ``model_id``, loaded once per process and backend.
+
+    ``auto`` runs the int8 ONNX model where the folder is a plain Transformer + Pooling
+    (mean or cls) [+ Normalize] model and its export passes the quality check, and torch
+    fp32 otherwise (with a logged warning). ``$BASTION_EMBEDDER_BACKEND`` forces one when
+    ``backend`` is ``auto``; an explicit ``backend`` argument wins over it.
+
+    Args:
+        model_id: ``all-minilm-l6-v2`` or the path of a local sentence-transformers folder.
+        cache_dir: where int8 exports are kept (the engine passes ``<home>/cache/embedders``);
+            None means the user cache dir.
+        backend: ``auto``, ``onnx-int8`` or ``torch-fp32``.
+        export_in_child: run the one-time int8 export in a child process, so that this
+            process never imports torch for it. The desktop app asks for this: next to a
+            running Qt event loop the export has crashed the process (a segfault inside
+            ``import torch`` on the worker thread) and stalled the window.
+
+    Raises:
+        NotFound: no such embedder id or folder.
+        InvalidInput: the folder is not a usable sentence-transformers model, or a bad backend.
+        OperationFailed: ``onnx-int8`` was forced and cannot run.
+    """
+    requested = backend
+    if requested == "auto":
+        requested = os.environ.get(BACKEND_ENV, "").strip() or "auto"
+        if requested not in (*BACKENDS, "auto"):
+            raise InvalidInput(
+                f"{BACKEND_ENV}={requested!r} is not a backend", hint=f"use one of {BACKENDS}"
+            )
+    elif requested not in BACKENDS:
+        raise InvalidInput(f"unknown embedder backend {backend!r}", hint=f"use one of {BACKENDS}")
+    folder = resolve_embedder(model_id)
+    key = folder_key(folder)
+    with _LOCK:
+        cached = _CACHE.get((model_id, key, requested))
+        if cached is not None:
+            return cached
+        for stale in [k for k in _CACHE if k[0] == model_id and k[1] != key]:
+            del _CACHE[stale]  # the model in that folder was replaced
+        embedder = _load(
+            model_id, folder, requested, cache_dir or default_cache_dir(), export_in_child
+        )
+        _CACHE[(model_id, key, requested)] = embedder
+        _CACHE.setdefault((model_id, key, embedder.backend), embedder)
+        return embedder
+
+
+def clear_embedder_cache() -> None:
+    """Forget every loaded embedder (frees their memory once no caller holds them)."""
+    with _LOCK:
+        _CACHE.clear()
+    forget_keys()
+
+
+def _load(
+    model_id: str, folder: Path, requested: str, cache_dir: Path, export_in_child: bool
+) -> Embedder:
+    # The backends import numpy (and, when they run, torch or ONNX Runtime): only here.
+    from engine.rag.embedder.onnx_backend import onnx_embedder
+    from engine.rag.embedder.torch_backend import torch_embedder
+
+    layout = read_layout(folder)
+    if requested == ONNX_INT8 or (requested == "auto" and not _cuda_available()):
+        try:
+            return onnx_embedder(
+                model_id,
+                folder,
+                layout,
+                cache_dir,
+                forced=requested != "auto",
+                export_in_child=export_in_child,
+            )
+        except NoOnnx as exc:
+            if requested == ONNX_INT8:
+                raise OperationFailed(
+                    f"the embedder {model_id} cannot run as {ONNX_INT8}: {exc}",
+                    hint=f"unset {BACKEND_ENV} to fall back to {TORCH_FP32}",
+                ) from exc
+            log.warning("embedder %s runs in %s: %s", model_id, TORCH_FP32, exc)
+    return torch_embedder(model_id, folder, layout)
+
+
+def _cuda_available() -> bool:
+    """True when torch can use an NVIDIA GPU, where fp32 torch beats CPU int8 by far.
+
+    Checked without importing torch (a second and ~200 MB) on machines with no NVIDIA driver.
+    """
+    if not (Path("/proc/driver/nvidia").exists() or shutil.which("nvidia-smi")):
+        return False
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except ImportError:
+        return False
