@@ -13,6 +13,7 @@ from engine import Engine
 from engine.chat.session import ChatRequest
 from engine.config import Config, config_path, dumps_toml, load_config, update_config
 from engine.errors import InvalidInput
+from engine.jobs import JobContext
 from engine.models.runtime import SamplingParams
 from engine.privacy.audit import AuditLog, audit_log_path
 from tests.conftest import DEFAULT_MODEL
@@ -135,3 +136,31 @@ def test_chat_answers_land_in_the_audit_log_only_while_it_is_on(engine: Engine) 
     own_log = (home / "logs" / "bastion.log").read_text(encoding="utf-8")
     for marker in ("audit-off-1", "audit-on", "audit-off-2"):
         assert marker not in own_log
+
+
+def test_cancelled_and_source_less_turns_are_audited_too(engine: Engine) -> None:
+    update_config(engine.home, audit_log=True)
+    job = JobContext()
+    pieces: list[str] = []
+
+    def cancel_after_three(text: str) -> None:
+        pieces.append(text)
+        if len(pieces) == 3:
+            job.cancel()
+
+    long = SamplingParams(max_tokens=200, temperature=0.0)
+    cancelled = engine.chat(
+        ChatRequest("Tell a long story, audit-cancel.", sampling=long), job, cancel_after_three
+    )
+    engine.documents.create("empty-notes")
+    unanswered = engine.chat(
+        ChatRequest("What do my notes say?", collection="empty-notes", sampling=GREEDY)
+    )
+    lines = audit_log_path(engine.home).read_text(encoding="utf-8").splitlines()
+    first, second = (json.loads(line) for line in lines)
+    assert cancelled.interrupted and first["stop_reason"] == "cancelled"
+    assert first["answer"] == cancelled.answer and "collection" not in first
+    assert unanswered.stop_reason == second["stop_reason"] == "no_sources"
+    assert second["collection"] == "empty-notes"
+    assert second["answer"] == unanswered.answer and "empty-notes" in second["answer"]
+    assert second["message_id"] == unanswered.message_id

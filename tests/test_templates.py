@@ -24,16 +24,24 @@ def test_model_template_is_used() -> None:
     )
 
 
-def test_fallback_is_chatml() -> None:
-    template = ChatTemplate(None)
+def test_a_model_without_a_template_gets_chatml_with_a_notice() -> None:
+    template = ChatTemplate(None, model="bare")
     assert not template.from_model
     assert template.render([USER]).endswith("<|im_start|>assistant\n")
+    assert template.notice is not None
+    assert "'bare'" in template.notice and "ChatML" in template.notice
+    own = ChatTemplate(read_gguf_info(default_model_path()).chat_template, model="m")
+    assert own.notice is None
 
 
-def test_broken_template_falls_back() -> None:
-    template = ChatTemplate("{% for m in messages %}{{ m.content ")
-    assert not template.from_model
-    assert "<|im_start|>user\nHello" in template.render([USER])
+def test_a_template_that_does_not_compile_is_an_error_naming_the_model() -> None:
+    # Never ChatML in its place: the model would get prompts in a format it was not
+    # trained on, and answer badly with no sign of why.
+    with pytest.raises(OperationFailed, match="'broken'") as failure:
+        ChatTemplate("{% for m in messages %}{{ m.content ", model="broken")
+    message = str(failure.value)
+    assert "chat template" in message and "TemplateSyntaxError" in message
+    assert "\n" not in message
 
 
 def test_template_refusing_system_role_gets_it_merged() -> None:

@@ -5,143 +5,73 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from engine.chat.context import FittedPrompt, fit_messages
+from engine.chat.loading import LoadSpecs
+from engine.chat.loading import load_spec_for as load_spec_for  # noqa: PLC0414 (re-exported)
 from engine.chat.templates import ChatMessage, ChatTemplate
+from engine.chat.types import AuditSink as AuditSink  # noqa: PLC0414 (re-exported)
+from engine.chat.types import ChatRequest as ChatRequest  # noqa: PLC0414 (re-exported)
+from engine.chat.types import ChatResult as ChatResult  # noqa: PLC0414 (re-exported)
 from engine.errors import InvalidInput, ModelCrashed, OperationFailed
 from engine.jobs import JobContext
-from engine.models import hardware
 from engine.models.lane import ModelLane
-from engine.models.registry import ModelEntry, ModelRegistry, ModelSettings
+from engine.models.registry import ModelEntry, ModelRegistry
 from engine.models.runtime import GenerationDone, LoadSpec, SamplingParams
-from engine.privacy.audit import AuditLog
-from engine.store.conversations import Conversation, ConversationStore
+from engine.store.conversations import Conversation, ConversationStore, Message
 
 if TYPE_CHECKING:
-    from engine.rag.grounding import Citation, Grounding
+    from engine.rag.grounding import Grounding
 
 log = logging.getLogger(__name__)
 
-# Context used when a model does not say or the user has not chosen: enough for long
-# conversations, small enough that the KV cache of a 7B model stays in a laptop's memory.
-DEFAULT_CONTEXT = 4096
 # How often a streaming answer is written to the database, so that a crash or kill loses
 # at most this much of it.
 SAVE_INTERVAL_S = 0.5
 
 
 @dataclass(frozen=True)
-class ChatRequest:
-    prompt: str
-    model_id: str | None = None
-    conversation_id: int | None = None
-    system: str | None = None
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    collection: str | None = None  # answer from this document collection, with citations
-    k: int = 6  # passages retrieved from the collection
+class _Turn:
+    """What a chat turn settled on before its prompt is built, and where its text goes."""
 
-
-@dataclass(frozen=True)
-class ChatResult:
-    answer: str
-    model: str
-    conversation_id: int
-    message_id: int
-    prompt_tokens: int
-    completion_tokens: int
-    tokens_per_second: float | None
-    ttft_s: float | None
-    total_s: float
+    request: ChatRequest
+    prompt: str  # the question, stripped
+    system: str | None  # the user's system prompt: the request's, else the conversation's
+    conversation: Conversation | None  # None: the question starts a new one
+    entry: ModelEntry
+    spec: LoadSpec
     load_s: float
-    stop_reason: str
-    dropped_messages: int
-    citations: tuple[Citation, ...] = ()
-
-    @property
-    def interrupted(self) -> bool:
-        return self.stop_reason == "cancelled"
-
-    def to_json(self) -> dict[str, Any]:
-        """The contract's ``chat --json`` document, plus timing details."""
-        return {
-            "answer": self.answer,
-            "model": self.model,
-            "conversation_id": self.conversation_id,
-            "message_id": self.message_id,
-            "usage": {
-                "prompt_tokens": self.prompt_tokens,
-                "completion_tokens": self.completion_tokens,
-            },
-            "tokens_per_second": self.tokens_per_second,
-            "time_to_first_token_s": self.ttft_s,
-            "stop_reason": self.stop_reason,
-            "interrupted": self.interrupted,
-            "dropped_messages": self.dropped_messages,
-            "citations": [c.to_public() for c in self.citations],
-        }
-
-
-def load_spec_for(entry: ModelEntry) -> LoadSpec:
-    """How to load ``entry`` here: its overrides where set, automatic choices otherwise."""
-    s = entry.settings
-    n_ctx = s.context or min(entry.context_length or DEFAULT_CONTEXT, DEFAULT_CONTEXT)
-    if s.gpu_layers is not None:
-        gpu_layers = s.gpu_layers
-    elif hardware.gpu_offload_supported():
-        from engine.models.gguf_info import read_gguf_info
-
-        gpu_layers = hardware.auto_gpu_layers(
-            read_gguf_info(Path(entry.path)), n_ctx, hardware.detect()
-        )
-    else:
-        gpu_layers = 0
-    return LoadSpec(
-        model_id=entry.id,
-        path=entry.path,
-        n_ctx=n_ctx,
-        n_threads=s.threads or hardware.physical_cores(),
-        n_gpu_layers=gpu_layers,
-        lora_path=entry.adapter,
-    )
+    # When the model was ready: time to first token counts from here (loading is load_s).
+    started: float
+    ctx: JobContext
+    on_text: Callable[[str], None] | None
 
 
 class ChatService:
-    """Runs chat turns against the model lane and records them."""
+    """Runs chat turns against the model lane, records them, and reports them to the audit sink."""
 
     def __init__(
         self,
         lane: ModelLane,
         models: ModelRegistry,
         store: ConversationStore,
-        audit: AuditLog | None = None,
+        *,
+        audit: AuditSink | None = None,
     ) -> None:
+        """``audit`` hears of every finished turn and decides whether to keep it."""
         self._lane = lane
         self._models = models
         self._store = store
-        # Without one given, the audit log lives in the home that holds the database.
-        self._audit = audit or AuditLog(store._db.path.parent)
+        self._audit = audit
         self._templates: dict[LoadSpec, tuple[ChatTemplate, bool]] = {}
-        self._specs: dict[tuple[str, str, str | None, ModelSettings], LoadSpec] = {}
+        self._specs = LoadSpecs()
 
     def prepare(self, model_id: str | None) -> tuple[ModelEntry, float]:
         """Load a model ahead of the first question. Returns it and the seconds spent."""
         entry = self._models.get(model_id or self._models.default_id())
-        return entry, self._lane.load(self._spec(entry))
-
-    def _spec(self, entry: ModelEntry) -> LoadSpec:
-        """The load spec of ``entry``, decided once per process and settings.
-
-        Deciding again would re-read the header and ask the GPU for its free memory --
-        which the loaded model itself has reduced, so the answer would differ and force a
-        reload on every message.
-        """
-        key = (entry.id, entry.path, entry.adapter, entry.settings)
-        if key not in self._specs:
-            self._specs[key] = load_spec_for(entry)
-        return self._specs[key]
+        return entry, self._lane.load(self._specs.get(entry))
 
     def _template(self, entry: ModelEntry, spec: LoadSpec) -> tuple[ChatTemplate, bool]:
         """The chat template and whether to add BOS when tokenizing (cached per model)."""
@@ -166,14 +96,34 @@ class ChatService:
         during generation; a cancelled answer is kept with its ``interrupted`` flag set.
         With ``grounding`` (retrieved passages), the model answers from numbered sources
         and the result carries the citations -- or, when retrieval found nothing usable,
-        the model is not asked and the answer says why.
+        the model is not asked and the answer says why. Every finished turn, cancelled
+        and source-less ones too, goes to the audit sink.
 
         Raises:
             InvalidInput: empty prompt; NotFound: unknown model or conversation;
             ContextOverflow: the prompt alone does not fit; Cancelled: cancelled before
-            generation started (nothing was written).
+            generation started (nothing was written); ModelCrashed: the model host died
+            (the partial answer is kept, and the error names its conversation).
         """
-        ctx = ctx or JobContext()
+        turn = self._open(request, ctx or JobContext(), on_text)
+        if grounding is not None and grounding.canned_answer is not None:
+            result = self._answer_without_model(turn, grounding)
+        else:
+            system, history = self._messages(turn, grounding)
+            fitted = self._fit_turn(turn, system, history, on_notice)
+            row = self._store_question(turn, fitted)
+            answer, done = self._generate(turn, row, fitted, grounding)
+            result = self._store_answer(turn, row, answer, done, fitted.dropped, grounding)
+        self._report(turn, result)
+        return result
+
+    def _open(
+        self, request: ChatRequest, ctx: JobContext, on_text: Callable[[str], None] | None
+    ) -> _Turn:
+        """Check the question, find its conversation and load its model; nothing is written.
+
+        The model is the request's, else the conversation's, else the default.
+        """
         prompt = request.prompt.strip()
         if not prompt:
             raise InvalidInput("the prompt is empty", hint="type a question")
@@ -183,67 +133,125 @@ class ChatService:
         model_id = request.model_id or (conversation.model if conversation else None)
         entry, load_s = self.prepare(model_id)
         ctx.check_cancelled()
-        # Time to first token is counted from here: loading is reported apart (load_s).
         started = time.perf_counter()
-        spec = self._spec(entry)
-        system_text = request.system
-        if system_text is None and conversation is not None:
-            system_text = conversation.system_prompt
+        system = request.system
+        if system is None and conversation is not None:
+            system = conversation.system_prompt
+        spec = self._specs.get(entry)
+        return _Turn(
+            request, prompt, system, conversation, entry, spec, load_s, started, ctx, on_text
+        )
+
+    def _messages(
+        self, turn: _Turn, grounding: Grounding | None
+    ) -> tuple[str | None, list[ChatMessage]]:
+        """The system prompt the model gets (with the sources, if grounded) and the history."""
         history = []
-        if conversation is not None:
+        if turn.conversation is not None:
             history = [
                 ChatMessage(m.role, m.content)
-                for m in self._store.messages(conversation.id)
+                for m in self._store.messages(turn.conversation.id)
                 if m.role in ("user", "assistant") and m.content.strip()
             ]
-        if grounding is not None and grounding.canned_answer is not None:
-            canned = self._canned(
-                entry, conversation, system_text, prompt, grounding, on_text, load_s
-            )
-            self._audit.record_turn(canned, prompt, system_text, request.collection)
-            return canned
-        model_system = system_text
+        system = turn.system
         if grounding is not None:
-            model_system = self._grounded_system(
-                entry, spec, prompt, system_text, grounding, request.sampling
-            )
-        fitted = self._fit(entry, spec, model_system, history, prompt, request.sampling)
+            system = self._grounded_system(turn, grounding)
+        return system, history
+
+    def _grounded_system(self, turn: _Turn, grounding: Grounding) -> str:
+        """The system prompt with as many sources as the context leaves room for."""
+
+        def count(text: str) -> int:
+            return len(self._lane.tokenize(text, False))
+
+        n_ctx = turn.spec.n_ctx
+        reserve = min(turn.request.sampling.max_tokens, n_ctx // 4)
+        # Template markers and the question take the rest; 64 tokens of slack for markers.
+        budget = n_ctx - reserve - count(turn.prompt) - 64
+        return grounding.system_prompt(count, budget, turn.system)
+
+    def _fit_turn(
+        self,
+        turn: _Turn,
+        system: str | None,
+        history: list[ChatMessage],
+        on_notice: Callable[[str], None] | None,
+    ) -> FittedPrompt:
+        """The prompt's tokens, telling ``on_notice`` when old messages had to be left out,
+        and, at a model's first turn, when ChatML stands in for a template it lacks."""
+        sampling = turn.request.sampling
+        first = turn.spec not in self._templates
+        fitted = self._fit(turn.entry, turn.spec, system, history, turn.prompt, sampling)
+        notice = self._templates[turn.spec][0].notice
+        if first and notice and on_notice is not None:
+            on_notice(notice)
         if fitted.dropped and on_notice is not None:
             on_notice(
-                f"the conversation is longer than {entry.id}'s {spec.n_ctx}-token context: "
-                f"the {fitted.dropped} oldest message(s) were left out of this answer"
+                f"the conversation is longer than {turn.entry.id}'s {turn.spec.n_ctx}-token "
+                f"context: the {fitted.dropped} oldest message(s) were left out of this answer"
             )
+        return fitted
 
-        if conversation is None:
-            conversation = self._store.create(model=entry.id, system_prompt=system_text)
+    def _conversation_id(self, turn: _Turn) -> int:
+        """The turn's conversation, started now when the question opens a new one."""
+        if turn.conversation is not None:
+            return turn.conversation.id
+        return self._store.create(model=turn.entry.id, system_prompt=turn.system).id
+
+    def _store_question(self, turn: _Turn, fitted: FittedPrompt) -> Message:
+        """Write the question, and the answer's row, marked interrupted until it is complete."""
+        conversation_id = self._conversation_id(turn)
+        model = turn.entry.id
+        tokens = len(fitted.tokens)
         self._store.add_message(
-            conversation.id, "user", prompt, model=entry.id, prompt_tokens=len(fitted.tokens)
+            conversation_id, "user", turn.prompt, model=model, prompt_tokens=tokens
         )
-        # The answer is recorded as interrupted until it is complete.
-        answer_id = self._store.add_message(
-            conversation.id, "assistant", "", model=entry.id, interrupted=True
-        ).id
+        return self._store.add_message(
+            conversation_id, "assistant", "", model=model, interrupted=True
+        )
+
+    def _generate(
+        self, turn: _Turn, row: Message, fitted: FittedPrompt, grounding: Grounding | None
+    ) -> tuple[str, GenerationDone]:
+        """Stream the answer into ``row``, after the grounding's notice if there is one.
+
+        Raises:
+            ModelCrashed: the model host died; the partial answer stays in ``row``, marked
+                interrupted, and the error names the conversation.
+        """
         prefix = ""
         if grounding is not None and grounding.notice:
             prefix = grounding.notice + "\n\n"
-            if on_text is not None:
-                on_text(prefix)
+            if turn.on_text is not None:
+                turn.on_text(prefix)
+        sampling = turn.request.sampling
         try:
-            answer, done = self._stream(
-                answer_id, fitted.tokens, request.sampling, ctx, started, on_text, prefix
+            return self._stream(
+                row.id, fitted.tokens, sampling, turn.ctx, turn.started, turn.on_text, prefix
             )
         except ModelCrashed as exc:
             raise ModelCrashed(
                 f"{exc.message}; the partial answer is kept in conversation "
-                f"{conversation.id}, marked interrupted",
+                f"{row.conversation_id}, marked interrupted",
                 hint=exc.hint,
-                conversation_id=conversation.id,
+                conversation_id=row.conversation_id,
             ) from None
+
+    def _store_answer(
+        self,
+        turn: _Turn,
+        row: Message,
+        answer: str,
+        done: GenerationDone,
+        dropped: int,
+        grounding: Grounding | None,
+    ) -> ChatResult:
+        """Write the ended answer (complete or cancelled), its figures and sources."""
         citations = tuple(grounding.citations) if grounding is not None else ()
         if citations:
-            self._store.set_citations(answer_id, [c.to_public() for c in citations])
+            self._store.set_citations(row.id, [c.to_public() for c in citations])
         self._store.update_message(
-            answer_id,
+            row.id,
             content=answer,
             completion_tokens=done.completion_tokens,
             ttft_ms=done.ttft_s * 1000 if done.ttft_s is not None else None,
@@ -258,80 +266,65 @@ class ChatService:
             done.tokens_per_second or 0.0,
             done.stop_reason,
         )
-        result = ChatResult(
+        return ChatResult(
             answer=answer,
-            model=entry.id,
-            conversation_id=conversation.id,
-            message_id=answer_id,
+            model=turn.entry.id,
+            conversation_id=row.conversation_id,
+            message_id=row.id,
             prompt_tokens=done.prompt_tokens,
             completion_tokens=done.completion_tokens,
             tokens_per_second=done.tokens_per_second,
             ttft_s=done.ttft_s,
             total_s=done.total_s,
-            load_s=load_s,
+            load_s=turn.load_s,
             stop_reason=done.stop_reason,
-            dropped_messages=fitted.dropped,
+            dropped_messages=dropped,
             citations=citations,
         )
-        self._audit.record_turn(result, prompt, system_text, request.collection)
-        return result
 
-    def _grounded_system(
-        self,
-        entry: ModelEntry,
-        spec: LoadSpec,
-        prompt: str,
-        user_system: str | None,
-        grounding: Grounding,
-        sampling: SamplingParams,
-    ) -> str:
-        """The system prompt with as many sources as the context leaves room for."""
-
-        def count(text: str) -> int:
-            return len(self._lane.tokenize(text, False))
-
-        reserve = min(sampling.max_tokens, spec.n_ctx // 4)
-        # Template markers and the question take the rest; 64 tokens of slack for markers.
-        budget = spec.n_ctx - reserve - count(prompt) - 64
-        return grounding.system_prompt(count, budget, user_system)
-
-    def _canned(
-        self,
-        entry: ModelEntry,
-        conversation: Conversation | None,
-        system_text: str | None,
-        prompt: str,
-        grounding: Grounding,
-        on_text: Callable[[str], None] | None,
-        load_s: float,
-    ) -> ChatResult:
+    def _answer_without_model(self, turn: _Turn, grounding: Grounding) -> ChatResult:
         """Record a question that retrieval says cannot be answered, with the reason."""
         answer = grounding.canned_answer or ""
-        if conversation is None:
-            conversation = self._store.create(model=entry.id, system_prompt=system_text)
-        self._store.add_message(conversation.id, "user", prompt, model=entry.id)
+        conversation_id = self._conversation_id(turn)
+        model = turn.entry.id
+        self._store.add_message(conversation_id, "user", turn.prompt, model=model)
         message = self._store.add_message(
-            conversation.id, "assistant", answer, model=entry.id, completion_tokens=0
+            conversation_id, "assistant", answer, model=model, completion_tokens=0
         )
         citations = tuple(grounding.citations)
         if citations:
             self._store.set_citations(message.id, [c.to_public() for c in citations])
-        if on_text is not None:
-            on_text(answer)
+        if turn.on_text is not None:
+            turn.on_text(answer)
         return ChatResult(
             answer=answer,
-            model=entry.id,
-            conversation_id=conversation.id,
+            model=model,
+            conversation_id=conversation_id,
             message_id=message.id,
             prompt_tokens=0,
             completion_tokens=0,
             tokens_per_second=None,
             ttft_s=None,
             total_s=0.0,
-            load_s=load_s,
+            load_s=turn.load_s,
             stop_reason="no_sources",
             dropped_messages=0,
             citations=citations,
+        )
+
+    def _report(self, turn: _Turn, result: ChatResult) -> None:
+        """Tell the audit sink about the finished turn; it keeps it if the user asked."""
+        if self._audit is None:
+            return
+        self._audit(
+            model=result.model,
+            prompt=turn.prompt,
+            answer=result.answer,
+            conversation_id=result.conversation_id,
+            message_id=result.message_id,
+            stop_reason=result.stop_reason,
+            system=turn.system,
+            collection=turn.request.collection,
         )
 
     def complete(
@@ -339,7 +332,7 @@ class ChatService:
     ) -> str:
         """One greedy answer to ``prompt`` that is not saved (used to compare models)."""
         entry, _ = self.prepare(model_id)
-        spec = self._spec(entry)
+        spec = self._specs.get(entry)
         sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, seed=0)
         fitted = self._fit(entry, spec, None, [], prompt, sampling)
         pieces = [

@@ -24,12 +24,9 @@ import logging
 import os
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from engine.config import load_config
-
-if TYPE_CHECKING:
-    from engine.chat.session import ChatResult
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +58,15 @@ class AuditLog:
         message_id: int | None = None,
         stop_reason: str | None = None,
         system: str | None = None,
+        collection: str | None = None,
         extra: dict[str, Any] | None = None,
     ) -> bool:
-        """Record one answered prompt if the audit log is on. Returns whether it wrote."""
+        """Record one answered prompt if the audit log is on. Returns whether it wrote.
+
+        Its keyword arguments are plain values, so that it serves as the chat service's
+        audit sink (``engine.chat.types.AuditSink``) without either side importing the
+        other. ``collection`` names the document collection a grounded answer came from.
+        """
         if not self.enabled:
             return False
         record: dict[str, Any] = {
@@ -77,24 +80,11 @@ class AuditLog:
             "answer": answer,
             "stop_reason": stop_reason,
         }
+        if collection:
+            record["collection"] = collection
         if extra:
             record.update(extra)
         return self._append(record)
-
-    def record_turn(
-        self, result: ChatResult, prompt: str, system: str | None, collection: str | None
-    ) -> bool:
-        """Record a finished chat turn (also a cancelled or source-less one) if it is on."""
-        return self.record_answer(
-            model=result.model,
-            prompt=prompt,
-            answer=result.answer,
-            conversation_id=result.conversation_id,
-            message_id=result.message_id,
-            stop_reason=result.stop_reason,
-            system=system,
-            extra={"collection": collection} if collection else None,
-        )
 
     def _append(self, record: dict[str, Any]) -> bool:
         line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8", "replace")
