@@ -1,22 +1,202 @@
 """Bastion's headless engine: models, chat, history, documents and fine-tuning, offline.
 
-``from engine import Engine`` is the public entry point. Importing this package is cheap:
-heavy libraries load only inside the areas that need them.
+This package is the front door. ``from engine import Engine`` gives the facade; every
+type a client (the CLI, the desktop app, the server) passes in or gets back is exported
+here too -- requests and results, ``Citation``, progress and ``JobContext``, settings,
+and the error tree -- so no client needs to know the engine's inside. Importing it is
+cheap: each name loads its module on first use, and heavy libraries load only inside
+the areas that need them.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from engine.chat.session import ChatRequest, ChatResult
+    from engine.citation import Citation
+    from engine.config import THEMES, Config, SettingInfo
     from engine.engine import Engine
+    from engine.errors import (
+        AlreadyExists,
+        BastionError,
+        Cancelled,
+        ContextOverflow,
+        EnvironmentFault,
+        InvalidInput,
+        InvalidModelFile,
+        ModelCrashed,
+        ModelLoadError,
+        NetworkBlocked,
+        NotFound,
+        OperationFailed,
+    )
+    from engine.jobs import JobContext, Progress
+    from engine.models.hardware import GPU, Fit, Hardware
+    from engine.models.info import LoadPlan, ModelInfo
+    from engine.models.registry import ModelEntry, ModelSettings
+    from engine.models.runtime import SamplingParams
+    from engine.protocol import Event
+    from engine.rag.collections import Collection, Document
+    from engine.rag.indexer import IndexReport
+    from engine.rag.retrieval import SearchResult
+    from engine.rag.service import Documents, SourceText
+    from engine.status import STORAGE_AREAS, PrivacyStatus, StorageUsage
+    from engine.store.conversations import Conversation, Message
+    from engine.store.search import SearchHit
+    from engine.train.datasets import BadLine
+    from engine.train.finetune import FinetuneRequest
+    from engine.train.prepare import PrepareReport, RedactionSample
+    from engine.train.results import DatasetCheck, DatasetPreview, FinetuneResult, LossCurve
+    from engine.train.runs import RunRecord
+    from engine.train.service import Training
+    from engine.train.spec import PRESETS, Hyper
+    from engine.units import human_count, human_size
 
-__all__ = ["Engine"]
+# Every public name and the module that defines it.
+_EXPORTS: dict[str, str] = {
+    # the facade and its areas
+    "Engine": "engine.engine",
+    "Documents": "engine.rag.service",
+    "Training": "engine.train.service",
+    # errors: user-facing ones carry a message and a hint; Cancelled is a normal end
+    **dict.fromkeys(
+        (
+            "BastionError",
+            "InvalidInput",
+            "NotFound",
+            "AlreadyExists",
+            "InvalidModelFile",
+            "ContextOverflow",
+            "OperationFailed",
+            "EnvironmentFault",
+            "ModelLoadError",
+            "ModelCrashed",
+            "NetworkBlocked",
+            "Cancelled",
+        ),
+        "engine.errors",
+    ),
+    # long calls
+    "JobContext": "engine.jobs",
+    "Progress": "engine.jobs",
+    "Event": "engine.protocol",
+    # models
+    "ModelEntry": "engine.models.registry",
+    "ModelSettings": "engine.models.registry",
+    "ModelInfo": "engine.models.info",
+    "LoadPlan": "engine.models.info",
+    "Fit": "engine.models.hardware",
+    "Hardware": "engine.models.hardware",
+    "GPU": "engine.models.hardware",
+    "SamplingParams": "engine.models.runtime",
+    # chat and history
+    "ChatRequest": "engine.chat.session",
+    "ChatResult": "engine.chat.session",
+    "Citation": "engine.citation",
+    "Conversation": "engine.store.conversations",
+    "Message": "engine.store.conversations",
+    "SearchHit": "engine.store.search",
+    # documents
+    "Collection": "engine.rag.collections",
+    "Document": "engine.rag.collections",
+    "IndexReport": "engine.rag.indexer",
+    "SearchResult": "engine.rag.retrieval",
+    "SourceText": "engine.rag.service",
+    # fine-tuning
+    "FinetuneRequest": "engine.train.finetune",
+    "FinetuneResult": "engine.train.results",
+    "DatasetCheck": "engine.train.results",
+    "DatasetPreview": "engine.train.results",
+    "LossCurve": "engine.train.results",
+    "PrepareReport": "engine.train.prepare",
+    "RedactionSample": "engine.train.prepare",
+    "BadLine": "engine.train.datasets",
+    "RunRecord": "engine.train.runs",
+    "Hyper": "engine.train.spec",
+    "PRESETS": "engine.train.spec",
+    # settings and status
+    "Config": "engine.config",
+    "SettingInfo": "engine.config",
+    "THEMES": "engine.config",
+    "PrivacyStatus": "engine.status",
+    "StorageUsage": "engine.status",
+    "STORAGE_AREAS": "engine.status",
+    # how numbers are shown to people
+    "human_size": "engine.units",
+    "human_count": "engine.units",
+}
+
+# Written out (not computed) so that linters and type checkers see the public names.
+__all__ = [
+    "GPU",
+    "PRESETS",
+    "STORAGE_AREAS",
+    "THEMES",
+    "AlreadyExists",
+    "BadLine",
+    "BastionError",
+    "Cancelled",
+    "ChatRequest",
+    "ChatResult",
+    "Citation",
+    "Collection",
+    "Config",
+    "ContextOverflow",
+    "Conversation",
+    "DatasetCheck",
+    "DatasetPreview",
+    "Document",
+    "Documents",
+    "Engine",
+    "EnvironmentFault",
+    "Event",
+    "FinetuneRequest",
+    "FinetuneResult",
+    "Fit",
+    "Hardware",
+    "Hyper",
+    "IndexReport",
+    "InvalidInput",
+    "InvalidModelFile",
+    "JobContext",
+    "LoadPlan",
+    "LossCurve",
+    "Message",
+    "ModelCrashed",
+    "ModelEntry",
+    "ModelInfo",
+    "ModelLoadError",
+    "ModelSettings",
+    "NetworkBlocked",
+    "NotFound",
+    "OperationFailed",
+    "PrepareReport",
+    "PrivacyStatus",
+    "Progress",
+    "RedactionSample",
+    "RunRecord",
+    "SamplingParams",
+    "SearchHit",
+    "SearchResult",
+    "SettingInfo",
+    "SourceText",
+    "StorageUsage",
+    "Training",
+    "human_count",
+    "human_size",
+]
 
 
 def __getattr__(name: str) -> Any:
-    if name == "Engine":
-        from engine.engine import Engine
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'engine' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # the next lookup is a plain attribute
+    return value
 
-        return Engine
-    raise AttributeError(name)
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

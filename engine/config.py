@@ -1,12 +1,14 @@
-"""The user's settings in ``<home>/config.toml``: plain choices, never secrets.
+"""The user's settings in ``<home>/config.toml``: typed, validated, with one change signal.
 
-The file is small and read on demand (a few microseconds), so a change made by one
-process -- the desktop app's audit switch -- is seen by the next call in any other (the
-CLI, the local server) without a restart. It is written atomically, so a crash leaves the
-old file or the new one. Python reads TOML (``tomllib``) but does not write it; the tiny
-writer here covers what this file holds: top-level scalars and one level of tables of
-scalars. Keys Bastion does not know are kept when the file is rewritten, so a newer
-version's settings survive a round trip through an older one.
+Each setting is a field of ``Config`` whose metadata says what it is for and which values
+it takes; ``validate`` checks a change against that, so the desktop, the CLI and the
+server refuse the same bad values with the same message. ``SettingsStore`` is the one
+owner of the file for an ``Engine``: it reads on demand (the file is tiny, so a change
+made by another process -- the desktop app's audit switch -- is seen by the next call in
+any other without a restart), writes atomically with ``tomli-w`` (a crash leaves the old
+file or the new one), and calls its subscribers once per change, whichever process made
+it. Keys Bastion does not know are kept when the file is rewritten, so a newer version's
+settings survive a round trip through an older one.
 
 A file that cannot be parsed is not fatal: Bastion starts with the defaults, which are
 the private choices (no audit log), and logs where the broken file is.
@@ -14,13 +16,15 @@ the private choices (no audit log), and logs where the broken file is.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
+import threading
 import tomllib
-from dataclasses import asdict, dataclass, fields, replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+
+import tomli_w
 
 from engine.errors import InvalidInput
 from engine.paths import atomic_write_bytes
@@ -29,19 +33,77 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILENAME = "config.toml"
 THEMES = ("system", "light", "dark")
+_HEADER = "# Bastion settings (no secrets here: they live in the OS keyring).\n"
+
+
+def _setting(default: Any, doc: str, choices: tuple[Any, ...] | None = None) -> Any:
+    return field(default=default, metadata={"doc": doc, "choices": choices})
 
 
 @dataclass(frozen=True)
 class Config:
     """Bastion's settings. Defaults are the private and unsurprising choices."""
 
-    # Record every chat question and answer in <home>/logs/audit.log (engine.privacy.audit).
-    audit_log: bool = False
-    # The desktop app's colour scheme: follow the system, or force light or dark.
-    theme: str = "system"
-    # Seconds without a request before the model host process is stopped, which gives its
-    # RAM and VRAM back (the next answer loads the model again); negative: never.
-    model_keep_alive_seconds: int = 300
+    audit_log: bool = _setting(
+        False, "record every chat question and answer in <home>/logs/audit.log"
+    )
+    theme: str = _setting("system", "the desktop app's colour scheme", THEMES)
+    model_keep_alive_seconds: int = _setting(
+        300,
+        "seconds without a request before the model process stops and gives its memory "
+        "back (the next answer loads the model again); negative: never",
+    )
+
+
+@dataclass(frozen=True)
+class SettingInfo:
+    """What a client needs to show one setting: its name, type, meaning and choices."""
+
+    name: str
+    type: type
+    default: Any
+    doc: str
+    choices: tuple[Any, ...] | None
+
+
+def describe() -> list[SettingInfo]:
+    """Every setting, in the order of ``Config``."""
+    defaults = Config()
+    return [
+        SettingInfo(
+            f.name,
+            type(getattr(defaults, f.name)),
+            getattr(defaults, f.name),
+            f.metadata["doc"],
+            f.metadata["choices"],
+        )
+        for f in fields(Config)
+    ]
+
+
+def _problem(info: SettingInfo, value: Any) -> str | None:
+    """Why ``value`` cannot be the setting, or None. ``True`` is not an int here."""
+    if type(value) is not info.type:
+        return f"setting {info.name!r} must be a {info.type.__name__}"
+    if info.choices is not None and value not in info.choices:
+        return f"{info.name} must be one of {', '.join(map(str, info.choices))}"
+    return None
+
+
+def validate(changes: dict[str, Any]) -> None:
+    """Refuse an unknown setting or a bad value with one clear message.
+
+    Raises:
+        InvalidInput: the first problem found.
+    """
+    infos = {info.name: info for info in describe()}
+    for key, value in changes.items():
+        info = infos.get(key)
+        if info is None:
+            raise InvalidInput(f"unknown setting {key!r}", hint=f"known: {', '.join(infos)}")
+        problem = _problem(info, value)
+        if problem is not None:
+            raise InvalidInput(problem)
 
 
 def config_path(home: Path) -> Path:
@@ -59,91 +121,101 @@ def _read_raw(path: Path) -> dict[str, Any]:
         return {}
 
 
-def _validated(raw: dict[str, Any]) -> Config:
-    """A ``Config`` from the known keys; values of the wrong type fall back to defaults."""
-    defaults = Config()
+def _from_raw(raw: dict[str, Any]) -> Config:
+    """A ``Config`` from the known keys; a bad value falls back to its default (logged)."""
     values: dict[str, Any] = {}
-    for f in fields(Config):
-        value = raw.get(f.name, getattr(defaults, f.name))
-        if type(value) is not type(getattr(defaults, f.name)):
-            log.warning("settings: %s has the wrong type; using the default", f.name)
-            value = getattr(defaults, f.name)
-        values[f.name] = value
-    if values["theme"] not in THEMES:
-        values["theme"] = defaults.theme
+    for info in describe():
+        value = raw.get(info.name, info.default)
+        if _problem(info, value) is not None:
+            log.warning("settings: %s has a bad value; using the default", info.name)
+            value = info.default
+        values[info.name] = value
     return Config(**values)
+
+
+def dumps_toml(data: dict[str, Any]) -> str:
+    """The file's text for ``data`` (any TOML-representable table), with its header."""
+    return _HEADER + tomli_w.dumps(data)
 
 
 def load_config(home: Path) -> Config:
     """The settings in ``home`` (the defaults where the file or a key is missing)."""
-    return _validated(_read_raw(config_path(home)))
+    return _from_raw(_read_raw(config_path(home)))
 
 
 def update_config(home: Path, **changes: Any) -> Config:
     """Change some settings and write the file atomically; returns the new settings.
 
     Raises:
-        InvalidInput: an unknown setting or a value of the wrong type.
+        InvalidInput: an unknown setting or a bad value; nothing is written then.
     """
-    current = load_config(home)
-    known = {f.name: type(getattr(current, f.name)) for f in fields(Config)}
-    for key, value in changes.items():
-        if key not in known:
-            raise InvalidInput(f"unknown setting {key!r}", hint=f"known: {', '.join(known)}")
-        if type(value) is not known[key]:
-            raise InvalidInput(f"setting {key!r} must be a {known[key].__name__}")
-    if "theme" in changes and changes["theme"] not in THEMES:
-        raise InvalidInput(f"theme must be one of {', '.join(THEMES)}")
-    updated = replace(current, **changes)
+    validate(changes)
     path = config_path(home)
     raw = _read_raw(path)
+    updated = replace(_from_raw(raw), **changes)
     raw.update(asdict(updated))
     atomic_write_bytes(path, dumps_toml(raw).encode("utf-8"))
     log.info("settings changed: %s", ", ".join(sorted(changes)))
     return updated
 
 
-# -- a tiny TOML writer ----------------------------------------------------------------
+SettingsListener = Callable[[Config, frozenset[str]], None]
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value) or math.isinf(value):
-            return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-        return repr(value)
-    if isinstance(value, str):
-        # A JSON string is a valid TOML basic string for every character JSON escapes
-        # with \uXXXX or a short escape (both syntaxes agree on them).
-        # TOML also forbids a raw DEL, which JSON leaves as it is.
-        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} to config.toml")
+class SettingsStore:
+    """The settings of one home, with one change notification for every client.
 
+    Subscribers are called with the new settings and the names that changed, on the
+    thread that noticed the change: the one that called ``update``, or the one whose
+    ``get`` first read a change another process wrote. A GUI hands that to its own
+    thread (the desktop re-emits it as a queued Qt signal).
+    """
 
-def _toml_key(key: str) -> str:
-    bare = key.replace("_", "").replace("-", "").isalnum() and key.isascii()
-    return key if bare else json.dumps(key)
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.path = config_path(home)
+        self._lock = threading.Lock()
+        self._listeners: list[SettingsListener] = []
+        self._last: Config | None = None
 
+    def get(self) -> Config:
+        """The current settings, read from the file (a few microseconds)."""
+        return self._noticed(load_config(self.home))
 
-def dumps_toml(data: dict[str, Any]) -> str:
-    """TOML text for top-level scalars and lists, then one level of tables of them."""
-    lines = ["# Bastion settings (no secrets here: they live in the OS keyring)."]
-    tables: list[tuple[str, dict[str, Any]]] = []
-    for key, value in data.items():
-        if isinstance(value, dict):
-            tables.append((key, value))
-        else:
-            lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
-    for name, table in tables:
-        lines.append("")
-        lines.append(f"[{_toml_key(name)}]")
-        for key, value in table.items():
-            if isinstance(value, dict):
-                raise TypeError("config.toml holds at most one level of tables")
-            lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
-    return "\n".join(lines) + "\n"
+    def update(self, **changes: Any) -> Config:
+        """Validate, write atomically and notify; returns the new settings.
+
+        Raises:
+            InvalidInput: an unknown setting or a bad value; nothing is written then.
+        """
+        return self._noticed(update_config(self.home, **changes))
+
+    def subscribe(self, listener: SettingsListener) -> Callable[[], None]:
+        """Call ``listener(config, changed_names)`` on every change; returns the unsubscriber."""
+        with self._lock:
+            self._listeners.append(listener)
+            if self._last is None:
+                self._last = load_config(self.home)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                if listener in self._listeners:
+                    self._listeners.remove(listener)
+
+        return unsubscribe
+
+    def _noticed(self, current: Config) -> Config:
+        with self._lock:
+            previous, self._last = self._last, current
+            listeners = list(self._listeners)
+        if previous is None or previous == current:
+            return current
+        changed = frozenset(
+            f.name for f in fields(Config) if getattr(previous, f.name) != getattr(current, f.name)
+        )
+        for listener in listeners:
+            try:
+                listener(current, changed)
+            except Exception:  # one broken listener must not stop the others or the change
+                log.exception("a settings listener failed")
+        return current

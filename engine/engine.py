@@ -5,23 +5,28 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine import paths
 from engine.chat.session import ChatRequest, ChatResult, ChatService, load_spec_for
-from engine.config import load_config
+from engine.config import Config, SettingInfo, SettingsListener, SettingsStore, describe
 from engine.jobs import JobContext
 from engine.logs import log_to_file
 from engine.models import hardware
 from engine.models.gguf_info import read_gguf_info
+from engine.models.info import LoadPlan, ModelInfo
 from engine.models.lane import ModelLane
 from engine.models.registry import ModelEntry, ModelRegistry
 from engine.privacy import guard
+from engine.privacy.audit import AuditLog
 from engine.privacy.secrets import SecretStore
 from engine.rag.service import Documents
 from engine.store.conversations import Conversation, ConversationStore, Message, SearchHit
 from engine.store.db import Database
 from engine.train.service import Training
+
+if TYPE_CHECKING:
+    from engine.status import PrivacyStatus, StorageUsage
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +38,22 @@ class Engine:
     never draws and never starts threads beyond the model lane it owns.
     """
 
-    def __init__(self, home: Path | None = None, *, db_timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        home: Path | None = None,
+        *,
+        db_timeout: float | None = None,
+        embedder_export_in_child: bool = False,
+    ) -> None:
         """Open (creating if needed) Bastion's home and database.
 
         Args:
             home: the data folder; ``$BASTION_HOME`` or the platform's data dir if None.
             db_timeout: seconds to wait for another process holding the database;
                 ``$BASTION_DB_TIMEOUT`` or 30 if None.
+            embedder_export_in_child: run an embedder's one-time conversion (which
+                imports torch, ~1 GB) in a child process rather than in this one -- for
+                a long-lived process such as the desktop app, which should not keep it.
 
         Raises:
             EnvironmentFault: the home is not writable or the database cannot be used.
@@ -50,12 +64,17 @@ class Engine:
         if db_timeout is None:
             db_timeout = paths.env_float("BASTION_DB_TIMEOUT", 30.0)
         self.db = Database(self.home / "bastion.db", timeout=db_timeout)
+        self.settings = SettingsStore(self.home)
         self.models = ModelRegistry(self.db)
         self.conversations = ConversationStore(self.db)
         self.secrets = SecretStore(self.home)
         self._lane = ModelLane(self.home / "logs" / "model-host.log", self._keep_alive)
-        self._chat = ChatService(self._lane, self.models, self.conversations)
-        self.documents = Documents(self.db, self.home)
+        self._chat = ChatService(
+            self._lane, self.models, self.conversations, audit=AuditLog(self.home).record_answer
+        )
+        self.documents = Documents(
+            self.db, self.home, embedder_export_in_child=embedder_export_in_child
+        )
         self.training = Training(self.models, self.db, self.home, self._chat.complete)
 
     # -- models ----------------------------------------------------------------------
@@ -77,33 +96,28 @@ class Engine:
     def set_model_settings(self, model_id: str, **changes: int | None) -> ModelEntry:
         return self.models.update_settings(model_id, **changes)
 
-    def model_info(self, model_id: str) -> dict[str, Any]:
+    def model_info(self, model_id: str) -> ModelInfo:
         """Everything known about a model: metadata, chat template, settings, hardware fit."""
         entry = self.models.get(model_id)
         info = read_gguf_info(Path(entry.path))
         spec = load_spec_for(entry)
         hw = hardware.detect()
-        data = entry.to_public()
-        data.update(
-            {
-                "name": info.name,
-                "file_kind": info.file_kind,
-                "gguf_version": info.version,
-                "tensor_count": info.tensor_count,
-                "vocab_size": info.vocab_size,
-                "layers": info.block_count,
-                "chat_template": entry.chat_template,
-                "load": {
-                    "context": spec.n_ctx,
-                    "threads": spec.n_threads,
-                    "gpu_layers": spec.n_gpu_layers,
-                },
-                "fit": hardware.fit_report(info, spec.n_ctx, hw),
-                "hardware": hw.to_dict(),
-                "metadata": entry.metadata,
-            }
+        return ModelInfo(
+            entry=entry,
+            name=info.name,
+            file_kind=info.file_kind,
+            gguf_version=info.version,
+            tensor_count=info.tensor_count,
+            vocab_size=info.vocab_size,
+            layers=info.block_count,
+            load=LoadPlan(spec.n_ctx, spec.n_threads, spec.n_gpu_layers),
+            fit=hardware.fit_report(info, spec.n_ctx, hw),
+            hardware=hw,
         )
-        return data
+
+    def detect_hardware(self) -> hardware.Hardware:
+        """This machine's CPU, RAM and GPUs as llama.cpp would use them (probes: ~0.1 s)."""
+        return hardware.detect()
 
     def default_model_id(self) -> str:
         return self.models.default_id()
@@ -148,6 +162,12 @@ class Engine:
     def export_conversation(self, conversation_id: int, fmt: str) -> str:
         return self.conversations.export(conversation_id, fmt)
 
+    def rename_conversation(self, conversation_id: int, title: str) -> None:
+        self.conversations.rename(conversation_id, title)
+
+    def delete_conversation(self, conversation_id: int) -> None:
+        self.conversations.delete(conversation_id)
+
     def rate_message(self, message_id: int, rating: int) -> None:
         """Thumbs up (1), down (-1) or cleared (0) on an answer, kept with the message."""
         self.conversations.set_rating(message_id, rating)
@@ -155,7 +175,7 @@ class Engine:
     # -- the model host --------------------------------------------------------------
 
     def _keep_alive(self) -> float | None:
-        seconds = load_config(self.home).model_keep_alive_seconds
+        seconds = self.settings.get().model_keep_alive_seconds
         return None if seconds < 0 else float(seconds)
 
     def start_model_host(self, wait: float | None = None) -> None:
@@ -172,6 +192,43 @@ class Engine:
     def unload_model(self) -> None:
         """Stop the model host, giving back the memory the model held."""
         self._lane.unload()
+
+    # -- settings and status ---------------------------------------------------------
+
+    def get_settings(self) -> Config:
+        """The settings now (read from ``config.toml``: a change made elsewhere is seen)."""
+        return self.settings.get()
+
+    def update_settings(self, **changes: Any) -> Config:
+        """Validate and save some settings; subscribers hear of it. Returns the new settings.
+
+        Raises:
+            InvalidInput: an unknown setting or a bad value; nothing is saved then.
+        """
+        return self.settings.update(**changes)
+
+    def on_settings_changed(self, listener: SettingsListener) -> Callable[[], None]:
+        """Call ``listener(settings, changed_names)`` after every change; returns the
+        unsubscriber. It runs on the thread that made or noticed the change."""
+        return self.settings.subscribe(listener)
+
+    @staticmethod
+    def describe_settings() -> list[SettingInfo]:
+        """Every setting's name, type, default, meaning and allowed values."""
+        return describe()
+
+    def privacy_status(self) -> PrivacyStatus:
+        """The network guard's state in this process and the audit log's switch and place."""
+        from engine.privacy.audit import audit_log_path
+        from engine.status import privacy_status
+
+        return privacy_status(self.settings.get().audit_log, audit_log_path(self.home))
+
+    def storage_usage(self, ctx: JobContext | None = None) -> StorageUsage:
+        """Bytes used by each area of the home (walks it: run it off any GUI thread)."""
+        from engine.status import storage_usage
+
+        return storage_usage(self.home, ctx or JobContext())
 
     # -- lifetime --------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ def human_size(n: int | None) -> str:
 
 
 def human_count(n: int | None) -> str:
-    if n is None:
+    if not n:  # unknown (None, or 0 where a file does not say)
         return "-"
     for div, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
         if n >= div:

@@ -34,14 +34,14 @@ def test_partial_offload_when_memory_is_short() -> None:
     big = replace(info, size_bytes=40 * GIB)  # describe a 40 GB model with the same layout
     layers = hardware.auto_gpu_layers(big, 4096, _machine(10 * GIB))
     assert 0 < layers < info.block_count
-    assert hardware.fit_report(big, 4096, _machine(10 * GIB))["runs_on"] == "split"
+    assert hardware.fit_report(big, 4096, _machine(10 * GIB)).runs_on == "split"
 
 
 def test_no_offload_without_gpu_or_gpu_build() -> None:
     info = read_gguf_info(default_model_path())
     assert hardware.auto_gpu_layers(info, 4096, _machine(None)) == 0
     assert hardware.auto_gpu_layers(info, 4096, _machine(8 * GIB, offload=False)) == 0
-    assert hardware.fit_report(info, 4096, _machine(None))["runs_on"] == "cpu"
+    assert hardware.fit_report(info, 4096, _machine(None)).runs_on == "cpu"
 
 
 def test_kv_cache_estimate_grows_with_context() -> None:

@@ -35,19 +35,19 @@ def check(
     """Validate and summarize a training file; exit 2 if any line is bad."""
     report = get_engine().training.check_dataset(path, fmt, model_id, max_tokens)
     if as_json:
-        emit_json(report)
+        emit_json(report.to_public())
     else:
         click.echo(
-            f"{report['format']}: {report['examples']} examples, {report['tokens']} tokens "
-            f"({report['too_long']} longer than {max_tokens})"
+            f"{report.format}: {report.examples} examples, {report.tokens} tokens "
+            f"({report.too_long} longer than {max_tokens})"
         )
-        pii = ", ".join(f"{k} {v}" for k, v in sorted(report["pii"].items())) or "none found"
+        pii = ", ".join(f"{k} {v}" for k, v in sorted(report.pii.items())) or "none found"
         click.echo(f"personal data: {pii}")
-        for bad in report["bad_lines"][:50]:
-            note(f"line {bad['line']}: {bad['error']}")
-        if len(report["bad_lines"]) > 50:
-            note(f"... and {len(report['bad_lines']) - 50} more bad lines")
-    if report["bad_lines"] or not report["examples"]:
+        for bad in report.bad_lines[:50]:
+            note(f"line {bad.line}: {bad.error}")
+        if len(report.bad_lines) > 50:
+            note(f"... and {len(report.bad_lines) - 50} more bad lines")
+    if not report.usable:
         raise SystemExit(2)
 
 
@@ -70,14 +70,14 @@ def prepare(
     """De-duplicate, redact personal data and split into train and validation."""
     report = get_engine().training.prepare_dataset(path, out, fmt, not no_redact, val_fraction)
     if as_json:
-        emit_json(report)
+        emit_json(report.to_public())
         return
-    red = ", ".join(f"{k} {v}" for k, v in sorted(report["redactions"].items())) or "none"
+    red = ", ".join(f"{k} {v}" for k, v in sorted(report.redactions.items())) or "none"
     click.echo(
-        f"{report['examples_out']} of {report['examples_in']} examples kept "
-        f"({report['duplicates_removed']} duplicates removed): {report['train']} train, "
-        f"{report['validation']} validation; redacted: {red}"
+        f"{report.examples_out} of {report.examples_in} examples kept "
+        f"({report.duplicates_removed} duplicates removed): {report.train} train, "
+        f"{report.validation} validation; redacted: {red}"
     )
     click.echo(f"wrote {out}")
-    if report["bad_lines"]:
-        note(f"{len(report['bad_lines'])} bad lines were left out (see: bastion dataset check)")
+    if report.bad_lines:
+        note(f"{len(report.bad_lines)} bad lines were left out (see: bastion dataset check)")

@@ -127,14 +127,14 @@ def finetune(
         finally:
             progress.close()
     if as_json:
-        emit_json(result)
+        emit_json(result.to_public())
         return
-    before, after = result["eval_loss_before"], result["eval_loss_after"]
+    before, after = result.eval_loss_before, result.eval_loss_after
     click.echo(
-        f"model {result['model']} is ready: `bastion chat -m {result['model']}`\n"
-        f"backend {result['backend']} ({result['backend_reason']}); "
-        f"train loss {result['train_loss']:.3f}"
+        f"model {result.model} is ready: `bastion chat -m {result.model}`\n"
+        f"backend {result.backend} ({result.backend_reason}); "
+        f"train loss {result.train_loss:.3f}"
         + (f"; validation loss {before:.3f} -> {after:.3f}" if before and after else "")
-        + f"; {result['tokens_per_second']:.0f} tokens/s\n"
-        f"report: {result['report']}"
+        + f"; {result.tokens_per_second:.0f} tokens/s\n"
+        f"report: {result.report}"
     )

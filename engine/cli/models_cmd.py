@@ -72,42 +72,38 @@ def model_info(model_id: str, as_json: bool) -> None:
     """Metadata, chat template and hardware fit of a model."""
     info = get_engine().model_info(model_id)
     if as_json:
-        emit_json(info)
+        emit_json(info.to_public())
         return
-    fit, load = info["fit"], info["load"]
-    hw = info["hardware"]
+    entry, fit, load, hw = info.entry, info.fit, info.load, info.hardware
     lines = [
-        ("id", info["id"]),
-        ("name", info["name"] or "-"),
-        ("file", info["path"]),
-        ("architecture", info["arch"]),
-        ("parameters", f"{human_count(info['params'])} ({info['params']:,})"),
-        ("quantization", info["quant"]),
-        ("size", human_size(info["size_bytes"])),
-        ("context length", f"{info['context_length']} (loads with {load['context']})"),
+        ("id", entry.id),
+        ("name", info.name or "-"),
+        ("file", entry.path),
+        ("architecture", entry.arch),
+        ("parameters", f"{human_count(entry.params)} ({entry.params:,})"),
+        ("quantization", entry.quant),
+        ("size", human_size(entry.size_bytes)),
+        ("context length", f"{entry.context_length} (loads with {load.context})"),
         (
             "chat template",
             "from the model file"
-            if info["has_chat_template"]
+            if entry.chat_template is not None
             else "none in the file; ChatML is used",
         ),
-        ("base / adapter", f"{info['base']} + {info['adapter']}" if info["base"] else "-"),
-        ("threads", load["threads"]),
-        ("gpu layers", load["gpu_layers"]),
+        ("base / adapter", f"{entry.base} + {entry.adapter}" if entry.base else "-"),
+        ("threads", load.threads),
+        ("gpu layers", load.gpu_layers),
         (
             "memory needed",
-            f"about {human_size(fit['estimated_bytes'])} "
-            f"({'fits' if fit['fits_in_ram'] else 'does NOT fit'} in "
-            f"{human_size(hw['ram_available_bytes'])} of free RAM); runs on {fit['runs_on']}",
+            f"about {human_size(fit.estimated_bytes)} "
+            f"({'fits' if fit.fits_in_ram else 'does NOT fit'} in "
+            f"{human_size(hw.ram_available_bytes)} of free RAM); runs on {fit.runs_on}",
         ),
         (
             "machine",
-            f"{hw['cpu']}, {hw['physical_cores']} cores, "
-            f"{human_size(hw['ram_total_bytes'])} RAM, "
-            + (
-                ", ".join(f"{g['name']} {human_size(g['total_bytes'])}" for g in hw["gpus"])
-                or "no GPU"
-            ),
+            f"{hw.cpu}, {hw.physical_cores} cores, "
+            f"{human_size(hw.ram_total_bytes)} RAM, "
+            + (", ".join(f"{g.name} {human_size(g.total_bytes)}" for g in hw.gpus) or "no GPU"),
         ),
     ]
     width = max(len(k) for k, _ in lines)

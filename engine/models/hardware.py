@@ -165,7 +165,19 @@ def auto_gpu_layers(info: GGUFInfo, n_ctx: int, hw: Hardware) -> int:
     return max(0, min(layers, int(free // per_layer)))
 
 
-def fit_report(info: GGUFInfo, n_ctx: int, hw: Hardware) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Fit:
+    """Whether a model fits this machine at a context size, and where it would run."""
+
+    context: int
+    estimated_bytes: int
+    kv_cache_bytes: int
+    fits_in_ram: bool
+    gpu_layers: int
+    runs_on: str  # "gpu", "split" or "cpu"
+
+
+def fit_report(info: GGUFInfo, n_ctx: int, hw: Hardware) -> Fit:
     """Whether the model fits, and where, in plain numbers for ``models info``."""
     needed = info.size_bytes + kv_cache_bytes(info, n_ctx) + _OVERHEAD_BYTES
     gpu_layers = auto_gpu_layers(info, n_ctx, hw)
@@ -176,11 +188,11 @@ def fit_report(info: GGUFInfo, n_ctx: int, hw: Hardware) -> dict[str, Any]:
         where = "split"
     else:
         where = "cpu"
-    return {
-        "context": n_ctx,
-        "estimated_bytes": needed,
-        "kv_cache_bytes": kv_cache_bytes(info, n_ctx),
-        "fits_in_ram": needed <= hw.ram_available_bytes,
-        "gpu_layers": gpu_layers,
-        "runs_on": where,
-    }
+    return Fit(
+        context=n_ctx,
+        estimated_bytes=needed,
+        kv_cache_bytes=kv_cache_bytes(info, n_ctx),
+        fits_in_ram=needed <= hw.ram_available_bytes,
+        gpu_layers=gpu_layers,
+        runs_on=where,
+    )

@@ -12,8 +12,8 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
+from engine.citation import Citation as Citation  # noqa: PLC0414 (re-exported)
 from engine.rag.retrieval import SearchResult, content_words
 
 # Cosine similarity (all-MiniLM-L6-v2) below which a passage is taken as unrelated to the
@@ -27,28 +27,6 @@ INSTRUCTIONS = (
     "as [1], [2] and so on. If the sources do not contain the answer, say that they do "
     "not, instead of guessing."
 )
-
-
-@dataclass(frozen=True)
-class Citation:
-    n: int
-    path: str
-    page: int | None
-    snippet: str
-    score: float
-    line_start: int | None = None
-    line_end: int | None = None
-
-    def to_public(self) -> dict[str, Any]:
-        return {
-            "n": self.n,
-            "path": self.path,
-            "page": self.page,
-            "snippet": self.snippet,
-            "score": self.score,
-            "line_start": self.line_start,
-            "line_end": self.line_end,
-        }
 
 
 def _snippet(text: str, question: str) -> str:

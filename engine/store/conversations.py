@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
+from engine.citation import Citation
 from engine.errors import InvalidInput, NotFound
 from engine.store.db import Database
 from engine.store.search import (
@@ -86,7 +87,7 @@ class Message:
     tokens_per_second: float | None
     interrupted: bool
     created_at: str
-    citations: list[dict[str, Any]] | None = None  # sources of an answer from documents
+    citations: tuple[Citation, ...] = ()  # sources of an answer from documents
     rating: int = 0  # the user's thumbs on an answer: 1 up, -1 down, 0 not rated
 
     def to_dict(self) -> dict[str, Any]:
@@ -122,7 +123,9 @@ def _conversation(row: sqlite3.Row) -> Conversation:
 def _message(row: sqlite3.Row) -> Message:
     values = dict(zip(row.keys(), tuple(row), strict=True))
     values["interrupted"] = bool(values["interrupted"])
-    values["citations"] = json.loads(values["citations"]) if values["citations"] else None
+    values["citations"] = tuple(
+        Citation.from_public(c) for c in (json.loads(values["citations"] or "null") or ())
+    )
     values["rating"] = values["rating"] or 0
     return Message(**values)
 

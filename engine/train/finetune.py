@@ -31,7 +31,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,6 +42,7 @@ from engine.jobs import JobContext
 from engine.models.registry import ModelEntry, ModelRegistry, validate_id
 from engine.paths import PRIVATE_DIR_MODE
 from engine.train import arch as arches
+from engine.train.results import FinetuneResult
 from engine.train.runs import RunStore, run_worker
 from engine.train.spec import Hyper, RunSpec
 
@@ -90,7 +91,7 @@ class FineTuner:
         self._home = home
         self._complete = complete
 
-    def run(self, request: FinetuneRequest, ctx: JobContext | None = None) -> dict[str, Any]:
+    def run(self, request: FinetuneRequest, ctx: JobContext | None = None) -> FinetuneResult:
         ctx = ctx or JobContext()
         name = validate_id(request.name)
         if request.resume:
@@ -314,41 +315,36 @@ class FineTuner:
 
     def _finish(
         self, spec: RunSpec, done: dict[str, Any], start: dict[str, Any], data: dict[str, Any]
-    ) -> dict[str, Any]:
-        import math
-
+    ) -> FinetuneResult:
         run = self._runs.get(spec.name)
         assert run is not None
         entry = self._models.register_adapter_model(spec.name, run.base, Path(done["gguf"]))
         comparisons, note = self._compare(spec, run.base, entry.id)
-        before, after = done.get("eval_loss_before"), done.get("eval_loss_after")
-        result: dict[str, Any] = {
-            "model": entry.id,
-            "adapter": done["gguf"],
-            "backend": done["backend"],
-            "train_loss": done["train_loss"],
-            "eval_loss_before": before,
-            "eval_loss_after": after,
-            "tokens_per_second": done["tokens_per_second"],
-            "perplexity_before": None if before is None else math.exp(min(before, 50)),
-            "perplexity_after": None if after is None else math.exp(min(after, 50)),
-            "backend_reason": start.get("reason"),
-            "device": done.get("device"),
-            "base": run.base,
-            "steps": done.get("steps"),
-            "train_seconds": done.get("train_seconds"),
-            "adapter_dir": done.get("adapter_dir"),
-            "merged_dir": done.get("merged_dir"),
-            "data": data,
-            "hyperparameters": asdict(spec.hyper),
-            "comparisons": comparisons,
-            "comparisons_note": note,
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        }
+        result = FinetuneResult(
+            model=entry.id,
+            adapter=done["gguf"],
+            backend=done["backend"],
+            train_loss=done["train_loss"],
+            eval_loss_before=done.get("eval_loss_before"),
+            eval_loss_after=done.get("eval_loss_after"),
+            tokens_per_second=done["tokens_per_second"],
+            backend_reason=start.get("reason"),
+            device=done.get("device"),
+            base=run.base,
+            steps=done.get("steps"),
+            train_seconds=done.get("train_seconds"),
+            adapter_dir=done.get("adapter_dir"),
+            merged_dir=done.get("merged_dir"),
+            data=data,
+            hyperparameters=asdict(spec.hyper),
+            comparisons=comparisons,
+            comparisons_note=note,
+            created=datetime.now(UTC).isoformat(timespec="seconds"),
+        )
         from engine.train.report import write_report
 
-        result["report"] = str(write_report(spec.folder, result))
-        self._runs.update(spec.name, status="done", result=result)
+        result = replace(result, report=str(write_report(spec.folder, result.to_public())))
+        self._runs.update(spec.name, status="done", result=result.to_public())
         return result
 
     def _compare(

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 from engine.errors import InvalidInput
 from engine.jobs import JobContext
 from engine.paths import atomic_write_bytes
-from engine.train.datasets import DatasetReport, Example, example_text
+from engine.train.datasets import BadLine, DatasetReport, Example, example_text
 from engine.train.pii import person_detector_available, redact
 
 if TYPE_CHECKING:
@@ -82,6 +82,8 @@ class PrepareReport:
     out_path: Path
     report_path: Path
     sample: list[RedactionSample] = field(default_factory=list)
+    # Lines of the input that could not be read (and so were left out).
+    bad_lines: list[BadLine] = field(default_factory=list)
 
     @property
     def duplicates_removed(self) -> int:
@@ -101,8 +103,14 @@ class PrepareReport:
             "near_duplicates_removed": self.near_duplicates_removed,
             "out": str(self.out_path),
             "report_path": str(self.report_path),
-            "person_names_redacted": self.redacted and person_detector_available(),
+            "person_names_redacted": self.person_names_redacted,
+            "bad_lines": [{"line": b.line, "error": b.error} for b in self.bad_lines],
         }
+
+    @property
+    def person_names_redacted(self) -> bool:
+        """Whether names of people were looked for (it needs the optional detector)."""
+        return self.redacted and person_detector_available()
 
 
 def report_path_for(out: Path) -> Path:
@@ -210,6 +218,7 @@ def prepare(
         out_path=out,
         report_path=report_path,
         sample=sample,
+        bad_lines=list(report.bad_lines),
     )
 
 

@@ -30,6 +30,7 @@ from engine.jobs import JobContext
 from engine.paths import open_private
 from engine.protocol import Event, ExitCode, ProtocolError, decode, describe_exit
 from engine.store.db import Database
+from engine.train.results import FinetuneResult
 
 _STOP_GRACE_S = 120.0  # a checkpoint of a large adapter can take a while to write
 _DB_UPDATE_S = 2.0
@@ -46,7 +47,7 @@ class RunRecord:
     step: int
     total_steps: int | None
     error: str | None
-    result: dict[str, Any] | None
+    result: FinetuneResult | None  # once the run is done
 
 
 def _now() -> str:
@@ -75,7 +76,7 @@ class RunStore:
             step=row["step"],
             total_steps=row["total_steps"],
             error=error,
-            result=json.loads(row["result"]) if row["result"] else None,
+            result=FinetuneResult.from_public(json.loads(row["result"])) if row["result"] else None,
         )
 
     def list(self) -> list[RunRecord]:
