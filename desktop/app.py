@@ -33,6 +33,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from desktop import ops
 from desktop.collector import GuiThreadCollector
 
 if TYPE_CHECKING:
@@ -83,6 +84,8 @@ class MainWindow(QMainWindow):
         super().__init__()
         self.engine = engine
         self.collector = GuiThreadCollector(self)
+        # A failure that no page handles is shown here, never lost (see desktop/ops.py).
+        ops.set_failure_handler(self.show_error, owner=self)
         self.setWindowTitle("Bastion")
         self.resize(1180, 760)
         central = QWidget()
@@ -136,9 +139,12 @@ class MainWindow(QMainWindow):
         self.notice.show_message(text, kind)
 
     def show_error(self, exc: BaseException) -> None:
-        """An engine error as a message; anything else is a bug, also logged."""
-        from engine.errors import BastionError
+        """An engine error as a message (its text and hint); anything else is a bug, also
+        logged. A cancellation is a normal end: nothing is shown."""
+        from engine import BastionError, Cancelled
 
+        if isinstance(exc, Cancelled):
+            return
         if isinstance(exc, BastionError):
             self.notify(str(exc), "error")
         else:
@@ -152,8 +158,6 @@ class MainWindow(QMainWindow):
         checkpoint when it can, and otherwise its child notices the app is gone (its
         stdin closes), saves one and stops: ``--resume`` or Resume continues it.
         """
-        from desktop import ops
-
         running = list(ops.running())
         for op in running:
             op.cancel()
@@ -225,13 +229,11 @@ def main(argv: list[str] | None = None) -> int:
     app.setOrganizationName("Bastion")
     app.setStyle("Fusion")  # follows the system's light or dark scheme
     install_crash_handler(app)
-    # The embedder's one-time int8 export imports torch: keep it out of this process.
-    os.environ.setdefault("BASTION_EMBEDDER_EXPORT_IN_CHILD", "1")
-    from engine import Engine
-    from engine.errors import BastionError
+    from engine import BastionError, Engine
 
     try:
-        engine = Engine()
+        # The embedder's one-time int8 export imports torch: keep it out of this process.
+        engine = Engine(embedder_export_in_child=True)
     except BastionError as exc:
         QMessageBox.critical(None, "Bastion cannot start", str(exc))
         return 1
@@ -239,8 +241,6 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("BASTION_DESKTOP_PROBE"):
         _probe_first_paint(app, window)
     window.show()
-    from desktop import ops
-
     # After the first paint: the native libraries, on this thread (see desktop/ops.py).
     QTimer.singleShot(250, ops.preload_native)
     try:

@@ -1,4 +1,30 @@
-"""The one way the GUI runs anything slow: an ``Operation`` off the GUI thread.
+"""The GUI's one threading rule, and the operations that keep it.
+
+**The rule: the GUI thread never calls the engine.** Every engine call -- the long ones
+(indexing, an answer, training) and the quick ones alike (listing models, opening a
+conversation, renaming it, saving a setting, reading the privacy guard) -- runs through
+``run(...)`` or a helper built on it (``Refresher`` here, the documents page's
+``CollectionJobs``), on a worker thread. What it returns comes back on the GUI thread,
+through the callbacks given to ``run``; widgets are updated only there. A job takes
+what it needs from the widgets when it starts (bound in its closure) and never reads
+them from its thread.
+
+Why quick calls too: the database connection is shared by every thread under one lock,
+so a "millisecond" read waits for whatever an indexing or a training run is writing at
+that moment, and the window freezes with it; and a rule with exceptions is a rule each
+page decides again. What the GUI thread may still use of the engine: its types and
+constants, pure helpers that touch nothing (``human_size``), and the attributes fixed
+when the engine was made (``engine.home``). Never a method of the engine or of its
+services, nor an engine function that reads or writes files, the database or process
+state (configuration, the privacy guard, metrics files). tests/desktop/test_threading.py
+checks every page against this rule.
+
+**Failures are never lost.** ``run`` without ``on_failure`` hands a failure to
+``report_failure``: it is logged (bugs, that is anything but a ``BastionError``, with
+their traceback, where they happen) and passed to the failure handler the main window
+installs with ``set_failure_handler`` -- a non-modal message with the error's text and
+hint. ``Cancelled`` is a normal end: it arrives as ``cancelled()``, never as a failure,
+and is never shown.
 
 An operation runs a function on a worker thread with a ``JobContext``; it reports back on
 the GUI thread through Qt signals: ``succeeded(result)``, ``failed(exception)``,
@@ -8,27 +34,35 @@ times a second (``progressed(Progress)``), so a job that reports per token or pe
 cannot flood the event loop. ``cancel()`` sets the job's cancel flag; the engine stops at
 its next check.
 
+A view that shows what the engine holds (a list, a table) reads it with a ``Refresher``:
+one read at a time, asks made meanwhile folded into one more read, only the newest
+answer shown.
+
 Streams of text (chat tokens) use ``TextPump``: the worker appends to a buffer, and the
-GUI takes what has accumulated every 30 ms — smooth to the eye at any token rate.
+GUI takes what has accumulated every 30 ms -- smooth to the eye at any token rate.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
+import itertools
 import logging
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 from PySide6.QtCore import QObject, QTimer, Signal
 
-from engine.errors import BastionError, Cancelled
-from engine.jobs import JobContext, Progress
+from engine import BastionError, Cancelled, JobContext, Progress
 
 log = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL_MS = 100
 TEXT_INTERVAL_MS = 30
+
+FailureHandler = Callable[[BaseException], None]
 
 # Operations alive now: kept referenced until they finish, so Python doesn't collect them.
 _running: set[Operation] = set()
@@ -66,6 +100,70 @@ def preload_native() -> None:
             log.warning("could not preload %s", name, exc_info=True)
 
 
+# -- failures nobody handled -----------------------------------------------------------
+
+# The installed handler: (its key, a reference that gives it or None once it is gone).
+_handler: list[tuple[int, Callable[[], FailureHandler | None]]] = []
+_handler_keys = itertools.count(1)
+
+
+def set_failure_handler(
+    handler: FailureHandler | None, owner: QObject | None = None
+) -> FailureHandler | None:
+    """Install what shows a failure that no caller handled; returns the previous handler.
+
+    The main window installs its non-modal message (``MainWindow.show_error``). A bound
+    method is held weakly, and with ``owner`` the handler is dropped when ``owner`` is
+    destroyed: a closed window is never asked to show anything. ``None`` uninstalls.
+    """
+    previous = failure_handler()
+    _handler.clear()
+    if handler is None:
+        return previous
+    key = next(_handler_keys)
+    if inspect.ismethod(handler):
+        _handler.append((key, weakref.WeakMethod(handler)))
+    else:
+        _handler.append((key, lambda: handler))
+    if owner is not None:
+        # Not a method of ``owner``: it is gone by the time ``destroyed`` is delivered.
+        owner.destroyed.connect(lambda *_: _drop_handler(key))
+    return previous
+
+
+def _drop_handler(key: int) -> None:
+    if _handler and _handler[0][0] == key:
+        _handler.clear()
+
+
+def failure_handler() -> FailureHandler | None:
+    """The handler ``set_failure_handler`` installed, if it is still alive."""
+    return _handler[0][1]() if _handler else None
+
+
+def report_failure(exc: BaseException, name: str = "") -> None:
+    """A failure that no caller handled: logged, then shown by the installed handler.
+
+    ``Cancelled`` is a normal end and is dropped. The log names the operation and the
+    error's type, not its message: a message may quote a file name or a model's output.
+    """
+    if isinstance(exc, Cancelled):
+        return
+    handler = failure_handler()
+    log.log(
+        logging.INFO if handler is not None else logging.ERROR,
+        "operation %s failed with %s; %s",
+        name or "(unnamed)",
+        type(exc).__name__,
+        "shown to the user" if handler is not None else "no failure handler is installed",
+    )
+    if handler is not None:
+        handler(exc)
+
+
+# -- operations --------------------------------------------------------------------------
+
+
 class Operation(QObject):
     progressed = Signal(object)  # Progress
     succeeded = Signal(object)  # the function's result
@@ -75,10 +173,16 @@ class Operation(QObject):
     _done = Signal(str, object)  # worker -> GUI thread: ("ok" | "error" | "cancel", value)
 
     def __init__(
-        self, fn: Callable[[JobContext], Any], name: str = "", parent: QObject | None = None
+        self,
+        fn: Callable[[JobContext], Any],
+        name: str = "",
+        parent: QObject | None = None,
+        *,
+        native: bool = True,
     ) -> None:
         super().__init__(parent)
         self.name = name or getattr(fn, "__name__", "operation")
+        self.native = native
         self._fn = fn
         self._latest: Progress | None = None
         self._lock = threading.Lock()
@@ -90,7 +194,8 @@ class Operation(QObject):
         self.running = False
 
     def start(self) -> Operation:
-        preload_native()
+        if self.native:
+            preload_native()
         self.running = True
         _running.add(self)
         self._timer.start()
@@ -149,9 +254,22 @@ class Operation(QObject):
         _running.discard(self)
 
 
-def running() -> list[Operation]:
-    """The operations started and not yet finished."""
-    return list(_running)
+def running(owner: QObject | None = None) -> list[Operation]:
+    """The operations started and not yet finished; with ``owner``, only those started
+    with ``owner`` or one of its descendants as parent (a page's, say)."""
+    if owner is None:
+        return list(_running)
+    mine = []
+    for op in list(_running):
+        try:
+            ancestor = op.parent()
+            while ancestor is not None and ancestor is not owner:
+                ancestor = ancestor.parent()
+        except RuntimeError:  # its parent was deleted meanwhile
+            continue
+        if ancestor is owner:
+            mine.append(op)
+    return mine
 
 
 def run(
@@ -164,13 +282,33 @@ def run(
     on_finished: Callable[[], None] | None = None,
     parent: QObject | None = None,
     name: str = "",
+    native: bool = True,
 ) -> Operation:
-    """Start ``fn(ctx)`` off the GUI thread; the callbacks run on the GUI thread."""
-    op = Operation(fn, name, parent)
+    """Start ``fn(ctx)`` off the GUI thread; the callbacks run on the GUI thread.
+
+    Args:
+        fn: the job; it runs on a worker thread and must not touch widgets.
+        on_success: called with what ``fn`` returned.
+        on_failure: called with the exception ``fn`` raised (never ``Cancelled``).
+            Without it the failure goes to ``report_failure``: logged and shown.
+        on_progress: throttled ``Progress`` reports (at most ten a second).
+        on_cancel: ``fn`` ended with ``Cancelled`` (a normal end, never shown).
+        on_finished: after any of the above, in every case.
+        parent: the QObject whose lifetime bounds the callbacks (a page).
+        name: for logs and the worker thread's name.
+        native: whether ``fn`` may import the engine's native libraries (indexing,
+            answers, model files, training): they are then preloaded on the GUI thread
+            first (see ``NATIVE_MODULES``). Reads and writes of the database and of
+            small files pass False: they import nothing native, and the window's first
+            reads must not wait for llama.cpp and faiss to load.
+    """
+    op = Operation(fn, name, parent, native=native)
     if on_success is not None:
         op.succeeded.connect(on_success)
     if on_failure is not None:
         op.failed.connect(on_failure)
+    else:
+        op.failed.connect(lambda exc: report_failure(exc, op.name))
     if on_progress is not None:
         op.progressed.connect(on_progress)
     if on_cancel is not None:
@@ -178,6 +316,92 @@ def run(
     if on_finished is not None:
         op.finished.connect(on_finished)
     return op.start()
+
+
+class Refresher(QObject):
+    """Keeps one view (a list, a table, a picker) in step with what the engine holds.
+
+    ``read()`` is called on the GUI thread when a read starts and returns the job to run
+    off it, so the job can take what the view shows now (the search text, the collection
+    picked). ``show(result)`` gets the answer on the GUI thread. One read runs at a time;
+    asks made while it runs fold into one more read after it, and the running read's
+    answer is then dropped as stale: the view shows only the newest answer, and a burst
+    of asks costs two reads, not one per ask. ``then`` callbacks given to ``refresh`` run
+    after the view shows a read that began after they were asked (and are dropped when
+    that read fails). Reads are ``native=False`` operations (see ``run``).
+    """
+
+    shown = Signal()  # the view was updated from a fresh read
+
+    def __init__(
+        self,
+        read: Callable[[], Callable[[JobContext], Any]],
+        show: Callable[[Any], None],
+        *,
+        parent: QObject,
+        name: str,
+        on_failure: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        super().__init__(parent)
+        self.name = name
+        self._read = read
+        self._show = show
+        self._on_failure = on_failure
+        self._op: Operation | None = None
+        self._again = False
+        self._asked: list[Callable[[], None]] = []  # waiting for the next read to start
+        self._covered: list[Callable[[], None]] = []  # satisfied by the read in flight
+
+    @property
+    def busy(self) -> bool:
+        """Whether a read is in flight (or about to be)."""
+        return self._op is not None
+
+    def refresh(self, then: Callable[[], None] | None = None) -> None:
+        """Read again (now, or right after the read in flight)."""
+        if then is not None:
+            self._asked.append(then)
+        if self._op is not None:
+            self._again = True
+            return
+        self._start()
+
+    def _start(self) -> None:
+        self._again = False
+        self._covered, self._asked = self._asked, []
+        job = self._read()
+        self._op = run(
+            job,
+            on_success=self._on_success,
+            on_failure=self._on_failed,
+            on_finished=self._on_finished,
+            parent=self,
+            name=self.name,
+            native=False,
+        )
+
+    def _on_success(self, result: object) -> None:
+        if self._again:  # a newer read follows: this answer is stale already
+            self._asked = self._covered + self._asked
+            self._covered = []
+            return
+        self._show(result)
+        callbacks, self._covered = self._covered, []
+        for callback in callbacks:
+            callback()
+        self.shown.emit()
+
+    def _on_failed(self, exc: BaseException) -> None:
+        self._covered = []
+        if self._on_failure is not None:
+            self._on_failure(exc)
+        else:
+            report_failure(exc, self.name)
+
+    def _on_finished(self) -> None:
+        self._op = None
+        if self._again:
+            self._start()
 
 
 class TextPump(QObject):

@@ -1,6 +1,6 @@
 """The source viewer: a cited document opened at the cited page or lines, snippet highlighted.
 
-``show_source(parent, citation)`` opens a non-modal window (one per file and main window:
+``show_source(parent, citation, engine)`` opens a non-modal window (one per file and main window:
 a second citation of the same file moves the open one). The text comes from the engine
 (``Documents.source_text``), read as the indexer read it, so page and line numbers and
 the snippet match what was cited: a PDF shows the cited page's text with previous/next
@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from PySide6.QtCore import Qt, QUrl
 from PySide6.QtGui import (
@@ -42,10 +42,10 @@ from PySide6.QtWidgets import (
 
 from desktop import ops, pdfpage
 from desktop.pdfpage import PdfPage
+from engine import BastionError, Citation, NotFound
 
 if TYPE_CHECKING:
-    from engine import Engine
-    from engine.rag.service import SourceText
+    from engine import Engine, SourceText
 
 log = logging.getLogger(__name__)
 
@@ -54,25 +54,21 @@ SNIPPET_COLOR = QColor(255, 214, 10, 150)  # the snippet itself: stronger
 _EDGE_WORDS = 8  # a snippet that is not found whole is found by its first and last words
 
 
-def show_source(parent: QWidget, citation: dict[str, Any], engine: Engine | None = None) -> None:
+def show_source(parent: QWidget, citation: Citation, engine: Engine) -> None:
     """Open the cited source (non-modal) at the cited page or lines.
 
     Args:
         parent: a widget of the main window; the viewer belongs to that window.
-        citation: ``{"path", "page", "snippet", "line_start", "line_end", ...}``; page is
-            1-based or None.
-        engine: the engine to read with; by default the one the parent's window holds.
+        citation: the file, and its page (PDF) or lines, and the snippet to mark.
+        engine: the engine that reads the source's text.
     """
     open_source(parent, citation, engine)
 
 
-def open_source(
-    parent: QWidget, citation: dict[str, Any], engine: Engine | None = None
-) -> SourceViewer:
+def open_source(parent: QWidget, citation: Citation, engine: Engine) -> SourceViewer:
     """``show_source`` that returns the viewer (reused when the file is already open)."""
-    engine = engine or _engine_of(parent)
     owner = parent.window()
-    path = str(citation.get("path") or "")
+    path = citation.path
     for viewer in owner.findChildren(SourceViewer):
         if viewer.path == path and viewer.isVisible():
             viewer.show_citation(citation)
@@ -83,15 +79,6 @@ def open_source(
     viewer.show_citation(citation)
     viewer.show()
     return viewer
-
-
-def _engine_of(widget: QWidget | None) -> Engine:
-    while widget is not None:
-        engine = getattr(widget, "engine", None)
-        if engine is not None and hasattr(engine, "documents"):
-            return engine  # type: ignore[no-any-return]
-        widget = widget.parentWidget()
-    raise RuntimeError("show_source needs a widget of the main window, or engine=")
 
 
 def snippet_span(text: str, snippet: str) -> tuple[int, int] | None:
@@ -131,7 +118,7 @@ class SourceViewer(QDialog):
         self.page: int | None = None
         self.pages: int | None = None
         self.source: SourceText | None = None
-        self._citation: dict[str, Any] = {}
+        self._citation = Citation(0, "")
         self._request = 0  # only the latest read is shown
         self._loading: ops.Operation | None = None
         self._in_flight = 0
@@ -199,17 +186,17 @@ class SourceViewer(QDialog):
 
     # -- what to show ---------------------------------------------------------------
 
-    def show_citation(self, citation: dict[str, Any]) -> None:
+    def show_citation(self, citation: Citation) -> None:
         """Show ``citation``: its file at its page (PDF) or around its lines."""
-        self._citation = dict(citation)
-        self.path = str(citation.get("path") or "")
+        self._citation = citation
+        self.path = citation.path
         name = os.path.basename(self.path) or self.path
         self.setWindowTitle(f"{name} — Bastion")
         self.name_label.setText(name)
         self.path_label.setText(self.path)
-        self.page = _positive(citation.get("page"))
+        self.page = _positive(citation.page)
         self.pages = None
-        self._load(self.page, _positive(citation.get("line_start")))
+        self._load(self.page, _positive(citation.line_start))
 
     def go_to_page(self, page: int) -> None:
         """Another page of the PDF shown (the citation's snippet stays marked on its page)."""
@@ -288,7 +275,7 @@ class SourceViewer(QDialog):
         rendered = (
             source.kind == "pdf"
             and source.page is not None
-            and self.pdf.show_page(self.path, source.page, str(self._citation.get("snippet", "")))
+            and self.pdf.show_page(self.path, source.page, self._citation.snippet)
         )
         self.tabs.setTabVisible(0, bool(rendered))
         self.tabs.setCurrentWidget(self.pdf if rendered else self.text)
@@ -296,8 +283,6 @@ class SourceViewer(QDialog):
     def _on_failed(self, request: int, exc: BaseException) -> None:
         if request != self._request:
             return
-        from engine.errors import BastionError, NotFound
-
         self.source = None
         self.location.setText("")
         if isinstance(exc, NotFound):
@@ -338,8 +323,8 @@ class SourceViewer(QDialog):
     # -- highlighting -----------------------------------------------------------------
 
     def _cited_lines(self) -> tuple[int | None, int | None]:
-        start = _positive(self._citation.get("line_start"))
-        end = _positive(self._citation.get("line_end")) or start
+        start = _positive(self._citation.line_start)
+        end = _positive(self._citation.line_end) or start
         return start, end
 
     def _highlight(self, source: SourceText) -> None:
@@ -359,10 +344,10 @@ class SourceViewer(QDialog):
                 )
                 selections.append(_selection(cursor, LINES_COLOR, full_width=True))
                 anchor = first.position()
-        cited_page = _positive(self._citation.get("page"))
+        cited_page = _positive(self._citation.page)
         span = None
         if source.pages is None or source.page == cited_page:
-            span = snippet_span(source.text, str(self._citation.get("snippet") or ""))
+            span = snippet_span(source.text, self._citation.snippet)
         if span is not None:
             cursor = QTextCursor(doc)
             cursor.setPosition(span[0])

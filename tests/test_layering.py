@@ -64,3 +64,69 @@ def test_importing_the_engine_loads_no_heavy_library() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.stdout.strip() == "[]", proc.stderr
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Every module ``path`` imports, wherever the import stands (``TYPE_CHECKING`` too).
+
+    ``from a import b`` counts as importing both ``a`` and ``a.b`` (``b`` may be a
+    module); relative imports are resolved against the file's package.
+    """
+    package = list(path.relative_to(ENGINE.parent).with_suffix("").parts[:-1])
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = ".".join([*base, *([node.module] if node.module else [])])
+            found.add(module)
+            found.update(f"{module}.{a.name}" for a in node.names)
+    return found
+
+
+def test_chat_and_the_audit_log_do_not_import_each_other() -> None:
+    """The chat service reports to an injected audit sink, so neither side knows the other."""
+
+    def within(module: str, package: str) -> bool:
+        return module == package or module.startswith(package + ".")
+
+    chat_files = sorted((ENGINE / "chat").rglob("*.py"))
+    audit_file = ENGINE / "privacy" / "audit.py"
+    assert chat_files and audit_file.exists()
+    offenders = [
+        f"{path.name}: {module}"
+        for path in chat_files
+        for module in _imported_modules(path)
+        if within(module, "engine.privacy.audit")
+    ]
+    offenders += [
+        f"{audit_file.name}: {module}"
+        for module in _imported_modules(audit_file)
+        if within(module, "engine.chat")
+    ]
+    assert offenders == []
+
+
+def test_the_desktop_uses_only_the_engines_front_door() -> None:
+    """``desktop/`` imports ``engine`` (its public names) and never a module inside it:
+    the engine's inside can change without the desktop knowing (issue 11)."""
+    desktop = ENGINE.parent / "desktop"
+    offenders = []
+    for path in sorted(desktop.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            else:
+                continue
+            offenders += [
+                f"{path.name}:{node.lineno}: {n}" for n in names if n.startswith("engine.")
+            ]
+    assert offenders == []
+    import engine
+
+    # and every name it exports resolves (no stale entry in the map)
+    for name in engine.__all__:
+        assert getattr(engine, name) is not None, name

@@ -1,27 +1,34 @@
 """Citation chips under an answer, and opening a cited source at the cited place.
 
-``open_citation`` is looked up on this module at click time (never bound at import), so
-tests and other pages can replace it: ``monkeypatch.setattr(citations, "open_citation", f)``.
+A chip's click is a signal (``CitationChips.opened``) that the chat page, which holds the
+engine, answers with ``open_citation``. That function is looked up on this module at
+click time (never bound at import), so tests and other pages can replace it:
+``monkeypatch.setattr(citations, "open_citation", f)``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import PurePath
-from typing import Any
+from typing import TYPE_CHECKING
 
-from PySide6.QtCore import QMargins, QPoint, QRect, QSize, Qt
+from PySide6.QtCore import QMargins, QPoint, QRect, QSize, Qt, Signal
 from PySide6.QtWidgets import QLayout, QLayoutItem, QPushButton, QSizePolicy, QWidget
+
+from engine import Citation
+
+if TYPE_CHECKING:
+    from engine import Engine
 
 SNIPPET_TOOLTIP_CHARS = 400
 
 
-def chip_text(citation: Mapping[str, Any]) -> str:
+def chip_text(citation: Citation) -> str:
     """``[2] report.pdf p.14`` or ``[3] notes.md L10–24``: number, file name, place."""
-    name = PurePath(str(citation.get("path") or "?")).name
-    text = f"[{citation.get('n', '?')}] {name}"
-    page = citation.get("page")
-    start, end = citation.get("line_start"), citation.get("line_end")
+    name = PurePath(citation.path or "?").name
+    text = f"[{citation.n}] {name}"
+    page = citation.page
+    start, end = citation.line_start, citation.line_end
     if page is not None:
         text += f" p.{page}"
     elif start is not None:
@@ -29,14 +36,14 @@ def chip_text(citation: Mapping[str, Any]) -> str:
     return text
 
 
-def chip_tooltip(citation: Mapping[str, Any]) -> str:
-    snippet = str(citation.get("snippet") or "")
+def chip_tooltip(citation: Citation) -> str:
+    snippet = citation.snippet
     if len(snippet) > SNIPPET_TOOLTIP_CHARS:
         snippet = snippet[: SNIPPET_TOOLTIP_CHARS - 1] + "…"
-    return f"{citation.get('path', '')}\n\n{snippet}".strip()
+    return f"{citation.path}\n\n{snippet}".strip()
 
 
-def open_citation(parent: QWidget, citation: dict[str, Any]) -> None:
+def open_citation(parent: QWidget, citation: Citation, engine: Engine) -> None:
     """Show the cited source at the cited page or lines (``desktop.viewer.show_source``).
 
     The viewer is imported here, on the first click, so the chat page does not pay for
@@ -44,15 +51,17 @@ def open_citation(parent: QWidget, citation: dict[str, Any]) -> None:
     """
     from desktop.viewer import show_source
 
-    show_source(parent, citation)
+    show_source(parent, citation, engine)
 
 
 class CitationChips(QWidget):
-    """A row of small buttons, one per citation; a click opens the source."""
+    """A row of small buttons, one per citation; a click emits ``opened(citation)``."""
 
-    def __init__(self, citations: Sequence[Mapping[str, Any]], parent: QWidget | None = None):
+    opened = Signal(object)  # Citation
+
+    def __init__(self, citations: Sequence[Citation], parent: QWidget | None = None):
         super().__init__(parent)
-        self.citations = [dict(c) for c in citations]
+        self.citations = list(citations)
         layout = FlowLayout(self, spacing=4)
         self.buttons: list[QPushButton] = []
         for citation in self.citations:
@@ -61,13 +70,9 @@ class CitationChips(QWidget):
             button.setToolTip(chip_tooltip(citation))
             button.setAccessibleName(f"Open source {chip_text(citation)}")
             button.setSizePolicy(QSizePolicy.Policy.Maximum, QSizePolicy.Policy.Fixed)
-            button.clicked.connect(lambda _=False, c=citation: self._open(c))
+            button.clicked.connect(lambda _=False, c=citation: self.opened.emit(c))
             layout.addWidget(button)
             self.buttons.append(button)
-
-    def _open(self, citation: dict[str, Any]) -> None:
-        # A global name is looked up at call time: a replaced hook is the one called.
-        open_citation(self.window(), dict(citation))
 
 
 class FlowLayout(QLayout):

@@ -1,14 +1,15 @@
 """The conversation list: search, new, rename, delete, export.
 
-Listing, renaming and deleting are single-row statements on the local SQLite file that
-take milliseconds, so they run on the GUI thread and the list is never out of step with
-the database. Full-text search reads the whole history index and can take longer on a
-long history: it runs as an operation, after a short pause in typing, and a reply that
-a newer search has overtaken is dropped.
+Everything here reaches the engine through ``desktop.ops`` (the GUI's threading rule):
+the list is filled by a ``Refresher`` -- all conversations, or the hits of a full-text
+search after a short pause in typing -- so only the newest answer is shown and a burst
+of reloads costs two reads. Renaming, deleting and exporting are operations; the list
+is read again when each ends, so it never stays out of step with the database.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,14 +32,13 @@ from desktop import ops
 
 if TYPE_CHECKING:
     from desktop.app import MainWindow
-    from engine import Engine
-    from engine.store.conversations import Conversation
-    from engine.store.search import SearchHit
+    from engine import Conversation, Engine, JobContext, SearchHit
 
 SEARCH_DELAY_MS = 200
 UNTITLED = "Untitled chat"
 ID_ROLE = Qt.ItemDataRole.UserRole
 TITLE_ROLE = Qt.ItemDataRole.UserRole + 1
+Row = tuple[int, str, str, str]  # (conversation id, title, label, tooltip)
 
 
 class HistoryPanel(QWidget):
@@ -54,9 +54,11 @@ class HistoryPanel(QWidget):
         self.window_ = window
         self._filling = False  # True while the list is rebuilt or relabelled by code
         self._open_id: int | None = None  # the conversation the page shows
-        self._search_serial = 0
-        self.searching = False  # a search operation is under way
         self.confirm_box: QMessageBox | None = None
+        self._reader = ops.Refresher(
+            self._read_job, self._show_rows, parent=self, name="history-read"
+        )
+        self.loaded = self._reader.shown  # the list shows what the database held just now
 
         self.search_box = QLineEdit()
         self.search_box.setPlaceholderText("Search chats (Ctrl+F)")
@@ -111,43 +113,39 @@ class HistoryPanel(QWidget):
 
     # -- filling -----------------------------------------------------------------------
 
-    def reload(self) -> None:
-        """Show the list again: all conversations, or the search hits when searching."""
-        text = self.search_box.text().strip()
-        self._search_serial += 1
+    @property
+    def busy(self) -> bool:
+        """Whether an engine call of this panel (a read, a rename, ...) is still running."""
+        return bool(ops.running(self))
+
+    @property
+    def searching(self) -> bool:
+        """Whether the list is being read (all conversations, or a search's hits)."""
+        return self._reader.busy
+
+    def reload(self, then: Callable[[], None] | None = None) -> None:
+        """Show the list again: all conversations, or the search hits when searching.
+
+        ``then`` runs once the list shows a read that began after this call.
+        """
+        self._reader.refresh(then)
+
+    def _read_job(self) -> Callable[[JobContext], list[Row]]:
+        engine, text = self.engine, self.search_box.text().strip()
         if not text:
-            self.searching = False
-            self._show_conversations(self.engine.list_conversations())
-            return
-        serial = self._search_serial
-        self.searching = True
+            return lambda _ctx: self._conversation_rows(engine.list_conversations())
+        return lambda _ctx: self._hit_rows(engine.search_history(text))
 
-        def done(hits: list[SearchHit]) -> None:
-            if serial == self._search_serial:
-                self.searching = False
-                self._show_hits(hits)
-
-        def failed(exc: BaseException) -> None:
-            if serial == self._search_serial:
-                self.searching = False
-                self.window_.show_error(exc)
-
-        ops.run(
-            lambda _ctx: self.engine.search_history(text),
-            on_success=done,
-            on_failure=failed,
-            parent=self,
-            name="search-history",
-        )
-
-    def _show_conversations(self, conversations: list[Conversation]) -> None:
+    @staticmethod
+    def _conversation_rows(conversations: list[Conversation]) -> list[Row]:
         rows = []
         for c in conversations:
             tip = f"{c.message_count} messages · {c.model or 'no model'} · {c.updated_at[:16]}"
             rows.append((c.id, c.title or "", c.title or UNTITLED, tip))
-        self._fill(rows)
+        return rows
 
-    def _show_hits(self, hits: list[SearchHit]) -> None:
+    @staticmethod
+    def _hit_rows(hits: list[SearchHit]) -> list[Row]:
         rows = []
         seen = set()
         for hit in hits:  # best match first; one row per conversation
@@ -157,9 +155,9 @@ class HistoryPanel(QWidget):
             title = hit.conversation_title or ""
             snippet = " ".join(hit.snippet.split())
             rows.append((hit.conversation_id, title, f"{title or UNTITLED}\n{snippet}", snippet))
-        self._fill(rows)
+        return rows
 
-    def _fill(self, rows: list[tuple[int, str, str, str]]) -> None:
+    def _show_rows(self, rows: list[Row]) -> None:
         current = self._open_id
         self._filling = True
         self.conversation_list.blockSignals(True)
@@ -239,13 +237,18 @@ class HistoryPanel(QWidget):
             return
         conversation_id = int(item.data(ID_ROLE))
         title = " ".join(item.text().split())
-        if title and title != item.data(TITLE_ROLE):
-            try:
-                self.engine.conversations.rename(conversation_id, title)
-            except Exception as exc:
-                self.window_.show_error(exc)
-        # Later, not now: the list is in the middle of committing the editor's text.
-        QTimer.singleShot(0, self.reload)
+        if not title or title == item.data(TITLE_ROLE):
+            # Later, not now: the list is in the middle of committing the editor's text.
+            QTimer.singleShot(0, self.reload)
+            return
+        engine = self.engine
+        ops.run(
+            lambda _ctx: engine.rename_conversation(conversation_id, title),
+            on_finished=self.reload,  # the stored title either way (failures are shown)
+            parent=self,
+            name="rename-conversation",
+            native=False,
+        )
 
     # -- delete ------------------------------------------------------------------------
 
@@ -272,14 +275,20 @@ class HistoryPanel(QWidget):
         box.open()
 
     def delete(self, conversation_id: int) -> None:
-        try:
-            self.engine.conversations.delete(conversation_id)
-        except Exception as exc:
-            self.window_.show_error(exc)
-        else:
+        engine = self.engine
+
+        def deleted(_: object) -> None:
             self.window_.notify("Chat deleted.")
             self.conversation_deleted.emit(conversation_id)
-        self.reload()
+
+        ops.run(
+            lambda _ctx: engine.delete_conversation(conversation_id),
+            on_success=deleted,
+            on_finished=self.reload,
+            parent=self,
+            name="delete-conversation",
+            native=False,
+        )
 
     # -- export ------------------------------------------------------------------------
 
@@ -298,17 +307,30 @@ class HistoryPanel(QWidget):
         if path:
             self.export_to(int(item.data(ID_ROLE)), Path(path))
 
-    def export_to(self, conversation_id: int, path: Path) -> bool:
-        """Write the conversation to ``path``: JSON for ``.json``, Markdown otherwise."""
+    def export_to(self, conversation_id: int, path: Path) -> ops.Operation:
+        """Write the conversation to ``path``: JSON for ``.json``, Markdown otherwise.
+
+        Returns the operation; its ``succeeded`` carries the path written.
+        """
         fmt = "json" if path.suffix.lower() == ".json" else "md"
-        try:
-            text = self.engine.export_conversation(conversation_id, fmt)
+        engine = self.engine
+
+        def export(_ctx: JobContext) -> Path:
+            text = engine.export_conversation(conversation_id, fmt)
             path.write_text(text, encoding="utf-8")
-        except OSError as exc:
-            self.window_.notify(f"Could not write {path}: {exc.strerror or exc}", "error")
-            return False
-        except Exception as exc:
-            self.window_.show_error(exc)
-            return False
-        self.window_.notify(f"Exported to {path}", "success")
-        return True
+            return path
+
+        def failed(exc: BaseException) -> None:
+            if isinstance(exc, OSError):
+                self.window_.notify(f"Could not write {path}: {exc.strerror or exc}", "error")
+            else:
+                self.window_.show_error(exc)
+
+        return ops.run(
+            export,
+            on_success=lambda _: self.window_.notify(f"Exported to {path}", "success"),
+            on_failure=failed,
+            parent=self,
+            name="export-conversation",
+            native=False,
+        )

@@ -10,8 +10,7 @@ conversation, nor, for the most part, with the length of the answer.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 from PySide6.QtCore import QSize, Qt, QTimer, Signal
 from PySide6.QtGui import QContextMenuEvent, QGuiApplication, QTextCursor, QTextOption
@@ -28,6 +27,7 @@ from PySide6.QtWidgets import (
 
 from desktop.chat.citations import CitationChips
 from desktop.chat.markdown import code_at, render_markdown
+from engine import Citation
 
 # While streaming, the answer is re-read as Markdown this often; plain text in between.
 MARKDOWN_INTERVAL_MS = 400
@@ -103,6 +103,7 @@ class MessageWidget(QFrame):
 
     rated = Signal(int, int)  # message id, rating (1, -1, or 0 when cleared)
     regenerate_requested = Signal()
+    citation_opened = Signal(object)  # a Citation whose chip was clicked
 
     def __init__(
         self, role: str, text: str = "", *, author: str = "", streaming: bool = False
@@ -216,7 +217,7 @@ class MessageWidget(QFrame):
         text: str,
         *,
         message_id: int | None,
-        citations: Sequence[Mapping[str, Any]] = (),
+        citations: Sequence[Citation] = (),
         status: str = "",
         interrupted: bool = False,
         rating: int = 0,
@@ -235,6 +236,7 @@ class MessageWidget(QFrame):
         self.status_label.setText(status)
         if citations:
             self.chips = CitationChips(citations)
+            self.chips.opened.connect(self.citation_opened)
             self._chips_slot.addWidget(self.chips)
         self.set_rating(rating)
         self.action_bar.setVisible(message_id is not None)

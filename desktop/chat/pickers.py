@@ -9,8 +9,7 @@ from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QComboBox, QWidget
 
 if TYPE_CHECKING:
-    from engine.models.registry import ModelEntry
-    from engine.rag.collections import Collection
+    from engine import Collection, ModelEntry
 
 NO_DOCUMENTS = "No documents"
 

@@ -20,7 +20,7 @@ from PySide6.QtCore import (
 from PySide6.QtGui import QColor
 
 if TYPE_CHECKING:
-    from engine.rag.collections import Document
+    from engine import Document
 
 ModelIndex = QModelIndex | QPersistentModelIndex
 

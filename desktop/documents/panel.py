@@ -31,7 +31,7 @@ from desktop.documents.files import (
 from desktop.documents.progress import IndexingProgress
 
 if TYPE_CHECKING:
-    from engine.rag.collections import Collection, Document
+    from engine import Collection, Document
 
 DROP_HINT = "Drop files or folders here to add them to this collection."
 

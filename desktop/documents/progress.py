@@ -8,8 +8,7 @@ from PySide6.QtCore import Signal
 from PySide6.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
 
 if TYPE_CHECKING:
-    from engine.jobs import Progress
-    from engine.rag.indexer import IndexReport
+    from engine import IndexReport, Progress
 
 
 def format_duration(seconds: float) -> str:

@@ -22,8 +22,7 @@ from PySide6.QtWidgets import (
 )
 
 from desktop.finetune.chart import LossChart
-from engine.jobs import Progress
-from engine.protocol import Event
+from engine import Event, Progress
 
 LOG_LINES = 5000
 

@@ -1,19 +1,15 @@
 """The dataset preview: the engine's check of a training file and what redaction would do.
 
-``preview_dataset`` runs on a worker thread: ``check_dataset`` (format, counts, every bad
-line, personal data found), then ``prepare_dataset`` into a temporary folder to learn
-what redaction and de-duplication would do. Its ``.redactions.json`` holds the very
-personal data that was removed (that is its purpose: a before/after sample to review),
-so the folder is deleted as soon as the report has been read; the sample lives only in
-this widget's memory.
+The page asks ``Training.preview_dataset`` on a worker thread (the check: format, counts,
+every bad line, personal data found; then a dry run of the preparation, deleted before it
+returns) and hands the ``DatasetPreview`` to this widget. The redaction sample holds the
+very personal data that was removed -- that is its purpose, a before/after to review --
+and lives only in this widget's memory.
 """
 
 from __future__ import annotations
 
-import json
-import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from PySide6.QtWidgets import (
     QAbstractItemView,
@@ -25,45 +21,9 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from engine.jobs import JobContext
-
-if TYPE_CHECKING:
-    from engine.train.service import Training
+from engine import DatasetPreview
 
 MAX_BAD_ROWS = 500  # the summary gives the full count; a table of thousands helps no one
-
-
-def preview_dataset(
-    training: Training,
-    path: Path,
-    base: str | None,
-    max_tokens: int,
-    val_fraction: float,
-    ctx: JobContext,
-) -> dict[str, Any]:
-    """Check ``path`` and dry-run its preparation; returns ``{"check", "prepare"}``.
-
-    ``prepare`` is None when there is nothing to prepare (no usable example); otherwise
-    it is ``prepare_dataset``'s document plus ``counts``, ``sample`` and
-    ``person_names_redacted`` from the redaction report. Redaction is always on here:
-    the preview shows what it would remove even when the user means to turn it off.
-    """
-    ctx.report(0, 2, "checking the data")
-    check = training.check_dataset(path, model_id=base, max_tokens=max_tokens)
-    ctx.check_cancelled()
-    prepared: dict[str, Any] | None = None
-    if check["examples"]:
-        ctx.report(1, 2, "trying redaction and de-duplication")
-        with tempfile.TemporaryDirectory(prefix="bastion-preview-") as folder:
-            prepared = training.prepare_dataset(
-                path, Path(folder) / "prepared.jsonl", val_fraction=val_fraction
-            )
-            report = json.loads(Path(prepared["report_path"]).read_text(encoding="utf-8"))
-        prepared["counts"] = report.get("counts", {})
-        prepared["sample"] = report.get("sample", [])
-        prepared["person_names_redacted"] = report.get("person_names_redacted", False)
-    ctx.report(2, 2, "done")
-    return {"check": check, "prepare": prepared, "val_fraction": val_fraction}
 
 
 def _counts(counts: dict[str, int]) -> str:
@@ -92,8 +52,8 @@ def _fit_height(table: QTableWidget, limit: int = 180) -> None:
     table.setFixedHeight(min(limit, table.horizontalHeader().height() + rows + frame + 2))
 
 
-class DatasetPreview(QWidget):
-    """Shows a ``preview_dataset`` result: summary, bad lines, personal data, redaction."""
+class PreviewView(QWidget):
+    """Shows a ``DatasetPreview``: summary, bad lines, personal data, redaction."""
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -111,17 +71,17 @@ class DatasetPreview(QWidget):
         self.sample.setAccessibleName("Redaction sample")
         for widget in (self.summary, self.bad_lines, self.pii, self.redaction, self.sample):
             layout.addWidget(widget)
-        self.result: dict[str, Any] | None = None
+        self.result: DatasetPreview | None = None
         self._reset()
 
     @property
     def bad_line_count(self) -> int:
-        return len(self.result["check"]["bad_lines"]) if self.result else 0
+        return len(self.result.check.bad_lines) if self.result else 0
 
     @property
     def usable(self) -> bool:
         """Whether the data shown can be trained on: no bad line and some examples."""
-        return bool(self.result and not self.bad_line_count and self.result["check"]["examples"])
+        return bool(self.result and not self.bad_line_count and self.result.check.examples)
 
     def _reset(self) -> None:
         self.result = None
@@ -142,53 +102,54 @@ class DatasetPreview(QWidget):
         self._reset()
         self.summary.setText("Choose a JSONL file to see what it holds before training.")
 
-    def show_result(self, result: dict[str, Any]) -> None:
+    def show_result(self, result: DatasetPreview) -> None:
         self._reset()
         self.result = result
-        check, prepared = result["check"], result["prepare"]
-        about = "≈" if check.get("tokens_estimated") else ""
+        check, prepared = result.check, result.prepared
+        about = "≈" if check.tokens_estimated else ""
         lines = [
-            f"Format <b>{check['format']}</b> · {check['examples']} examples · "
-            f"{about}{check['tokens']:,} tokens (counted with {check.get('tokenizer', '?')}) · "
-            f"{check['too_long']} longer than {check.get('max_tokens', '?')} tokens "
+            f"Format <b>{check.format}</b> · {check.examples} examples · "
+            f"{about}{check.tokens:,} tokens (counted with {check.tokenizer}) · "
+            f"{check.too_long} longer than {check.max_tokens} tokens "
             "(cut at training)"
         ]
-        bad = check["bad_lines"]
+        bad = check.bad_lines
         if bad:
             lines.append(f"<b style='color:#c0392b'>{len(bad)} bad line(s): fix them to train</b>")
-        elif not check["examples"]:
+        elif not check.examples:
             lines.append("<b style='color:#c0392b'>No examples: nothing to train on</b>")
         if prepared is not None:
             lines.append(
-                f"Prepared: {prepared['examples_out']} of {prepared['examples_in']} kept "
-                f"({prepared['duplicates_removed']} duplicates removed) · {prepared['train']} "
-                f"train, {prepared['validation']} validation "
-                f"(a {result.get('val_fraction', 0.1):.0%} split)"
+                f"Prepared: {prepared.examples_out} of {prepared.examples_in} kept "
+                f"({prepared.duplicates_removed} duplicates removed) · {prepared.train} "
+                f"train, {prepared.validation} validation "
+                f"(a {result.val_fraction:.0%} split)"
             )
         self.summary.setText("<br>".join(lines))
         if bad:
             self.bad_lines.setRowCount(min(len(bad), MAX_BAD_ROWS))
             for row, item in enumerate(bad[:MAX_BAD_ROWS]):
-                self.bad_lines.setItem(row, 0, QTableWidgetItem(str(item["line"])))
-                self.bad_lines.setItem(row, 1, QTableWidgetItem(str(item["error"])))
+                self.bad_lines.setItem(row, 0, QTableWidgetItem(str(item.line)))
+                self.bad_lines.setItem(row, 1, QTableWidgetItem(item.error))
             self.bad_lines.show()
             _fit_height(self.bad_lines)
-        self.pii.setText(f"Personal data found: {_counts(check['pii'])}")
+        self.pii.setText(f"Personal data found: {_counts(check.pii)}")
         self.pii.show()
         if prepared is None:
             return
         names = (
             ""
-            if prepared["person_names_redacted"]
+            if prepared.person_names_redacted
             else " Person names are not redacted (no offline name recognizer ships)."
         )
-        self.redaction.setText(f"Redaction replaces: {_counts(prepared['counts'])}.{names}")
+        self.redaction.setText(f"Redaction replaces: {_counts(prepared.redactions)}.{names}")
         self.redaction.show()
-        sample = prepared["sample"]
+        sample = prepared.sample
         if sample:
             self.sample.setRowCount(len(sample))
-            for row, item in enumerate(sample):
-                for column, key in enumerate(("line", "before", "after")):
-                    self.sample.setItem(row, column, QTableWidgetItem(str(item[key])))
+            for row, redacted in enumerate(sample):
+                values = (str(redacted.line), redacted.before, redacted.after)
+                for column, value in enumerate(values):
+                    self.sample.setItem(row, column, QTableWidgetItem(value))
             self.sample.show()
             _fit_height(self.sample, 240)

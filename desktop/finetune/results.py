@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from PySide6.QtCore import QUrl, Signal
 from PySide6.QtWidgets import QHBoxLayout, QLabel, QPushButton, QTextBrowser, QVBoxLayout, QWidget
+
+from engine import FinetuneResult
 
 
 def _loss(value: object) -> str:
@@ -14,7 +15,7 @@ def _loss(value: object) -> str:
 
 
 class ResultView(QWidget):
-    """Shows the ``finetune`` result document; ``chat_requested(model_id)`` on the button."""
+    """Shows a ``FinetuneResult``; ``chat_requested(model_id)`` on the button."""
 
     chat_requested = Signal(str)
 
@@ -37,22 +38,22 @@ class ResultView(QWidget):
         layout.addWidget(self.heading)
         layout.addLayout(row)
         layout.addWidget(self.report, 1)
-        self.result: dict[str, Any] | None = None
+        self.result: FinetuneResult | None = None
 
-    def show_result(self, result: dict[str, Any]) -> None:
+    def show_result(self, result: FinetuneResult) -> None:
         self.result = result
         self.heading.setText(
-            f"<b>{result['model']}</b> is ready: base {result.get('base', '?')}, "
-            f"{result.get('steps', '?')} steps with {result['backend']} "
-            f"on {result.get('device') or '?'}."
+            f"<b>{result.model}</b> is ready: base {result.base or '?'}, "
+            f"{result.steps if result.steps is not None else '?'} steps with {result.backend} "
+            f"on {result.device or '?'}."
         )
         self.numbers.setText(
-            f"Training loss {_loss(result.get('train_loss'))} · validation loss "
-            f"{_loss(result.get('eval_loss_before'))} → {_loss(result.get('eval_loss_after'))}"
-            f" · {result.get('tokens_per_second') or 0:,.0f} tokens/s"
+            f"Training loss {_loss(result.train_loss)} · validation loss "
+            f"{_loss(result.eval_loss_before)} → {_loss(result.eval_loss_after)}"
+            f" · {result.tokens_per_second or 0:,.0f} tokens/s"
         )
         self.chat_button.setEnabled(True)
-        report = Path(result.get("report") or "")
+        report = Path(result.report)
         if report.is_file():
             # setSource resolves "loss.svg" next to report.md (Qt's SVG image plugin draws
             # it); the search path covers a document set by text as well.
@@ -70,4 +71,4 @@ class ResultView(QWidget):
 
     def _on_chat_button_clicked(self) -> None:
         if self.result is not None:
-            self.chat_requested.emit(str(self.result["model"]))
+            self.chat_requested.emit(self.result.model)

@@ -10,7 +10,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from engine.train.runs import RunRecord
+from engine import RunRecord
 
 RESUMABLE = ("stopped", "failed")
 

@@ -26,7 +26,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from engine.train.spec import PRESETS, Hyper
+from engine import PRESETS, Hyper
 
 BACKENDS = ("auto", "peft", "unsloth")
 DEFAULT_PRESET = "balanced"

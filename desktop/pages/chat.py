@@ -6,6 +6,11 @@ GUI what has gathered every 30 ms), and only the streaming answer's block is upd
 Stop cancels the operation: the engine ends at the next token and keeps the partial
 answer, marked interrupted.
 
+The pickers, the history and an opened conversation are read through ``desktop.ops``
+too (the GUI's threading rule): the pickers are filled, and a conversation shown, when
+their read comes back. While a conversation is being opened no question can be sent:
+it would go to the conversation shown before.
+
 Regenerate asks the last question again in the same conversation. The stored history
 is append-only, so the new answer comes after the earlier one and both stay (the model
 also sees the earlier exchange). Replacing the last answer in place would need an engine
@@ -31,24 +36,33 @@ from PySide6.QtWidgets import (
 )
 
 from desktop import ops
+from desktop.chat import citations as chat_citations
 from desktop.chat.history import HistoryPanel
 from desktop.chat.message import MessageWidget, describe
 from desktop.chat.pickers import CollectionPicker, ModelPicker
 from desktop.chat.transcript import Composer, Transcript
-from engine.chat.session import ChatRequest, ChatResult
-from engine.errors import ModelCrashed
-from engine.models.runtime import SamplingParams
+from engine import ChatRequest, ChatResult, ModelCrashed, SamplingParams
 
 if TYPE_CHECKING:
     from desktop.app import MainWindow
-    from engine import Engine
-    from engine.jobs import JobContext
+    from engine import (
+        Citation,
+        Collection,
+        Conversation,
+        Engine,
+        JobContext,
+        Message,
+        ModelEntry,
+    )
+
+    Models = tuple[list[ModelEntry], str | None]  # (the installed models, the default id)
 
 
 class ChatPage(QWidget):
     """Chat with a local model, optionally grounded in a document collection."""
 
     engine_notice = Signal(str)  # emitted on the worker thread; shown on the GUI thread
+    conversation_opened = Signal(int)  # a stored conversation is shown, all its messages
 
     def __init__(self, engine: Engine, window: MainWindow) -> None:
         super().__init__()
@@ -61,6 +75,7 @@ class ChatPage(QWidget):
         self._pump: ops.TextPump | None = None
         self._question: MessageWidget | None = None
         self._answer: MessageWidget | None = None
+        self._opening: int | None = None  # the conversation being read, to be shown
 
         self.history = HistoryPanel(engine, window)
         self.model_picker = ModelPicker()
@@ -83,6 +98,12 @@ class ChatPage(QWidget):
         self.stop_button.clicked.connect(self.stop)
         self.collection_picker.currentIndexChanged.connect(self._on_collection_changed)
         self.engine_notice.connect(self.window_.notify)
+        self._models = ops.Refresher(
+            self._models_job, self._show_models, parent=self, name="chat-models"
+        )
+        self._collections = ops.Refresher(
+            self._collections_job, self._show_collections, parent=self, name="chat-collections"
+        )
 
     def _build_layout(self) -> None:
         bar = QHBoxLayout()
@@ -161,24 +182,41 @@ class ChatPage(QWidget):
             self.refresh_collections()
             self.history.reload()
 
-    def refresh_models(self) -> None:
-        """Fill the model picker from the registry, keeping the choice (else the default)."""
-        try:
-            models = self.engine.list_models()
-            default = self.engine.default_model_id() if models else None
-        except Exception as exc:
-            self.window_.show_error(exc)
-            return
-        self.model_picker.fill(models, default)
+    def refresh_models(self, then: Callable[[], None] | None = None) -> None:
+        """Fill the model picker from the registry, keeping the choice (else the default).
+
+        ``then`` runs once the picker shows a read that began after this call.
+        """
+        self._models.refresh(then)
+
+    def _models_job(self) -> Callable[[JobContext], Models]:
+        engine = self.engine
+
+        def read(_: JobContext) -> Models:
+            models = engine.list_models()
+            return models, engine.default_model_id() if models else None
+
+        return read
+
+    def _show_models(self, found: Models) -> None:
+        self.model_picker.fill(*found)
 
     def refresh_collections(self) -> None:
         """``No documents`` plus every collection, keeping the choice when it still exists."""
-        try:
-            collections = self.engine.documents.all()
-        except Exception as exc:
-            self.window_.show_error(exc)
-            return
+        self._collections.refresh()
+
+    def _collections_job(self) -> Callable[[JobContext], list[tuple[Collection, dict[str, int]]]]:
+        engine = self.engine
+        return lambda _: engine.documents.all()
+
+    def _show_collections(self, collections: list[tuple[Collection, dict[str, int]]]) -> None:
         self.collection_picker.fill(collections)
+
+    @property
+    def loading(self) -> bool:
+        """Whether a read of this page (pickers, history, a conversation) or a rating is
+        still running -- everything but the answer being written (``busy``)."""
+        return any(op is not self.operation for op in ops.running(self))
 
     def select_model(self, model_id: str | None) -> bool:
         return self.model_picker.select(model_id)
@@ -207,22 +245,45 @@ class ChatPage(QWidget):
         self.conversation_id = None
         self.transcript.clear()
         self.history.select(None)
+        self._opening = None
         if model_id is not None:
-            self.refresh_models()  # a fine-tune that just finished is not listed yet
-            if not self.select_model(model_id):
-                self.window_.notify(f"The model {model_id} is not installed.", "error")
+            # Read again first: a fine-tune that just finished is not listed yet.
+            self.refresh_models(then=lambda: self._pick_model(model_id))
         self.composer.setFocus()
 
+    def _pick_model(self, model_id: str) -> None:
+        if not self.select_model(model_id):
+            self.window_.notify(f"The model {model_id} is not installed.", "error")
+
     def open_conversation(self, conversation_id: int) -> None:
-        """Show a stored conversation; the next question continues it."""
+        """Show a stored conversation (once it is read); the next question continues it."""
         if self.busy:
             return
-        try:
-            conversation, messages = self.engine.get_conversation(conversation_id)
-        except Exception as exc:
-            self.window_.show_error(exc)
-            self.history.reload()
-            return
+        self._opening = conversation_id
+        engine = self.engine
+
+        def failed(exc: BaseException) -> None:
+            # Shown unless the user has moved on (another chat opened, or a new one).
+            if self._opening == conversation_id:
+                self._opening = None
+                self.window_.show_error(exc)
+                self.history.reload()
+
+        ops.run(
+            lambda _: engine.get_conversation(conversation_id),
+            on_success=lambda found: self._show_conversation(conversation_id, *found),
+            on_failure=failed,
+            parent=self,
+            name="open-conversation",
+            native=False,
+        )
+
+    def _show_conversation(
+        self, conversation_id: int, conversation: Conversation, messages: list[Message]
+    ) -> None:
+        if self._opening != conversation_id or self.busy:
+            return  # another one was opened meanwhile, or a new chat started
+        self._opening = None
         self.conversation_id = conversation.id
         self.transcript.clear()
         for message in messages:
@@ -238,7 +299,7 @@ class ChatPage(QWidget):
                 answer.finish(
                     message.content,
                     message_id=message.id,
-                    citations=message.citations or (),
+                    citations=message.citations,
                     status=status,
                     interrupted=message.interrupted,
                     rating=message.rating,
@@ -248,6 +309,7 @@ class ChatPage(QWidget):
         self.history.select(conversation.id)
         self._update_regenerate()
         self.transcript.follow()
+        self.conversation_opened.emit(conversation.id)
 
     def _on_history_conversation_deleted(self, conversation_id: int) -> None:
         if conversation_id == self.conversation_id:
@@ -275,7 +337,7 @@ class ChatPage(QWidget):
 
     def send(self, prompt: str | None = None) -> bool:
         """Ask ``prompt`` (or what is in the question box). False when nothing was sent."""
-        if self.busy:
+        if self.busy or self._opening is not None:
             return False
         text = (prompt if prompt is not None else self.composer.toPlainText()).strip()
         if not text:
@@ -329,16 +391,23 @@ class ChatPage(QWidget):
         answer = MessageWidget("assistant", author=author, streaming=streaming)
         answer.rated.connect(lambda message_id, rating: self.rate(answer, message_id, rating))
         answer.regenerate_requested.connect(self.regenerate)
+        answer.citation_opened.connect(self.open_citation)
         return self.transcript.add(answer)
 
+    def open_citation(self, citation: Citation) -> None:
+        """Show a cited source (the hook is looked up at call time: tests replace it)."""
+        chat_citations.open_citation(self, citation, self.engine)
+
     def rate(self, answer: MessageWidget, message_id: int, rating: int) -> None:
-        """Keep a thumbs up/down with the message (one short write)."""
-        try:
-            self.engine.rate_message(message_id, rating)
-        except Exception as exc:
-            self.window_.show_error(exc)
-            return
-        answer.set_rating(rating)
+        """Keep a thumbs up/down with the message; the buttons show it once it is stored."""
+        engine = self.engine
+        ops.run(
+            lambda _: engine.rate_message(message_id, rating),
+            on_success=lambda _: answer.set_rating(rating),
+            parent=answer,  # a message no longer shown is not updated
+            name="rate-message",
+            native=False,
+        )
 
     # -- the answer's end --------------------------------------------------------------
 
@@ -356,7 +425,7 @@ class ChatPage(QWidget):
             self._answer.finish(
                 result.answer,
                 message_id=result.message_id,
-                citations=[c.to_public() for c in result.citations],
+                citations=result.citations,
                 status=describe(
                     result.completion_tokens, result.tokens_per_second, result.stop_reason
                 ),

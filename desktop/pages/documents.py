@@ -1,20 +1,18 @@
 """The Documents page: collections, adding files and folders, indexing, per-file state.
 
-Everything that touches the engine runs through ``ops.run`` — indexing of course, but also
-the reads that fill the list and the table: the database connection is shared with the
-indexing thread under one lock, so even a short read could make the GUI wait for a write.
-Reads are coalesced: while one is in flight, further requests fold into one more read.
-
-One indexing job runs at a time (the engine indexes one collection per call, and two jobs
-would compete for the same two cores); files added meanwhile — by dialog or by dropping
-them on the page — wait in a queue and are indexed next. Cancel stops the running job at
-the engine's next check (what was committed stays) and empties the queue.
+The page follows the GUI's threading rule (desktop/ops.py): it never calls the engine
+itself. The list and the table are filled by a ``Refresher`` (one read at a time, the
+newest answer shown); adding, re-indexing and removing are jobs of a ``CollectionJobs``
+queue (desktop/documents/controller.py), which runs them one at a time -- files added
+meanwhile, by dialog or by dropping them on the page, are indexed next. The page only
+wires widgets to the queue's signals. Cancel stops the running job at the engine's next
+check (what was committed stays) and empties the queue.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, cast
 
 from PySide6.QtCore import QModelIndex, Qt, QTimer, Signal
 from PySide6.QtGui import QDragEnterEvent, QDragLeaveEvent, QDragMoveEvent, QDropEvent, QShowEvent
@@ -33,16 +31,14 @@ from PySide6.QtWidgets import (
 )
 
 from desktop import ops
+from desktop.documents.controller import CollectionJob, CollectionJobs
 from desktop.documents.files import PATH_ROLE
 from desktop.documents.panel import CollectionPanel, summary_text
 from desktop.documents.progress import report_text
 
 if TYPE_CHECKING:
     from desktop.app import MainWindow
-    from engine import Engine
-    from engine.jobs import JobContext, Progress
-    from engine.rag.collections import Collection, Document
-    from engine.rag.indexer import IndexReport
+    from engine import Collection, Document, Engine, IndexReport, JobContext, Progress
 
 
 REFRESH_WHILE_INDEXING_MS = 1000
@@ -64,12 +60,16 @@ class DocumentsPage(QWidget):
         self.engine = engine
         self.window_ = window
         self._selected: str | None = None
-        self._indexing: ops.Operation | None = None
-        self._indexing_name: str | None = None
-        self._reading: ops.Operation | None = None
-        self._read_again = False
-        self._queue: list[tuple[str, list[str]]] = []
-        self._last_report: IndexReport | None = None
+        self.jobs = CollectionJobs(engine, self)
+        self.jobs.started.connect(self._on_jobs_started)
+        self.jobs.progressed.connect(self._on_jobs_progressed)
+        self.jobs.succeeded.connect(self._on_jobs_succeeded)
+        self.jobs.failed.connect(self._on_jobs_failed)
+        self.jobs.cancelled.connect(self._on_jobs_cancelled)
+        self.jobs.finished.connect(self._on_jobs_finished)
+        self._reader = ops.Refresher(
+            self._read_job, self._on_read, parent=self, name="documents-read"
+        )
         self.setAcceptDrops(True)
         self._build()
         self._refresh_timer = QTimer(self)
@@ -132,20 +132,23 @@ class DocumentsPage(QWidget):
 
     @property
     def indexing(self) -> bool:
-        return self._indexing is not None
+        """Whether a job that indexes files (add, sync) is running."""
+        job = self.jobs.current
+        return job is not None and job.indexes
 
     @property
     def busy(self) -> bool:
         """Whether any engine call of this page is still running (tests wait for this)."""
-        return self._indexing is not None or self._reading is not None
+        return bool(ops.running(self))
 
     def _update_actions(self) -> None:
         has = self._selected is not None
-        indexing_this = self.indexing and self._indexing_name == self._selected
+        job = self.jobs.current
+        working_on_this = job is not None and job.collection == self._selected
         self.panel.add_files_button.setEnabled(has)
         self.panel.add_folder_button.setEnabled(has)
         self.panel.sync_button.setEnabled(has and not self.indexing)
-        self.panel.remove_button.setEnabled(has and not indexing_this)
+        self.panel.remove_button.setEnabled(has and not working_on_this)
         self.detail_stack.setCurrentIndex(1 if has else 0)
 
     def select_collection(self, name: str | None) -> None:
@@ -170,26 +173,19 @@ class DocumentsPage(QWidget):
 
     def refresh(self) -> None:
         """Re-read the collections and the shown collection's files, off the GUI thread."""
-        if self._reading is not None:
-            self._read_again = True
-            return
-        docs = self.engine.documents
-        wanted = self._selected
+        self._reader.refresh()
+
+    def _read_job(self) -> Callable[[JobContext], Snapshot]:
+        engine, wanted = self.engine, self._selected
 
         def read(_: JobContext) -> Snapshot:
+            docs = engine.documents
             items = docs.all()
             names = [c.name for c, _ in items]
             target = wanted if wanted in names else (names[0] if names else None)
             return wanted, items, docs.status(target) if target is not None else None
 
-        self._reading = ops.run(
-            read,
-            on_success=self._on_read,
-            on_failure=self.window_.show_error,
-            on_finished=self._on_read_finished,
-            parent=self,
-            name="documents-read",
-        )
+        return read
 
     def _on_read(self, snapshot: Snapshot) -> None:
         wanted, items, status = snapshot
@@ -219,19 +215,14 @@ class DocumentsPage(QWidget):
         self._update_actions()
         self.files_loaded.emit()
 
-    def _on_read_finished(self) -> None:
-        self._reading = None
-        if self._read_again:
-            self._read_again = False
-            self.refresh()
-
     def _on_table_double_clicked(self, index: QModelIndex) -> None:
         from desktop.viewer import show_source
+        from engine import Citation
 
         path = index.data(PATH_ROLE)
         if path:
             page = 1 if str(path).lower().endswith(".pdf") else None
-            show_source(self, {"path": path, "page": page}, engine=self.engine)
+            show_source(self, Citation(0, str(path), page), self.engine)
 
     # -- collections ------------------------------------------------------------------
 
@@ -248,7 +239,7 @@ class DocumentsPage(QWidget):
         name = name.strip()
         if not name:
             return
-        docs = self.engine.documents
+        engine = self.engine
 
         def created(collection: Collection) -> None:
             self.window_.notify(
@@ -258,7 +249,12 @@ class DocumentsPage(QWidget):
             self._selected = None
             self.select_collection(collection.name)
 
-        self._run_quick(lambda _: docs.create(name), created, "create-collection")
+        ops.run(
+            lambda _: engine.documents.create(name),
+            on_success=created,
+            parent=self,
+            name="create-collection",
+        )
 
     def ask_remove(self) -> None:
         """Confirm (non-blocking), then remove the shown collection."""
@@ -283,22 +279,14 @@ class DocumentsPage(QWidget):
         box.open()
 
     def remove_collection(self, name: str) -> None:
-        if self.indexing and self._indexing_name == name:
+        """Remove collection ``name`` (after the running job, if one runs)."""
+        job = self.jobs.current
+        if job is not None and job.collection == name:
             self.window_.notify(f"{name} is being indexed: cancel that first.", "error")
             return
-        docs = self.engine.documents
-
-        def removed(_: object) -> None:
-            self.window_.notify(f"Collection {name} removed. Your files were not touched.")
-            self._selected = None
-            self.refresh()
-
-        self._run_quick(lambda _: docs.remove(name), removed, "remove-collection")
-
-    def _run_quick(
-        self, fn: Callable[[JobContext], Any], done: Callable[[Any], None], name: str
-    ) -> None:
-        ops.run(fn, on_success=done, on_failure=self.window_.show_error, parent=self, name=name)
+        if self.jobs.busy:
+            self.window_.notify(f"{name} will be removed when the current job ends.")
+        self.jobs.remove(name)
 
     # -- adding and indexing ------------------------------------------------------------
 
@@ -326,68 +314,58 @@ class DocumentsPage(QWidget):
         if name is None:
             self.window_.notify("Create or pick a collection first, then add the files.", "error")
             return
-        if self.indexing:
-            self._queue.append((name, paths))
+        if self.jobs.busy:
             self.window_.notify(f"{len(paths)} item(s) will be added to {name} next.")
-            return
-        docs = self.engine.documents
-        self._start_job(name, f"Adding to {name}…", lambda ctx: docs.add(name, paths, ctx))
+        self.jobs.add(name, paths)
 
     def sync(self) -> None:
         """Re-index what changed in the shown collection and drop what was deleted."""
         name = self._selected
         if name is None or self.indexing:
             return
-        docs = self.engine.documents
-        self._start_job(name, f"Syncing {name}…", lambda ctx: docs.sync(name, ctx))
+        self.jobs.sync(name)
 
     def cancel_indexing(self) -> None:
-        """Stop the running job at the engine's next check, and forget queued additions."""
-        self._queue.clear()
-        if self._indexing is not None:
-            self._indexing.cancel()
+        """Stop the running job at the engine's next check, and forget queued ones."""
+        self.jobs.cancel()
 
-    def _start_job(self, name: str, title: str, fn: Callable[[JobContext], IndexReport]) -> None:
-        self._indexing_name = name
-        self.panel.progress.start(title)
-        self._indexing = ops.run(
-            fn,
-            on_success=lambda report: self._on_job_succeeded(name, report),
-            on_failure=self._on_job_failed,
-            on_progress=self._on_job_progress,
-            on_cancel=lambda: self.window_.notify(f"Indexing of {name} cancelled."),
-            on_finished=self._on_job_finished,
-            parent=self,
-            name=f"index-{name}",
-        )
-        self._refresh_timer.start()
+    # -- the queue's signals --------------------------------------------------------------
+
+    def _on_jobs_started(self, job: CollectionJob) -> None:
+        if job.indexes:
+            self.panel.progress.start(job.title)
+            self._refresh_timer.start()
         self._update_actions()
         self.refresh()  # shows the sources' files as they are marked waiting
 
-    def _on_job_progress(self, progress: Progress) -> None:
+    def _on_jobs_progressed(self, progress: Progress) -> None:
         self.panel.progress.update_progress(progress)
 
-    def _on_job_succeeded(self, name: str, report: IndexReport) -> None:
+    def _on_jobs_succeeded(self, job: CollectionJob, result: object) -> None:
+        name = job.collection
+        if job.kind == "remove":
+            self.window_.notify(f"Collection {name} removed. Your files were not touched.")
+            if self._selected == name:
+                self._selected = None
+            return
+        report = cast("IndexReport", result)
         kind = "info" if report.failed or report.cancelled else "success"
         self.window_.notify(report_text(name, report), kind)
-        self._last_report = report
 
-    def _on_job_failed(self, exc: BaseException) -> None:
-        self._last_report = None
+    def _on_jobs_failed(self, _job: CollectionJob, exc: BaseException) -> None:
         self.window_.show_error(exc)
 
-    def _on_job_finished(self) -> None:
-        report, self._last_report = self._last_report, None
-        self._indexing = None
-        self._indexing_name = None
+    def _on_jobs_cancelled(self, job: CollectionJob) -> None:
+        if job.indexes:
+            self.window_.notify(f"Indexing of {job.collection} cancelled.")
+
+    def _on_jobs_finished(self, job: CollectionJob, result: object) -> None:
         self._refresh_timer.stop()
         self.panel.progress.stop()
         self._update_actions()
         self.refresh()
-        self.indexing_finished.emit(report)
-        if self._queue:
-            name, paths = self._queue.pop(0)
-            self.add_paths(paths, name)
+        if job.indexes:
+            self.indexing_finished.emit(result)
 
     # -- drag and drop ------------------------------------------------------------------
 

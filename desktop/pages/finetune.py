@@ -6,12 +6,17 @@ evaluation). Progress arrives throttled; each publish carries the trainer's late
 event in ``detail``, which feeds the chart and the log. Cancel sets the job's flag: the
 engine asks the trainer to save a checkpoint and stop, and ends the call with
 ``Cancelled``; the run is then listed as stopped and Resume continues it.
+
+Following the GUI's threading rule (desktop/ops.py), the lists are read off the GUI
+thread too: one ``Refresher`` reads the base models, the names taken and the past runs
+together; another reads a run's record and its ``metrics.jsonl`` for the chart.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QShowEvent
@@ -33,19 +38,29 @@ from PySide6.QtWidgets import (
 
 from desktop import ops
 from desktop.finetune.monitor import TrainingMonitor
-from desktop.finetune.preview import DatasetPreview, preview_dataset
+from desktop.finetune.preview import PreviewView
 from desktop.finetune.results import ResultView
 from desktop.finetune.runs import RESUMABLE, RunsTable
 from desktop.finetune.settings import TrainingSettings
-from engine.errors import BastionError
-from engine.jobs import JobContext, Progress
-from engine.train.finetune import FinetuneRequest
-from engine.train.report import read_metrics
-from engine.train.runs import RunRecord
+from engine import (
+    BastionError,
+    DatasetPreview,
+    FinetuneRequest,
+    FinetuneResult,
+    JobContext,
+    LossCurve,
+    Progress,
+    RunRecord,
+)
 
 if TYPE_CHECKING:
     from desktop.app import MainWindow
     from engine import Engine
+
+# (the base models' ids, the default model's id, every name taken, the past runs)
+Catalog = tuple[list[str], str | None, set[str], list[RunRecord]]
+# (a run's record, or None when there is no such run; its training and validation losses)
+RunPoints = tuple[RunRecord | None, LossCurve]
 
 
 class FinetunePage(QWidget):
@@ -60,9 +75,20 @@ class FinetunePage(QWidget):
         self._preview_failed = False
         self._name_edited = False
         self._run_name: str | None = None
+        self._taken: set[str] = set()  # model ids and run names: a new model needs another
+        self._select_run: str | None = None  # the run to select when the runs are read
+        self._chart_run: str | None = None  # the run whose losses the chart should show
+        self._catalog = ops.Refresher(
+            self._catalog_job, self._show_catalog, parent=self, name="finetune-catalog"
+        )
+        self._chart_reader = ops.Refresher(
+            lambda: self._run_job(self._chart_run or ""),
+            self._show_points,
+            parent=self,
+            name="finetune-chart",
+        )
         self._build()
-        self.refresh_models()
-        self.refresh_runs()
+        self.refresh()
         self._update_buttons()
 
     # -- layout --------------------------------------------------------------------------
@@ -92,7 +118,7 @@ class FinetunePage(QWidget):
         form.addRow("New model", self.name)
         setup_layout.addWidget(data_box)
         preview_box = QGroupBox("Dataset preview")
-        QVBoxLayout(preview_box).addWidget(preview := DatasetPreview())
+        QVBoxLayout(preview_box).addWidget(preview := PreviewView())
         self.preview = preview
         setup_layout.addWidget(preview_box)
         settings_box = QGroupBox("Training settings")
@@ -153,42 +179,61 @@ class FinetunePage(QWidget):
         # Models may have been imported or removed on the Models page meanwhile.
         super().showEvent(event)
         if self.training_op is None:
-            self.refresh_models()
-            self.refresh_runs()
+            self.refresh()
 
     # -- models, names, runs -------------------------------------------------------------
 
-    def refresh_models(self) -> None:
+    @property
+    def loading(self) -> bool:
+        """Whether a read of this page (lists, a run's losses) is still running."""
+        return any(op not in (self.training_op, self.preview_op) for op in ops.running(self))
+
+    def refresh(self, select_run: str | None = None) -> None:
+        """Read the base models and the past runs again (selecting ``select_run``)."""
+        if select_run is not None:
+            self._select_run = select_run
+        self._catalog.refresh()
+
+    def _catalog_job(self) -> Callable[[JobContext], Catalog]:
+        engine = self.engine
+
+        def read(_: JobContext) -> Catalog:
+            models = engine.list_models()
+            runs = engine.training.list_runs()
+            default = engine.default_model_id() if models else None
+            taken = {m.id for m in models} | {r.name for r in runs}
+            return [m.id for m in models if not m.adapter], default, taken, runs
+
+        return read
+
+    def _show_catalog(self, catalog: Catalog) -> None:
         """Base models: every registered model that is not a fine-tune itself.
 
         Architectures the trainer cannot handle are listed too: starting one shows the
         engine's refusal, which says what is supported, rather than hiding the model.
         """
+        ids, default_id, self._taken, runs = catalog
         current = self.base.currentText()
-        ids = [m.id for m in self.engine.list_models() if not m.adapter]
         self.base.blockSignals(True)
         self.base.clear()
         self.base.addItems(ids)
-        default = current if current in ids else self.engine.default_model_id()
+        default = current if current in ids else default_id
         if default in ids:
             self.base.setCurrentText(default)
         self.base.blockSignals(False)
         if self.base.currentText() != current:
             self._on_base_current_index_changed()
+        select, self._select_run = self._select_run, None
+        self.runs.set_runs(runs, select)
+        self._update_buttons()
 
     def _suggested_name(self) -> str:
         base = self.base.currentText()
-        taken = {m.id for m in self.engine.list_models()}
-        taken |= {r.name for r in self.engine.training.list_runs()}
         stem = f"{base[:58]}-ft"
         name, n = stem, 2
-        while name in taken:
+        while name in self._taken:
             name, n = f"{stem}-{n}", n + 1
         return name
-
-    def refresh_runs(self, select: str | None = None) -> None:
-        self.runs.set_runs(self.engine.training.list_runs(), select)
-        self._update_buttons()
 
     # -- dataset preview -----------------------------------------------------------------
 
@@ -211,12 +256,12 @@ class FinetunePage(QWidget):
         self.preview.show_running(path)
         training = self.engine.training
 
-        def work(ctx: JobContext) -> dict[str, Any]:
-            return preview_dataset(training, path, base, max_tokens, val_fraction, ctx)
+        def work(ctx: JobContext) -> DatasetPreview:
+            return training.preview_dataset(path, base, max_tokens, val_fraction, ctx)
 
         op: ops.Operation
 
-        def succeeded(result: dict[str, Any]) -> None:
+        def succeeded(result: DatasetPreview) -> None:
             if self.preview_op is op:
                 self.preview.show_result(result)
 
@@ -276,7 +321,7 @@ class FinetunePage(QWidget):
         run = self.runs.selected_run()
         if run is None or run.status not in RESUMABLE:
             return
-        self._sync_chart(run)
+        self._sync_chart(run.name)
         self._begin(FinetuneRequest(name=run.name, resume=True), f"Resuming {run.name}…")
 
     def cancel(self) -> None:
@@ -291,7 +336,7 @@ class FinetunePage(QWidget):
         self.tabs.setCurrentWidget(self.monitor)
         training = self.engine.training
 
-        def work(ctx: JobContext) -> dict[str, Any]:
+        def work(ctx: JobContext) -> FinetuneResult:
             return training.finetune(request, ctx)
 
         self.training_op = ops.run(
@@ -306,18 +351,34 @@ class FinetunePage(QWidget):
         )
         self._update_buttons()
 
-    def _sync_chart(self, run: RunRecord | None) -> None:
-        """Redraw the chart from the run's ``metrics.jsonl``, the record of every step.
+    def _sync_chart(self, name: str | None) -> None:
+        """Redraw the chart from run ``name``'s ``metrics.jsonl``, the record of every step.
 
         Progress publishes are throttled and carry only the latest event, so the chart fed
         live can miss a step (often the last: a status event follows it at once); the file
         has them all, and the validation losses that no progress event carries.
         """
-        if run is None:
+        if name is None:
             return
-        train, validation = read_metrics(run.run_dir / "metrics.jsonl")
-        if train or validation:
-            self.chart.set_points(train, validation)
+        self._chart_run = name
+        self._chart_reader.refresh()
+
+    def _run_job(self, name: str) -> Callable[[JobContext], RunPoints]:
+        """A job that reads run ``name``'s record and its losses."""
+        engine = self.engine
+
+        def read(_: JobContext) -> RunPoints:
+            run = engine.training.get_run(name)
+            if run is None:
+                return None, LossCurve([], [])
+            return run, engine.training.loss_curve(name)
+
+        return read
+
+    def _show_points(self, found: RunPoints) -> None:
+        run, curve = found
+        if run is not None and (curve.train or curve.validation):
+            self.chart.set_points(curve.train, curve.validation)
             self.chart.set_total(run.total_steps)
 
     def _on_training_progressed(self, p: Progress) -> None:
@@ -325,18 +386,27 @@ class FinetunePage(QWidget):
         stopping = op is None or op.ctx.cancelled
         self.monitor.show_progress(p, None if stopping else f"Training {self._run_name}: {p.label}")
 
-    def _on_training_succeeded(self, result: dict[str, Any]) -> None:
-        self._sync_chart(self.engine.training.runs.get(str(result["model"])))
-        self.monitor.end(f"Done: {result['model']} is ready to chat with.", succeeded=True)
+    def _on_training_succeeded(self, result: FinetuneResult) -> None:
+        self._sync_chart(result.model)
+        self.monitor.end(f"Done: {result.model} is ready to chat with.", succeeded=True)
         self.results.show_result(result)
         self.tabs.setCurrentWidget(self.results)
-        self.window_.notify(f"Fine-tune {result['model']} is ready.", "success")
-        self.refresh_runs(select=result["model"])
+        self.window_.notify(f"Fine-tune {result.model} is ready.", "success")
+        self.refresh(select_run=result.model)
 
     def _on_training_cancelled(self) -> None:
         name = self._run_name or ""
-        run = self.engine.training.runs.get(name)
-        self._sync_chart(run)
+        ops.run(
+            self._run_job(name),
+            on_success=lambda found: self._show_stopped(name, found),
+            parent=self,
+            name="finetune-stopped-run",
+            native=False,
+        )
+
+    def _show_stopped(self, name: str, found: RunPoints) -> None:
+        self._show_points(found)
+        run = found[0]
         if run is None:  # stopped while the data was being checked: nothing to resume
             text = "Stopped before training began."
         else:
@@ -344,14 +414,14 @@ class FinetunePage(QWidget):
             text = f"Stopped at step {run.step}{of} — Resume continues from the last checkpoint."
         self.monitor.end(text)
         self.window_.notify(f"{name}: {text}")
-        self.refresh_runs(select=name)
+        self.refresh(select_run=name)
 
     def _on_training_failed(self, exc: BaseException) -> None:
         if self._run_name is not None and self.chart.points:  # it had begun training
-            self._sync_chart(self.engine.training.runs.get(self._run_name))
+            self._sync_chart(self._run_name)
         self.monitor.end(f"Failed: {exc}")
         self.window_.show_error(exc)
-        self.refresh_runs(select=self._run_name)
+        self.refresh(select_run=self._run_name)
 
     def _on_training_finished(self) -> None:
         self.training_op = None
@@ -406,7 +476,7 @@ class FinetunePage(QWidget):
     def _on_runs_item_selection_changed(self) -> None:
         run = self.runs.selected_run()
         if run is not None and self.training_op is None:
-            self._sync_chart(run)
+            self._sync_chart(run.name)
             if run.status == "done" and run.result:
                 self.results.show_result(run.result)
         self._update_buttons()

@@ -1,17 +1,18 @@
 """The models page: installed models, import (dialog or drop), settings, and hardware fit.
 
-Reading the registry and saving a model's settings are single SQLite statements (a
-millisecond), so they run on the GUI thread and the table is always current. Anything
-that reads a model file or probes the machine -- importing (header check, optional
-copy), the hardware fit of the selected model, the hardware itself -- runs through
-``ops.run``. Those probes wait until the page is first shown: detecting the hardware
-asks llama.cpp whether it can offload to a GPU, which imports it, and start-up must stay
-light.
+Following the GUI's threading rule (desktop/ops.py), every engine call runs through
+``desktop.ops``: the table is filled by a ``Refresher`` when the registry's list comes
+back (at construction, and after each import, save and removal); saving a model's
+settings and removing a model are operations; importing (header check, optional copy)
+and the selected model's hardware fit read model files. Probing the hardware waits
+until the page is first shown: it asks llama.cpp whether it can offload to a GPU, which
+imports it, and start-up must stay light.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,27 +37,14 @@ from PySide6.QtWidgets import (
 )
 
 from desktop import ops
-from engine.errors import BastionError
-from engine.jobs import JobContext
-from engine.models.hardware import Hardware, detect
-from engine.units import human_size
+from engine import BastionError, Hardware, JobContext, human_count, human_size
 
 if TYPE_CHECKING:
     from desktop.app import MainWindow
-    from engine import Engine
-    from engine.models.registry import ModelEntry
+    from engine import Engine, ModelEntry, ModelInfo
 
 COLUMNS = ("Model", "Architecture", "Parameters", "Quantization", "Size", "Context", "Kind")
 AUTO = -2  # the spin boxes' value for "decide automatically" (None in the registry)
-
-
-def human_count(n: int | None) -> str:
-    if not n:
-        return "-"
-    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if n >= scale:
-            return f"{n / scale:.1f}{suffix}"
-    return str(n)
 
 
 class SettingSpin(QSpinBox):
@@ -97,7 +85,6 @@ class ModelsPage(QWidget):
         self.engine = engine
         self.window_ = window
         self.hardware: Hardware | None = None
-        self._ops: set[ops.Operation] = set()
         self._fit_wanted: str | None = None  # a model whose fit waits for the page to show
         self._entries: dict[str, ModelEntry] = {}
         self.setAcceptDrops(True)
@@ -171,28 +158,17 @@ class ModelsPage(QWidget):
         QVBoxLayout(hardware_box).addWidget(self.hardware_label)
         bottom.addWidget(hardware_box, 1)
 
+        self._table_reader = ops.Refresher(
+            self._models_job, self._show_models, parent=self, name="models-list"
+        )
         self.refresh()
 
     # -- state ----------------------------------------------------------------------
 
     @property
     def busy(self) -> bool:
-        """Whether an import or a probe of this page is still running."""
-        return bool(self._ops)
-
-    def _run(self, fn: Any, on_success: Any, name: str, on_failure: Any = None) -> ops.Operation:
-        """``ops.run`` with the page's bookkeeping (``busy``); failures go to the window."""
-        op = ops.run(
-            fn,
-            on_success=on_success,
-            on_failure=on_failure or self.window_.show_error,
-            parent=self,
-            name=name,
-        )
-        self._ops.add(op)
-        # Connected after start is safe: the worker's result reaches this thread queued.
-        op.finished.connect(lambda: self._ops.discard(op))
-        return op
+        """Whether an engine call of this page (a read, an import, a probe) is running."""
+        return bool(ops.running(self))
 
     def selected_id(self) -> str | None:
         rows = self.table.selectionModel().selectedRows()
@@ -208,10 +184,20 @@ class ModelsPage(QWidget):
                 self.table.selectRow(row)
                 return
 
-    def refresh(self) -> None:
-        """Reload the table from the registry, keeping the selection where it can."""
+    def refresh(self, then: Callable[[], None] | None = None) -> None:
+        """Reload the table from the registry, keeping the selection where it can.
+
+        ``then`` runs once the table shows a read that began after this call.
+        """
+        self._table_reader.refresh(then)
+
+    def _models_job(self) -> Callable[[JobContext], list[ModelEntry]]:
+        engine = self.engine
+        return lambda _: engine.list_models()
+
+    def _show_models(self, entries: list[ModelEntry]) -> None:
         keep = self.selected_id()
-        self._entries = {e.id: e for e in self.engine.list_models()}
+        self._entries = {e.id: e for e in entries}
         self.table.blockSignals(True)  # one selection update below, not one per row
         self.table.setRowCount(0)
         for row, entry in enumerate(self._entries.values()):
@@ -281,7 +267,7 @@ class ModelsPage(QWidget):
             return
         self.fit.setText("Checking whether it fits…")
 
-        def shown(info: dict[str, Any]) -> None:
+        def shown(info: ModelInfo) -> None:
             if self.selected_id() == model_id:  # the user may have moved on
                 self.fit.setText(fit_text(info))
 
@@ -289,24 +275,37 @@ class ModelsPage(QWidget):
             if self.selected_id() == model_id:
                 self.fit.setText(f"Cannot tell whether it fits: {exc}")
 
-        self._run(lambda ctx: self.engine.model_info(model_id), shown, "model-fit", failed)
+        engine = self.engine
+        ops.run(
+            lambda _: engine.model_info(model_id),
+            on_success=shown,
+            on_failure=failed,
+            parent=self,
+            name="model-fit",
+        )
 
     def save_settings(self) -> None:
         model_id = self.selected_id()
         if model_id is None:
             return
-        try:
-            entry = self.engine.set_model_settings(
-                model_id,
-                gpu_layers=self.gpu_layers.setting(),
-                context=self.context.setting(),
-                threads=self.threads.setting(),
-            )
-        except BastionError as exc:
-            self.window_.show_error(exc)
-            return
-        self.refresh()
-        self.window_.notify(f"Saved how {entry.id} loads; it applies from its next answer.")
+        engine = self.engine
+        changes = {
+            "gpu_layers": self.gpu_layers.setting(),
+            "context": self.context.setting(),
+            "threads": self.threads.setting(),
+        }
+
+        def saved(entry: ModelEntry) -> None:
+            self.refresh()
+            self.window_.notify(f"Saved how {entry.id} loads; it applies from its next answer.")
+
+        ops.run(
+            lambda _: engine.set_model_settings(model_id, **changes),
+            on_success=saved,
+            parent=self,
+            name="save-model-settings",
+            native=False,
+        )
 
     # -- import and remove ------------------------------------------------------------
 
@@ -322,6 +321,7 @@ class ModelsPage(QWidget):
         if not paths:
             return None
         copy = self.copy_box.isChecked()
+        engine = self.engine
 
         def work(ctx: JobContext) -> tuple[list[ModelEntry], list[str]]:
             imported, refused = [], []
@@ -329,23 +329,27 @@ class ModelsPage(QWidget):
                 ctx.check_cancelled()
                 ctx.report(n, len(paths), path.name)
                 try:
-                    imported.append(self.engine.import_model(path, copy=copy))
+                    imported.append(engine.import_model(path, copy=copy))
                 except BastionError as exc:  # a refusal the user should read, not a bug
                     refused.append(f"{path.name} was not imported: {exc}")
             return imported, refused
 
         self.import_button.setEnabled(False)
         self.window_.notify(f"Importing {', '.join(p.name for p in paths)}…")
-        return self._run(work, self._on_import_done, "import-models")
+        return ops.run(
+            work,
+            on_success=self._on_import_done,
+            on_finished=lambda: self.import_button.setEnabled(True),
+            parent=self,
+            name="import-models",
+        )
 
     def _on_import_done(self, result: tuple[list[ModelEntry], list[str]]) -> None:
         imported, refused = result
-        self.import_button.setEnabled(True)
-        self.refresh()
-        if imported:
-            self.select_model(imported[-1].id)
         done = [f"Imported {e.id} ({e.arch}, {e.quant})." for e in imported]
         self.window_.notify("\n".join(refused + done), "error" if refused else "success")
+        if imported:
+            self.refresh(then=lambda: self.select_model(imported[-1].id))
 
     def remove_selected(self) -> None:
         model_id = self.selected_id()
@@ -359,13 +363,21 @@ class ModelsPage(QWidget):
         )
         if answer != QMessageBox.StandardButton.Yes:
             return
-        try:
-            self.engine.remove_model(entry.id)
-        except BastionError as exc:
-            self.window_.show_error(exc)
-            return
-        self.refresh()
-        self.window_.notify(f"Removed {entry.id}; the file is still at {entry.path}.", "success")
+        engine = self.engine
+
+        def removed(_: object) -> None:
+            self.refresh()
+            self.window_.notify(
+                f"Removed {entry.id}; the file is still at {entry.path}.", "success"
+            )
+
+        ops.run(
+            lambda _: engine.remove_model(entry.id),
+            on_success=removed,
+            parent=self,
+            name="remove-model",
+            native=False,
+        )
 
     # -- drag and drop -----------------------------------------------------------------
 
@@ -383,8 +395,14 @@ class ModelsPage(QWidget):
 
     def showEvent(self, event: QShowEvent) -> None:
         super().showEvent(event)
-        if self.hardware is None and not any(op.name == "hardware" for op in self._ops):
-            self._run(lambda ctx: detect(), self._on_hardware, "hardware")
+        if self.hardware is None and not any(op.name == "hardware" for op in ops.running(self)):
+            engine = self.engine
+            ops.run(
+                lambda _: engine.detect_hardware(),
+                on_success=self._on_hardware,
+                parent=self,
+                name="hardware",
+            )
         self._load_fit()
 
     def _on_hardware(self, hw: Hardware) -> None:
@@ -418,19 +436,19 @@ def _local_files(mime: Any) -> list[Path]:
     return [Path(url.toLocalFile()) for url in mime.urls() if url.isLocalFile()]
 
 
-def fit_text(info: dict[str, Any]) -> str:
+def fit_text(info: ModelInfo) -> str:
     """Whether a model fits, in a sentence, from ``Engine.model_info``."""
-    fit, hw = info["fit"], info["hardware"]
+    fit, hw = info.fit, info.hardware
     where = {
         "gpu": "the GPU",
-        "split": f"the GPU ({fit['gpu_layers']} layers) and the CPU",
+        "split": f"the GPU ({fit.gpu_layers} layers) and the CPU",
         "cpu": "the CPU",
-    }.get(fit["runs_on"], fit["runs_on"])
-    verdict = "fits in" if fit["fits_in_ram"] else "does NOT fit in"
+    }.get(fit.runs_on, fit.runs_on)
+    verdict = "fits in" if fit.fits_in_ram else "does NOT fit in"
     return (
-        f"With a {fit['context']}-token context it needs about "
-        f"{human_size(fit['estimated_bytes'])}: it {verdict} the "
-        f"{human_size(hw['ram_available_bytes'])} of free memory, and runs on {where}."
+        f"With a {fit.context}-token context it needs about "
+        f"{human_size(fit.estimated_bytes)}: it {verdict} the "
+        f"{human_size(hw.ram_available_bytes)} of free memory, and runs on {where}."
     )
 
 

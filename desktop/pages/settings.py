@@ -1,21 +1,23 @@
 """The settings page: where data lives, what is stored, privacy, audit log, appearance.
 
-Folder sizes are summed on a worker (``ops.run``) when the page is first shown: a home
-with large models or collections has many files, and walking them must not freeze the
-window. The guard's status is read from ``engine.privacy.guard`` (process-wide state, a
-dictionary lookup), the settings from ``engine.config`` (a small file) -- both quick
-enough for the GUI thread.
+Following the GUI's threading rule (desktop/ops.py), nothing here calls the engine on the
+GUI thread. The home's disk use (``Engine.storage_usage``, a walk of many files), the
+settings (``Engine.get_settings``) and the privacy status (``Engine.privacy_status``) are
+read by operations; the switches show the settings once read and are disabled until
+then, so that no click can write over a setting not yet shown. Each change is saved by
+an operation through ``Engine.update_settings`` (which validates it), its switch disabled
+meanwhile so that writes never overtake one another; a refused write puts the switch
+back. The page listens to the engine's one change notification, so a setting changed
+anywhere (another page, another process) shows here.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from PySide6.QtCore import Qt, QUrl
+from PySide6.QtCore import Qt, QUrl, Signal
 from PySide6.QtGui import QDesktopServices, QGuiApplication, QShowEvent
 from PySide6.QtWidgets import (
     QCheckBox,
@@ -31,30 +33,19 @@ from PySide6.QtWidgets import (
 )
 
 from desktop import ops
-from engine.config import THEMES, load_config, update_config
-from engine.errors import BastionError
-from engine.jobs import JobContext
-from engine.privacy import guard
-from engine.privacy.audit import audit_log_path
-from engine.units import human_size
+from engine import (
+    STORAGE_AREAS,
+    THEMES,
+    Config,
+    JobContext,
+    PrivacyStatus,
+    StorageUsage,
+    human_size,
+)
 
 if TYPE_CHECKING:
     from desktop.app import MainWindow
     from engine import Engine
-
-# What each size row counts, relative to the home.
-AREAS: dict[str, tuple[str, ...]] = {
-    "Database (conversations, document text, model list)": (
-        "bastion.db",
-        "bastion.db-wal",
-        "bastion.db-shm",
-    ),
-    "Models": ("models",),
-    "Fine-tuned adapters": ("adapters",),
-    "Document collections (search indexes)": ("collections",),
-    "Caches (converted embedders, training)": ("cache",),
-    "Logs": ("logs",),
-}
 
 SCHEMES = {
     Qt.ColorScheme.Dark: "dark",
@@ -65,57 +56,40 @@ _THEME_SCHEMES = {"system": Qt.ColorScheme.Unknown, "light": Qt.ColorScheme.Ligh
                   "dark": Qt.ColorScheme.Dark}  # fmt: skip
 
 
-def tree_size(path: Path) -> int:
-    """Bytes in a file, or in every file below a folder (links are not followed)."""
-    try:
-        info = path.lstat()
-    except OSError:
-        return 0  # not there (yet): an empty area
-    if not stat.S_ISDIR(info.st_mode):
-        return info.st_size
-    total = 0
-    for folder, _dirs, files in os.walk(path):
-        for name in files:
-            with contextlib.suppress(OSError):  # removed while we looked
-                total += os.lstat(os.path.join(folder, name)).st_size
-    return total
-
-
-def area_sizes(home: Path, ctx: JobContext) -> dict[str, int]:
-    sizes = {}
-    for n, (area, parts) in enumerate(AREAS.items()):
-        ctx.check_cancelled()
-        ctx.report(n, len(AREAS), area)
-        sizes[area] = sum(tree_size(home / part) for part in parts)
-    return sizes
-
-
-def guard_text() -> str:
+def guard_text(status: PrivacyStatus) -> str:
     """The network guard's state in plain words."""
-    offline_missing = [k for k, v in guard.OFFLINE_SWITCHES.items() if os.environ.get(k) != v]
-    telemetry_missing = [k for k, v in guard.TELEMETRY_SWITCHES.items() if os.environ.get(k) != v]
     lines = [
         "Guard: active — connections to other machines are refused; only this computer "
         "is reachable."
-        if guard.is_active()
+        if status.guard_active
         else "Guard: NOT active — restart Bastion to turn it on.",
-        f"Offline switches of the Hugging Face libraries: all {len(guard.OFFLINE_SWITCHES)} set"
-        if not offline_missing
-        else f"Offline switches NOT set: {', '.join(offline_missing)}",
-        f"Telemetry switches: all {len(guard.TELEMETRY_SWITCHES)} off"
-        if not telemetry_missing
-        else f"Telemetry switches NOT off: {', '.join(telemetry_missing)}",
+        f"Offline switches of the Hugging Face libraries: all {status.offline_switches} set"
+        if not status.offline_missing
+        else f"Offline switches NOT set: {', '.join(status.offline_missing)}",
+        f"Telemetry switches: all {status.telemetry_switches} off"
+        if not status.telemetry_missing
+        else f"Telemetry switches NOT off: {', '.join(status.telemetry_missing)}",
     ]
-    blocked = guard.blocked_attempts()
-    if blocked:
-        last = blocked[-1]
+    last = status.last_blocked
+    if last is not None:
         lines.append(
-            f"Blocked since Bastion started: {len(blocked)} — the last one, to "
+            f"Blocked since Bastion started: {status.blocked} — the last one, to "
             f"{last.target}, by {last.caller}"
         )
     else:
         lines.append("Blocked since Bastion started: none (nothing tried to connect)")
     return "\n".join(lines)
+
+
+def audit_help_text(path: Path | None) -> str:
+    where = str(path) if path is not None else "the audit log file (its place shows once read)"
+    return (
+        f"When on, each chat answer is appended to {where} as one line of JSON: the time, "
+        "the model, the conversation, the system prompt, your question and the full "
+        "answer. The file is readable by your user account only. When off, nothing is "
+        "written there; turning it off keeps what was already recorded until you delete "
+        "the file."
+    )
 
 
 PRIVACY_STATEMENT = """\
@@ -141,6 +115,9 @@ system keyring; where there is none, to an encrypted file in <b>secrets/</b>.</l
 
 
 class SettingsPage(QWidget):
+    # The engine's change notification, carried to the GUI thread: (settings, names).
+    settings_changed = Signal(object, object)
+
     def __init__(self, engine: Engine, window: MainWindow) -> None:
         super().__init__()
         self.engine = engine
@@ -148,7 +125,8 @@ class SettingsPage(QWidget):
         self.home = Path(engine.home)
         self.sizes: dict[str, int] | None = None
         self._sizes_op: ops.Operation | None = None
-        config = load_config(self.home)
+        self.config: Config | None = None  # the settings, once read
+        self.audit_path: Path | None = None  # where the audit log goes, once read
 
         outer = QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)
@@ -171,7 +149,7 @@ class SettingsPage(QWidget):
         row.addWidget(self.open_button)
         data.addLayout(row)
         self.size_form = QFormLayout()
-        self.size_labels = {area: QLabel("…") for area in AREAS}
+        self.size_labels = {area: QLabel("…") for area in STORAGE_AREAS}
         self.size_labels["Total"] = QLabel("…")
         for area, label in self.size_labels.items():
             self.size_form.addRow(area, label)
@@ -203,18 +181,12 @@ class SettingsPage(QWidget):
         audit_box = QGroupBox("Audit log")
         audit_layout = QVBoxLayout(audit_box)
         self.audit_box = QCheckBox("Keep an audit log of every question and answer")
-        self.audit_box.setChecked(config.audit_log)
+        self.audit_box.setEnabled(False)  # until the settings are read
         self.audit_box.toggled.connect(self._on_audit_box_toggled)
         audit_layout.addWidget(self.audit_box)
-        audit_help = QLabel(
-            "When on, each chat answer is appended to "
-            f"{audit_log_path(self.home)} as one line of JSON: the time, the model, the "
-            "conversation, the system prompt, your question and the full answer. The file "
-            "is readable by your user account only. When off, nothing is written there; "
-            "turning it off keeps what was already recorded until you delete the file."
-        )
-        audit_help.setWordWrap(True)
-        audit_layout.addWidget(audit_help)
+        self.audit_help = QLabel(audit_help_text(None))
+        self.audit_help.setWordWrap(True)
+        audit_layout.addWidget(self.audit_help)
         layout.addWidget(audit_box)
 
         # Appearance
@@ -223,7 +195,8 @@ class SettingsPage(QWidget):
         self.theme_combo = QComboBox()
         for theme in THEMES:
             self.theme_combo.addItem(theme.capitalize(), theme)
-        self.theme_combo.setCurrentIndex(THEMES.index(config.theme))
+        self.theme_combo.setCurrentIndex(THEMES.index("system"))
+        self.theme_combo.setEnabled(False)  # until the settings are read
         self.theme_combo.currentIndexChanged.connect(self._on_theme_combo_changed)
         look.addRow("Colour scheme", self.theme_combo)
         self.scheme_label = QLabel()
@@ -231,12 +204,53 @@ class SettingsPage(QWidget):
         layout.addWidget(look_box)
         layout.addStretch(1)
 
-        hints = QGuiApplication.styleHints()
-        hints.colorSchemeChanged.connect(self._show_scheme)
-        if config.theme != "system":
-            hints.setColorScheme(_THEME_SCHEMES[config.theme])
+        QGuiApplication.styleHints().colorSchemeChanged.connect(self._show_scheme)
         self._show_scheme()
+        self._config_reader = ops.Refresher(
+            self._config_job, self._show_config, parent=self, name="settings-read"
+        )
+        self._guard_reader = ops.Refresher(
+            self._privacy_job, self._show_privacy, parent=self, name="privacy-status"
+        )
+        # The listener runs on whichever thread saved or noticed the change; the signal
+        # brings it to this page on the GUI thread (a queued connection).
+        self.settings_changed.connect(self._on_settings_changed)
+        stop_listening = engine.on_settings_changed(self.settings_changed.emit)
+        self.destroyed.connect(lambda *_: stop_listening())
+        self._config_reader.refresh()
         self.refresh_guard()
+
+    def _config_job(self) -> Callable[[JobContext], Config]:
+        engine = self.engine
+        return lambda _: engine.get_settings()
+
+    def _privacy_job(self) -> Callable[[JobContext], PrivacyStatus]:
+        engine = self.engine
+        return lambda _: engine.privacy_status()
+
+    def _show_privacy(self, status: PrivacyStatus) -> None:
+        self.guard_label.setText(guard_text(status))
+        self.audit_path = status.audit_log_path
+        self.audit_help.setText(audit_help_text(status.audit_log_path))
+
+    def _on_settings_changed(self, config: Config, names: object) -> None:
+        """A setting changed (here, on another page or in another process)."""
+        if self.config is not None:  # switches not yet enabled wait for the first read
+            self._show_config(config)
+
+    def _show_config(self, config: Config) -> None:
+        """The switches show the settings read (and the chosen theme is applied)."""
+        self.config = config
+        for widget in (self.audit_box, self.theme_combo):
+            widget.blockSignals(True)
+        self.audit_box.setChecked(config.audit_log)
+        self.theme_combo.setCurrentIndex(THEMES.index(config.theme))
+        for widget in (self.audit_box, self.theme_combo):
+            widget.blockSignals(False)
+            widget.setEnabled(True)
+        if config.theme != "system":
+            QGuiApplication.styleHints().setColorScheme(_THEME_SCHEMES[config.theme])
+        self._show_scheme()
 
     # -- data --------------------------------------------------------------------------
 
@@ -253,21 +267,21 @@ class SettingsPage(QWidget):
         for label in self.size_labels.values():
             label.setText("counting…")
         self.recount_button.setEnabled(False)
-        home = self.home
+        engine = self.engine
         self._sizes_op = ops.run(
-            lambda ctx: area_sizes(home, ctx),
+            engine.storage_usage,
             on_success=self._on_sizes,
-            on_failure=self.window_.show_error,
             on_finished=self._on_sizes_finished,
             parent=self,
             name="folder-sizes",
+            native=False,
         )
 
-    def _on_sizes(self, sizes: dict[str, int]) -> None:
-        self.sizes = sizes
-        for area, size in sizes.items():
+    def _on_sizes(self, usage: StorageUsage) -> None:
+        self.sizes = usage.areas
+        for area, size in usage.areas.items():
             self.size_labels[area].setText(human_size(size))
-        self.size_labels["Total"].setText(human_size(sum(sizes.values())))
+        self.size_labels["Total"].setText(human_size(usage.total))
 
     def _on_sizes_finished(self) -> None:
         self._sizes_op = None
@@ -275,7 +289,8 @@ class SettingsPage(QWidget):
 
     @property
     def busy(self) -> bool:
-        return self._sizes_op is not None
+        """Whether an operation of this page (a read, a write, the sizes) is running."""
+        return bool(ops.running(self))
 
     def open_home(self) -> None:
         if not QDesktopServices.openUrl(QUrl.fromLocalFile(str(self.home))):
@@ -284,36 +299,71 @@ class SettingsPage(QWidget):
     # -- privacy -----------------------------------------------------------------------
 
     def refresh_guard(self) -> None:
-        self.guard_label.setText(guard_text())
+        """Read the network guard's status again (off the GUI thread)."""
+        self._guard_reader.refresh()
+
+    def _write_setting(
+        self,
+        widget: QWidget,
+        changes: dict[str, object],
+        done: Callable[[Config], None],
+        undo: Callable[[], None],
+    ) -> None:
+        """Save ``changes`` through the engine; ``widget`` is disabled meanwhile."""
+        engine = self.engine
+        widget.setEnabled(False)
+
+        def refused(exc: BaseException) -> None:
+            undo()
+            self.window_.show_error(exc)
+
+        ops.run(
+            lambda _: engine.update_settings(**changes),
+            on_success=done,
+            on_failure=refused,
+            on_finished=lambda: widget.setEnabled(True),
+            parent=self,
+            name="write-settings",
+            native=False,
+        )
 
     def _on_audit_box_toggled(self, checked: bool) -> None:
-        try:
-            update_config(self.home, audit_log=checked)
-        except (BastionError, OSError) as exc:
+        def done(config: Config) -> None:
+            self.config = config
+            if checked:
+                self.window_.notify(
+                    "Audit log on: questions and answers are recorded in "
+                    f"{self.audit_path or 'the audit log'}"
+                )
+            else:
+                self.window_.notify("Audit log off: questions and answers are no longer recorded.")
+
+        def undo() -> None:
             self.audit_box.blockSignals(True)
             self.audit_box.setChecked(not checked)
             self.audit_box.blockSignals(False)
-            self.window_.show_error(exc)
-            return
-        if checked:
-            self.window_.notify(
-                f"Audit log on: questions and answers are recorded in {audit_log_path(self.home)}"
-            )
-        else:
-            self.window_.notify("Audit log off: questions and answers are no longer recorded.")
+
+        self._write_setting(self.audit_box, {"audit_log": checked}, done, undo)
 
     # -- appearance --------------------------------------------------------------------
 
     def _on_theme_combo_changed(self, index: int) -> None:
         theme = str(self.theme_combo.itemData(index))
-        try:
-            update_config(self.home, theme=theme)
-        except (BastionError, OSError) as exc:
-            self.window_.show_error(exc)
-            return
-        # Unknown hands the choice back to the system.
-        QGuiApplication.styleHints().setColorScheme(_THEME_SCHEMES[theme])
-        self._show_scheme()
+        before = self.config.theme if self.config is not None else "system"
+
+        def done(config: Config) -> None:
+            self.config = config
+            # Unknown hands the choice back to the system.
+            QGuiApplication.styleHints().setColorScheme(_THEME_SCHEMES[theme])
+            self._show_scheme()
+
+        def undo() -> None:
+            self.theme_combo.blockSignals(True)
+            self.theme_combo.setCurrentIndex(THEMES.index(before))
+            self.theme_combo.blockSignals(False)
+            self._show_scheme()
+
+        self._write_setting(self.theme_combo, {"theme": theme}, done, undo)
 
     def _show_scheme(self) -> None:
         scheme = SCHEMES.get(QGuiApplication.styleHints().colorScheme(), "unknown")

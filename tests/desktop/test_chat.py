@@ -21,6 +21,7 @@ from desktop.chat.markdown import code_blocks, is_code_block
 from desktop.chat.message import MessageWidget
 from desktop.chat.pickers import NO_DOCUMENTS
 from desktop.pages.chat import ChatPage
+from engine import Citation
 from tests.conftest import DEFAULT_MODEL
 
 GENERATION_TIMEOUT_MS = 120_000
@@ -33,6 +34,7 @@ def page(window: MainWindow, qtbot: Any) -> Iterator[ChatPage]:
     chat = window.chat
     chat.max_tokens = 24
     window.show_page("Chat")
+    qtbot.waitUntil(lambda: not chat.loading)  # the pickers and the history are read
     yield chat
     if chat.busy:  # never leave a generation running into the engine's close
         chat.stop()
@@ -40,7 +42,19 @@ def page(window: MainWindow, qtbot: Any) -> Iterator[ChatPage]:
 
 
 def wait_idle(qtbot: Any, page: ChatPage) -> None:
-    qtbot.waitUntil(lambda: not page.busy, timeout=GENERATION_TIMEOUT_MS)
+    """Until the answer is done and what it changed (the history) is read again."""
+    qtbot.waitUntil(lambda: not page.busy and not page.loading, timeout=GENERATION_TIMEOUT_MS)
+
+
+def open_chat(qtbot: Any, page: ChatPage, conversation_id: int) -> None:
+    """Open a stored conversation and wait until it is shown."""
+    with qtbot.waitSignal(page.conversation_opened, timeout=GENERATION_TIMEOUT_MS):
+        page.open_conversation(conversation_id)
+
+
+def reload_history(qtbot: Any, page: ChatPage) -> None:
+    with qtbot.waitSignal(page.history.loaded, timeout=GENERATION_TIMEOUT_MS):
+        page.history.reload()
 
 
 def answers(page: ChatPage) -> list[MessageWidget]:
@@ -129,7 +143,7 @@ def test_escape_stops_and_keeps_the_partial_answer(
     assert (stored.completion_tokens or 0) < 400
     # Reopened from the history, it is still marked.
     page.new_chat()
-    page.open_conversation(stored.conversation_id)
+    open_chat(qtbot, page, stored.conversation_id)
     assert answers(page)[-1].interrupted
     assert "interrupted" in answers(page)[-1].status_label.text()
 
@@ -193,11 +207,12 @@ def test_rename_delete_and_search_conversations(
 ) -> None:
     zebra, _ = stored_chat(window, "Tell me about zebras", "Zebras have stripes.")
     other, _ = stored_chat(window, "What is SQLite?", "An embedded database.")
-    page.history.reload()
+    reload_history(qtbot, page)
     assert page.history.ids() == [other, zebra]
 
     # Opening a conversation shows its messages.
-    page.history.conversation_list.setCurrentRow(1)
+    with qtbot.waitSignal(page.conversation_opened):
+        page.history.conversation_list.setCurrentRow(1)
     assert page.conversation_id == zebra
     assert [m.text() for m in page.transcript.messages()] == [
         "Tell me about zebras",
@@ -208,8 +223,8 @@ def test_rename_delete_and_search_conversations(
     page.history.rename_selected()
     item = page.history.conversation_list.currentItem()
     item.setText("Striped animals")
-    assert window.engine.get_conversation(zebra)[0].title == "Striped animals"
     qtbot.waitUntil(lambda: page.history.conversation_list.item(1).text() == "Striped animals")
+    assert window.engine.get_conversation(zebra)[0].title == "Striped animals"
 
     # Ctrl+F goes to the search box; the engine's full-text search fills the list.
     qtbot.keyClick(page.composer, Qt.Key.Key_F, Qt.KeyboardModifier.ControlModifier)
@@ -222,16 +237,24 @@ def test_rename_delete_and_search_conversations(
 
     # Export writes Markdown or JSON by the file's suffix.
     out = Path(str(window.engine.home)) / "export.md"
-    assert page.history.export_to(zebra, out)
+    with qtbot.waitSignal(page.history.export_to(zebra, out).succeeded) as exported:
+        pass
+    assert exported.args == [out]
     assert out.read_text(encoding="utf-8").startswith("# Striped animals")
+    assert f"Exported to {out}" in window.notice.label.text()
+    # A file that cannot be written is said so, in plain words.
+    with qtbot.waitSignal(page.history.export_to(zebra, out.parent / "no" / "x.md").failed):
+        pass
+    assert "Could not write" in window.notice.label.text()
 
     # Delete asks first (without blocking the window), then deletes for good.
     page.history.select(zebra)
-    page.open_conversation(zebra)
+    open_chat(qtbot, page, zebra)
     page.history.delete_selected()
     box = page.history.confirm_box
     assert box is not None and box.isVisible()
     qtbot.mouseClick(box.button(QMessageBox.StandardButton.Yes), Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: not page.history.busy)
     assert [c.id for c in window.engine.list_conversations()] == [other]
     assert page.history.ids() == [other]
     assert page.conversation_id is None and page.transcript.messages() == []
@@ -239,8 +262,8 @@ def test_rename_delete_and_search_conversations(
 
 def test_ctrl_n_starts_a_new_chat(qtbot: Any, window: MainWindow, page: ChatPage) -> None:
     conversation_id, _ = stored_chat(window, "Old question", "Old answer")
-    page.history.reload()
-    page.open_conversation(conversation_id)
+    reload_history(qtbot, page)
+    open_chat(qtbot, page, conversation_id)
     assert len(page.transcript.messages()) == 2
     page.history.conversation_list.setFocus()
     qtbot.keyClick(
@@ -253,9 +276,35 @@ def test_ctrl_n_starts_a_new_chat(qtbot: Any, window: MainWindow, page: ChatPage
     assert page.build_request("next").conversation_id is None
     # The main window's "chat with this model" goes through the same door.
     window.open_chat_with(DEFAULT_MODEL)
+    qtbot.waitUntil(lambda: not page.loading)  # the models are read again first
     assert page.model_id() == DEFAULT_MODEL and page.conversation_id is None
     window.open_chat_with("no-such-model")
+    qtbot.waitUntil(lambda: not page.loading)
     assert "no-such-model" in window.notice.label.text()
+
+
+def test_no_question_is_sent_while_a_conversation_is_being_opened(
+    qtbot: Any, window: MainWindow, page: ChatPage
+) -> None:
+    conversation_id, _ = stored_chat(window, "Old question", "Old answer")
+    with qtbot.waitSignal(page.conversation_opened, timeout=GENERATION_TIMEOUT_MS):
+        page.open_conversation(conversation_id)
+        # Read off the GUI thread: until it is shown, a question would land in the chat
+        # shown before, so none is sent.
+        assert not page.send("Too early")
+        assert page.transcript.messages() == []
+    assert page.conversation_id == conversation_id
+    assert [m.text() for m in page.transcript.messages()] == ["Old question", "Old answer"]
+
+
+def test_a_new_chat_started_while_one_is_opened_wins(
+    qtbot: Any, window: MainWindow, page: ChatPage
+) -> None:
+    conversation_id, _ = stored_chat(window, "Old question", "Old answer")
+    page.open_conversation(conversation_id)
+    page.new_chat()  # before the read came back
+    qtbot.waitUntil(lambda: not page.loading)
+    assert page.conversation_id is None and page.transcript.messages() == []
 
 
 def test_tab_order_goes_from_the_pickers_to_the_question_and_send(
@@ -279,32 +328,37 @@ def test_thumbs_up_and_down_are_stored_with_the_message(
     qtbot: Any, window: MainWindow, page: ChatPage
 ) -> None:
     conversation_id, answer_id = stored_chat(window, "2 + 2?", "4")
-    page.open_conversation(conversation_id)
+    open_chat(qtbot, page, conversation_id)
     answer = answers(page)[-1]
 
     def stored_rating() -> int:
         return window.engine.get_conversation(conversation_id)[1][-1].rating
 
-    qtbot.mouseClick(answer.up_button, Qt.MouseButton.LeftButton)
+    def click(button: Any) -> None:
+        """A click, then the write it starts (the buttons show what is stored)."""
+        qtbot.mouseClick(button, Qt.MouseButton.LeftButton)
+        qtbot.waitUntil(lambda: not page.loading)
+
+    click(answer.up_button)
     assert stored_rating() == 1 and answer.up_button.isChecked()
-    qtbot.mouseClick(answer.down_button, Qt.MouseButton.LeftButton)
+    click(answer.down_button)
     assert stored_rating() == -1
     assert answer.down_button.isChecked() and not answer.up_button.isChecked()
-    qtbot.mouseClick(answer.down_button, Qt.MouseButton.LeftButton)  # a second click clears
+    click(answer.down_button)  # a second click clears
     assert stored_rating() == 0 and not answer.down_button.isChecked()
-    qtbot.mouseClick(answer.up_button, Qt.MouseButton.LeftButton)
+    click(answer.up_button)
     page.new_chat()
-    page.open_conversation(conversation_id)  # shown again from the database
+    open_chat(qtbot, page, conversation_id)  # shown again from the database
     assert answers(page)[-1].up_button.isChecked()
     assert answers(page)[-1].message_id == answer_id
 
 
 def test_markdown_and_code_blocks_render_and_copy_gives_the_source(
-    window: MainWindow, page: ChatPage
+    qtbot: Any, window: MainWindow, page: ChatPage
 ) -> None:
     source = "Use **this**:\n\n```python\nprint('hi')\nx = 1\n```\n\n- one\n- two\n"
     conversation_id, _ = stored_chat(window, "Code?", source)
-    page.open_conversation(conversation_id)
+    open_chat(qtbot, page, conversation_id)
     answer = answers(page)[-1]
     document = answer.view.document()
     assert "```" not in document.toPlainText() and "**" not in document.toPlainText()
@@ -320,7 +374,7 @@ def test_markdown_and_code_blocks_render_and_copy_gives_the_source(
 
 
 def test_citation_chips_open_the_source(
-    window: MainWindow, page: ChatPage, monkeypatch: pytest.MonkeyPatch
+    qtbot: Any, window: MainWindow, page: ChatPage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cited = [
         {"n": 1, "path": "/docs/report.pdf", "page": 14, "snippet": "Revenue rose.", "score": 0.9,
@@ -329,36 +383,46 @@ def test_citation_chips_open_the_source(
          "line_start": 10, "line_end": 24},
     ]  # fmt: skip
     conversation_id, _ = stored_chat(window, "Revenue?", "It rose [1], see [2].", citations=cited)
-    page.open_conversation(conversation_id)
+    open_chat(qtbot, page, conversation_id)
     chips = answers(page)[-1].chips
     assert chips is not None
     assert [b.text() for b in chips.buttons] == ["[1] report.pdf p.14", "[2] notes.md L10–24"]
-    opened: list[dict[str, Any]] = []
-    monkeypatch.setattr(chat_citations, "open_citation", lambda parent, c: opened.append(c))
+    opened: list[tuple[object, Citation, object]] = []
+    monkeypatch.setattr(
+        chat_citations,
+        "open_citation",
+        lambda parent, c, engine: opened.append((parent, c, engine)),
+    )
     chips.buttons[1].click()
-    assert opened == [cited[1]]
+    # A typed citation, and the engine handed over by the page (not found by the viewer).
+    assert opened == [(page, Citation.from_public(cited[1]), page.engine)]
 
 
 def test_citation_opens_the_viewer_module(
     window: MainWindow, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     viewer = pytest.importorskip("desktop.viewer")  # written alongside this page
-    shown: list[tuple[object, dict[str, Any]]] = []
-    monkeypatch.setattr(viewer, "show_source", lambda parent, c: shown.append((parent, c)))
-    citation = {"n": 1, "path": "/docs/a.txt", "page": None, "snippet": "", "score": 1.0}
-    chat_citations.open_citation(window, citation)
-    assert shown == [(window, citation)]
+    shown: list[tuple[object, Citation, object]] = []
+    monkeypatch.setattr(
+        viewer, "show_source", lambda parent, c, engine: shown.append((parent, c, engine))
+    )
+    citation = Citation(1, "/docs/a.txt", score=1.0)
+    chat_citations.open_citation(window, citation, window.engine)
+    assert shown == [(window, citation, window.engine)]
 
 
 # --- pickers ----------------------------------------------------------------------------
 
 
-def test_pickers_list_models_and_collections(window: MainWindow, page: ChatPage) -> None:
+def test_pickers_list_models_and_collections(
+    qtbot: Any, window: MainWindow, page: ChatPage
+) -> None:
     assert [page.model_picker.itemData(i) for i in range(page.model_picker.count())] == [
         m.id for m in window.engine.list_models()
     ]
     window.engine.documents.create("handbook")
     page.refresh_collections()
+    qtbot.waitUntil(lambda: not page.loading)
     items = [page.collection_picker.itemText(i) for i in range(page.collection_picker.count())]
     assert items == [NO_DOCUMENTS, "handbook"]
     assert page.build_request("q").collection is None
@@ -371,6 +435,7 @@ def test_pickers_list_models_and_collections(window: MainWindow, page: ChatPage)
     # Shown again, the page keeps the choice.
     window.show_page("Models")
     window.show_page("Chat")
+    qtbot.waitUntil(lambda: not page.loading)
     assert page.collection() == "handbook"
 
 

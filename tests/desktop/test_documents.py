@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import itertools
 import re
-import subprocess
-import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -24,29 +22,8 @@ from tests.pdfgen import write_pdf
 from tests.rag_corpus import FACTS, FILLER, make_corpus
 
 INDEX_TIMEOUT_MS = 120_000
-# Exports the default embedder to ONNX into the folder given as argv[1].
-_EXPORT = (
-    "import sys; from pathlib import Path; from engine.rag.embedder import get_embedder; "
-    "get_embedder('all-minilm-l6-v2', cache_dir=Path(sys.argv[1]))"
-)
-
-
-@pytest.fixture(scope="session")
-def embedder_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One embedder export for the whole session (each test has its own home), made in a
-    child process: the export imports torch, and torch imported on a worker thread while
-    the Qt event loop runs crashed this process now and then (a segfault in the GUI
-    thread; reported to the lead). Loading the export afterwards needs only ONNX Runtime.
-    """
-    folder = tmp_path_factory.mktemp("embedder-cache")
-    subprocess.run([sys.executable, "-c", _EXPORT, str(folder)], check=True, timeout=600)
-    return folder
-
-
-@pytest.fixture(autouse=True)
-def _share_embedder_cache(home: Path, embedder_cache: Path) -> None:
-    (home / "cache").mkdir(parents=True, exist_ok=True)
-    (home / "cache" / "embedders").symlink_to(embedder_cache, target_is_directory=True)
+# Every test here indexes with the default embedder (see tests/desktop/conftest.py).
+pytestmark = pytest.mark.usefixtures("shared_embedder")
 
 
 @pytest.fixture

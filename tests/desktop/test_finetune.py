@@ -41,9 +41,11 @@ def train_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def page(window: MainWindow) -> FinetunePage:
+def page(window: MainWindow, qtbot: QtBot) -> FinetunePage:
     window.show_page("Fine-tune")
     assert window.stack.currentWidget() is window.finetune
+    qtbot.waitUntil(lambda: not window.finetune.loading)  # the models and runs are read
+    assert window.finetune.base.currentText() == DEFAULT_MODEL
     return window.finetune
 
 
@@ -104,8 +106,8 @@ def test_preview_shows_redaction_counts_and_a_before_after_sample(
     assert "alice@example.com" not in sample.item(0, 2).text()
     # The dry run's files (which hold the removed personal data) are gone again.
     result = page.preview.result
-    assert result is not None and result["prepare"] is not None
-    assert not Path(result["prepare"]["report_path"]).exists()
+    assert result is not None and result.prepared is not None
+    assert not result.prepared.report_path.exists()
     assert page.start_button.isEnabled()
 
 
@@ -180,10 +182,11 @@ def test_short_finetune_moves_the_chart_then_reports_and_opens_chat(
     qtbot.waitUntil(lambda: len(page.chart.points) >= 1, timeout=TRAIN_TIMEOUT_MS)
     assert page.chart.total_steps == 3
     qtbot.waitUntil(lambda: page.training_op is None, timeout=TRAIN_TIMEOUT_MS)
+    qtbot.waitUntil(lambda: not page.loading)  # the run's losses and the runs, read again
 
     result = page.results.result
     assert result is not None, page.monitor.status.text()
-    assert result["model"] == "facty-gui" and result["steps"] == 3
+    assert result.model == "facty-gui" and result.steps == 3
     assert page.tabs.currentWidget() is page.results
     assert "→" in page.results.numbers.text() and "tokens/s" in page.results.numbers.text()
     assert "Fine-tune facty-gui" in page.results.report.toPlainText()
@@ -221,6 +224,7 @@ def test_cancel_mid_run_then_resume_finishes(
     qtbot.mouseClick(page.cancel_button, Qt.MouseButton.LeftButton)
     assert not page.cancel_button.isEnabled()
     qtbot.waitUntil(lambda: page.training_op is None, timeout=TRAIN_TIMEOUT_MS)
+    qtbot.waitUntil(lambda: not page.loading)  # the stopped run's record, read back
 
     assert page.results.result is None
     assert "stopped at step" in page.monitor.status.text().lower()
@@ -233,11 +237,12 @@ def test_cancel_mid_run_then_resume_finishes(
     assert page.resume_button.isEnabled()
 
     qtbot.mouseClick(page.resume_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: not page.loading)  # long before the trainer's first step
     assert page.chart.points  # the steps before the stop, read back from the run
     qtbot.waitUntil(lambda: page.training_op is None, timeout=TRAIN_TIMEOUT_MS)
     result = page.results.result
     assert result is not None, page.monitor.status.text()
-    assert result["model"] == "stoppy" and result["steps"] == 6
+    assert result.model == "stoppy" and result.steps == 6
     assert max(step for step, _ in page.chart.points) == 6
     record = window.engine.training.runs.get("stoppy")
     assert record is not None and record.status == "done"

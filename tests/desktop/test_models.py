@@ -20,12 +20,14 @@ WAIT_MS = 60_000
 
 
 @pytest.fixture
-def page(window: MainWindow) -> ModelsPage:
-    """The models page, not shown: its hardware probes start only when it is.
+def page(window: MainWindow, qtbot: object) -> ModelsPage:
+    """The models page, not shown: its hardware probes start only when it is. Its table
+    is filled when the registry's list comes back (read off the GUI thread).
 
     Tests that start background work wait for it to end: pytest-qt deletes the window
     before fixtures are torn down, and an operation must not outlive its page.
     """
+    settle(qtbot, window.models)
     return window.models
 
 
@@ -52,6 +54,7 @@ def wait_import(qtbot: object, page: ModelsPage, paths: list[Path]) -> None:
     # The result reaches the GUI thread queued, so waiting after the start misses nothing.
     with qtbot.waitSignal(op.finished, timeout=WAIT_MS):  # type: ignore[attr-defined]
         pass
+    settle(qtbot, page)  # the table is read again after an import
 
 
 def test_table_lists_the_default_model_with_its_facts(page: ModelsPage) -> None:
@@ -171,6 +174,7 @@ def test_editing_load_settings_persists(page: ModelsPage, qtbot: object) -> None
     page.context.setValue(1024)
     page.threads.setValue(1)
     qtbot.mouseClick(page.save_button, Qt.MouseButton.LeftButton)  # type: ignore[attr-defined]
+    settle(qtbot, page)  # saved, and the table read again
     saved = page.engine.models.get(DEFAULT_MODEL).settings
     assert saved == ModelSettings(gpu_layers=0, context=1024, threads=1)
     assert page.context.text() == "1024"
@@ -183,6 +187,7 @@ def test_editing_load_settings_persists(page: ModelsPage, qtbot: object) -> None
     page.threads.setValue(page.threads.minimum())
     assert page.threads.text() == "auto"
     qtbot.mouseClick(page.save_button, Qt.MouseButton.LeftButton)  # type: ignore[attr-defined]
+    settle(qtbot, page)
     saved = page.engine.models.get(DEFAULT_MODEL).settings
     assert saved == ModelSettings(gpu_layers=-1, context=None, threads=None)
 
@@ -208,8 +213,10 @@ def test_removing_a_model_asks_first_and_keeps_the_file(
 
     monkeypatch.setattr(QMessageBox, "question", question)
     page.remove_selected()
-    assert "removable.f32" in rows(page)  # answered No
+    assert not page.busy  # answered No: nothing was started
+    assert "removable.f32" in rows(page)
     page.remove_selected()
+    settle(qtbot, page)  # removed, and the table read again
     assert "removable.f32" not in rows(page)
     assert [m.id for m in page.engine.list_models()] == [DEFAULT_MODEL]
     assert path.exists() and "is not deleted" in asked[0]

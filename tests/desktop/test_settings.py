@@ -12,20 +12,22 @@ from PySide6.QtCore import Qt
 from PySide6.QtGui import QGuiApplication
 
 from desktop.app import MainWindow
-from desktop.pages.models import human_size
-from desktop.pages.settings import AREAS, SettingsPage, guard_text, tree_size
-from engine.chat.session import ChatRequest
+from desktop.pages.settings import SettingsPage, guard_text
+from engine import STORAGE_AREAS as AREAS
+from engine import ChatRequest, SamplingParams, human_size
 from engine.config import load_config
-from engine.models.runtime import SamplingParams
 from engine.privacy import guard
 from engine.privacy.audit import audit_log_path
+from engine.status import privacy_status, tree_size
 
 WAIT_MS = 60_000
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
 
 
 @pytest.fixture
-def page(window: MainWindow) -> Iterator[SettingsPage]:
+def page(window: MainWindow, qtbot: object) -> Iterator[SettingsPage]:
+    # The settings and the guard's status are read off the GUI thread: wait for them.
+    qtbot.waitUntil(lambda: not window.settings.busy, timeout=WAIT_MS)  # type: ignore[attr-defined]
     yield window.settings
     # The appearance is application-wide: hand it back to the system for the next test.
     # (Not through the page: pytest-qt may have deleted the window by now.)
@@ -33,6 +35,7 @@ def page(window: MainWindow) -> Iterator[SettingsPage]:
 
 
 def test_shows_the_home_and_what_is_stored(page: SettingsPage) -> None:
+    assert page.audit_box.isEnabled() and page.theme_combo.isEnabled()  # settings were read
     assert page.home_label.text() == str(page.engine.home)
     assert page.open_button.isEnabled()
     statement = page.privacy_label.text()
@@ -82,7 +85,24 @@ def test_shows_the_guard_status(page: SettingsPage) -> None:
 
 def test_guard_text_names_a_switch_that_was_undone(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    assert "Offline switches NOT set: HF_HUB_OFFLINE" in guard_text()
+    status = privacy_status(False, Path("audit.jsonl"))
+    assert "Offline switches NOT set: HF_HUB_OFFLINE" in guard_text(status)
+
+
+def test_the_audit_help_names_the_file_once_read(page: SettingsPage) -> None:
+    assert str(audit_log_path(page.engine.home)) in page.audit_help.text()
+
+
+def test_a_setting_changed_elsewhere_shows_on_the_page(page: SettingsPage, qtbot: object) -> None:
+    # Another client of the engine (a CLI call, the server) changes a setting: the page
+    # hears the engine's one notification and shows it, without a click here.
+    import threading
+
+    worker = threading.Thread(target=lambda: page.engine.update_settings(audit_log=True))
+    worker.start()
+    worker.join()
+    qtbot.waitUntil(page.audit_box.isChecked, timeout=WAIT_MS)  # type: ignore[attr-defined]
+    assert page.config is not None and page.config.audit_log
 
 
 def test_audit_switch_writes_config_and_records_chats_only_while_on(
@@ -93,6 +113,9 @@ def test_audit_switch_writes_config_and_records_chats_only_while_on(
     assert not page.audit_box.isChecked()
     page.audit_box.click()  # as a user does (a wide box's centre is past its label)
     assert page.audit_box.isChecked()
+    assert not page.audit_box.isEnabled()  # until the write is done: writes never overlap
+    qtbot.waitUntil(lambda: not page.busy, timeout=WAIT_MS)  # type: ignore[attr-defined]
+    assert page.audit_box.isEnabled()
     raw = tomllib.loads((home / "config.toml").read_text(encoding="utf-8"))
     assert raw["audit_log"] is True and load_config(home).audit_log
     assert "Audit log on" in page.window_.notice.label.text()
@@ -103,26 +126,43 @@ def test_audit_switch_writes_config_and_records_chats_only_while_on(
     assert json.loads(lines[0])["answer"] == result.answer
 
     page.audit_box.click()  # as a user does (a wide box's centre is past its label)
+    qtbot.waitUntil(lambda: not page.busy, timeout=WAIT_MS)  # type: ignore[attr-defined]
     assert not load_config(home).audit_log
     engine.chat(ChatRequest("Say bye, not recorded.", sampling=GREEDY))
     assert audit_log_path(home).read_text(encoding="utf-8").splitlines() == lines
     qtbot.waitUntil(lambda: not page.busy, timeout=WAIT_MS)  # type: ignore[attr-defined]
 
 
-def test_audit_switch_reads_the_saved_setting(window: MainWindow) -> None:
+def test_a_refused_write_puts_the_switch_back(
+    window: MainWindow, page: SettingsPage, qtbot: object
+) -> None:
+    blocker = page.engine.home / "config.toml"
+    blocker.mkdir()  # a folder where the file goes: the write cannot succeed
+    (blocker / "keep").write_text("x")
+    page.audit_box.click()
+    qtbot.waitUntil(lambda: not page.busy, timeout=WAIT_MS)  # type: ignore[attr-defined]
+    assert not page.audit_box.isChecked() and page.audit_box.isEnabled()
+    assert window.notice.isVisible()
+    assert "Audit log on" not in window.notice.label.text()
+
+
+def test_audit_switch_reads_the_saved_setting(window: MainWindow, qtbot: object) -> None:
     from engine.config import update_config
 
     update_config(window.engine.home, audit_log=True)
     again = SettingsPage(window.engine, window)
     try:
-        assert again.audit_box.isChecked()
+        assert not again.audit_box.isEnabled()  # not clickable before the setting is read
+        qtbot.waitUntil(lambda: not again.busy, timeout=WAIT_MS)  # type: ignore[attr-defined]
+        assert again.audit_box.isChecked() and again.audit_box.isEnabled()
     finally:
         again.deleteLater()
 
 
-def test_appearance_follows_the_system_and_can_be_chosen(page: SettingsPage) -> None:
+def test_appearance_follows_the_system_and_can_be_chosen(page: SettingsPage, qtbot: object) -> None:
     assert page.theme_combo.currentData() == "system"
     assert "following the system" in page.scheme_label.text()
     page.theme_combo.setCurrentIndex(page.theme_combo.findData("dark"))
+    qtbot.waitUntil(lambda: not page.busy, timeout=WAIT_MS)  # type: ignore[attr-defined]
     assert load_config(page.engine.home).theme == "dark"
     assert "chosen here (dark)" in page.scheme_label.text()

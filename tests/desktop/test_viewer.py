@@ -10,13 +10,19 @@ from PySide6.QtGui import QDesktopServices
 
 from desktop.app import MainWindow
 from desktop.viewer import SourceViewer, open_source, show_source, snippet_span
+from engine import Citation
 from engine.errors import NotFound
 from engine.rag.service import Documents
 from tests.pdfgen import write_pdf
 
 
+def _cite(fields: dict[str, object]) -> Citation:
+    """A citation from the fields a test names (the others defaulted)."""
+    return Citation.from_public({"n": 1, **fields})
+
+
 def _open(qtbot, window: MainWindow, citation: dict[str, object]) -> SourceViewer:
-    viewer = open_source(window.chat, citation)
+    viewer = open_source(window.chat, _cite(citation), window.engine)
     qtbot.waitUntil(lambda: not viewer.loading, timeout=10_000)
     return viewer
 
@@ -44,7 +50,7 @@ def test_text_citation_highlights_the_cited_lines_and_scrolls_to_them(
     viewer = _open(qtbot, window, citation)
     viewer.resize(500, 300)  # far fewer than 200 lines fit: scrolling is needed
     qtbot.waitExposed(viewer)
-    viewer.show_citation(citation)  # again, now at its final size
+    viewer.show_citation(_cite(citation))  # again, now at its final size
     qtbot.waitUntil(lambda: not viewer.loading)
 
     assert viewer.isVisible() and not viewer.isModal()
@@ -153,7 +159,7 @@ def test_a_second_citation_of_the_same_file_reuses_the_window(
     window: MainWindow, qtbot, tmp_path: Path
 ) -> None:
     path = _numbered(tmp_path / "log.txt", 30)
-    show_source(window.chat, {"path": str(path), "line_start": 3, "line_end": 3})
+    show_source(window.chat, Citation(0, str(path), line_start=3, line_end=3), window.engine)
     viewers = window.findChildren(SourceViewer)
     assert len(viewers) == 1
     first = viewers[0]
@@ -202,7 +208,7 @@ def test_snippet_is_found_across_whitespace_and_ellipses() -> None:
 
 def test_closing_while_loading_is_safe(window: MainWindow, qtbot, tmp_path: Path) -> None:
     path = _numbered(tmp_path / "log.txt", 50_000)
-    viewer = open_source(window.chat, {"path": str(path), "line_start": 40_000})
+    viewer = open_source(window.chat, Citation(0, str(path), line_start=40_000), window.engine)
     assert viewer.loading
     viewer.close()  # the read still runs; the viewer goes once it has reported
     qtbot.waitUntil(lambda: not window.findChildren(SourceViewer), timeout=10_000)
