@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from engine.models.runtime import SamplingParams
     from engine.protocol import Event
     from engine.rag.collections import Collection, Document
+    from engine.rag.evaluation import RetrievalEvaluation
     from engine.rag.indexer import IndexReport
     from engine.rag.retrieval import SearchResult
     from engine.rag.service import Documents, SourceText
@@ -103,6 +104,7 @@ _EXPORTS: dict[str, str] = {
     "Document": "engine.rag.collections",
     "IndexReport": "engine.rag.indexer",
     "SearchResult": "engine.rag.retrieval",
+    "RetrievalEvaluation": "engine.rag.evaluation",
     "SourceText": "engine.rag.service",
     # fine-tuning
     "FinetuneRequest": "engine.train.finetune",
@@ -176,6 +178,7 @@ __all__ = [
     "PrivacyStatus",
     "Progress",
     "RedactionSample",
+    "RetrievalEvaluation",
     "RunRecord",
     "SamplingParams",
     "SearchHit",

@@ -24,6 +24,7 @@
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -157,6 +158,21 @@ def _environment() -> Any:
     return env
 
 
+_environment_lock = threading.Lock()
+
+
+def environment() -> Any:
+    """The sandbox, built once whichever thread asks first (the others wait for it)."""
+    with _environment_lock:
+        return _environment()
+
+
+def prepare_in_background() -> None:
+    """Build the sandbox on a thread now, while something else waits (a model loading in
+    its host process): the first answer then does not wait ~1 s for the imports."""
+    threading.Thread(target=environment, name="chat-template-import", daemon=True).start()
+
+
 def refused(exc: BaseException) -> bool:
     """Whether ``exc`` is the template's own ``raise_exception``: Hugging Face's raises a
     plain ``TemplateError``, which Jinja itself never does (it raises subclasses)."""
@@ -173,7 +189,7 @@ def compile_template(source: str) -> Any:
         jinja2.TemplateSyntaxError: not a template; anything else its constants do wrong.
     """
     with bounded():  # constant expressions are evaluated while compiling
-        return _environment().from_string(source)
+        return environment().from_string(source)
 
 
 def render_bounded(template: Any, **context: Any) -> str:

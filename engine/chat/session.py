@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from engine.chat import sandbox
 from engine.chat.context import FittedPrompt, fit_messages
 from engine.chat.loading import LoadSpecs
 from engine.chat.loading import load_spec_for as load_spec_for  # noqa: PLC0414 (re-exported)
@@ -76,6 +77,9 @@ class ChatService:
     def _template(self, entry: ModelEntry, spec: LoadSpec) -> tuple[ChatTemplate, bool]:
         """The chat template and whether to add BOS when tokenizing (cached per model)."""
         if spec not in self._templates:
+            if entry.chat_template:
+                # Its imports overlap with the model's loading, which special_tokens waits for.
+                sandbox.prepare_in_background()
             bos, eos = self._lane.special_tokens()
             add_bos = entry.metadata.get("tokenizer.ggml.add_bos_token", True) is not False
             template = ChatTemplate(entry.chat_template, bos, eos, model=entry.id)

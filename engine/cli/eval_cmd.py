@@ -27,10 +27,11 @@ def eval_group() -> None:
 @json_option
 def retrieval(collection: str, qa_path: Path, as_json: bool) -> None:
     """recall@1, recall@5, MRR and nDCG@10 for dense, keyword and hybrid search."""
-    report = get_engine().documents.evaluate(collection, qa_path)
+    evaluation = get_engine().documents.evaluate(collection, qa_path)
     if as_json:
-        emit_json(report)
+        emit_json(evaluation.to_public())
         return
+    report = evaluation.modes
     metrics = ["recall@1", "recall@5", "mrr", "ndcg@10"]
     table(
         ["MODE", *metrics],
@@ -39,4 +40,4 @@ def retrieval(collection: str, qa_path: Path, as_json: bool) -> None:
             for mode in ("dense", "keyword", "hybrid")
         ],
     )
-    click.echo(f"{report['questions']} questions")
+    click.echo(f"{evaluation.questions} questions")

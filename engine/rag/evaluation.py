@@ -16,6 +16,18 @@ DEPTH = 10
 
 
 @dataclass(frozen=True)
+class RetrievalEvaluation:
+    """Retrieval quality on questions with known sources: each search mode's metrics."""
+
+    questions: int
+    modes: dict[str, dict[str, float]]  # mode -> metric name -> value
+
+    def to_public(self) -> dict[str, object]:
+        """``bastion eval retrieval --json``: the modes' metrics and the question count."""
+        return {**self.modes, "questions": self.questions}
+
+
+@dataclass(frozen=True)
 class Question:
     question: str
     file: str

@@ -15,6 +15,7 @@ from engine.errors import BastionError, InvalidInput, OperationFailed
 from engine.jobs import JobContext
 from engine.rag.collections import Collection, CollectionStore, Document, Source
 from engine.rag.embedder import DEFAULT_EMBEDDER
+from engine.rag.evaluation import RetrievalEvaluation
 from engine.rag.grounding import Grounding, ground
 from engine.rag.indexer import Indexer, IndexReport, fault_reason, fault_summary
 from engine.rag.retrieval import Retriever, SearchResult
@@ -311,7 +312,7 @@ class Documents:
             collection = self._current(collection, reindex=False)
         return self._retriever.search(collection, query, k, mode)
 
-    def evaluate(self, name: str, qa_path: Path) -> dict[str, Any]:
+    def evaluate(self, name: str, qa_path: Path) -> RetrievalEvaluation:
         """Retrieval quality on questions with known sources (see evaluation.py)."""
         from engine.rag.evaluation import evaluate, read_qa
 
@@ -326,7 +327,7 @@ class Documents:
             lambda text, k, mode: self._retriever.search(collection, text, k, mode),
             count,
         )
-        return {**metrics, "questions": len(questions)}
+        return RetrievalEvaluation(len(questions), metrics)
 
     def ground(self, name: str, question: str, k: int) -> Grounding:
         """Retrieve for a question and decide how it may be answered."""
