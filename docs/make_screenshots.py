@@ -99,7 +99,7 @@ def main() -> int:
     if cited is not None:
         from desktop.viewer import show_source
 
-        show_source(window, cited.citations[0])
+        show_source(window, cited.citations[0], engine)
         pump(1.0)
         viewers = [w for w in app.topLevelWidgets() if w.isVisible() and w is not window]
         if viewers:
