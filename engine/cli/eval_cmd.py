@@ -26,13 +26,13 @@ def eval_group() -> None:
 )
 @json_option
 def retrieval(collection: str, qa_path: Path, as_json: bool) -> None:
-    """recall@1, recall@5, MRR and nDCG@10 for dense, keyword and hybrid search."""
+    """hit@1, hit@5, MRR@10 and nDCG@10 for dense, keyword and hybrid search."""
     evaluation = get_engine().documents.evaluate(collection, qa_path)
     if as_json:
         emit_json(evaluation.to_public())
         return
     report = evaluation.modes
-    metrics = ["recall@1", "recall@5", "mrr", "ndcg@10"]
+    metrics = ["hit@1", "hit@5", "mrr@10", "ndcg@10"]
     table(
         ["MODE", *metrics],
         [

@@ -452,17 +452,6 @@ class CollectionStore:
         vectors = np.frombuffer(blob, dtype=np.float16).reshape(len(rows), -1)
         return ids, vectors.astype(np.float32)
 
-    def count_chunks_of(self, collection: Collection, file: str, page: int | None) -> int:
-        """Indexed chunks of the file named ``file`` (path, path suffix or name) and page."""
-        pattern = "%/" + re.sub(r"([\\%_])", r"\\\1", file.lstrip("/"))
-        row = self.db.query_one(
-            "SELECT count(*) FROM chunks c JOIN documents d ON d.id = c.document_id "
-            "WHERE d.collection_id = ? AND d.state = 'indexed' "
-            "AND (d.path = ? OR d.path LIKE ? ESCAPE '\\') AND (? IS NULL OR c.page = ?)",
-            (collection.id, file, pattern, page, page),
-        )
-        return int(row[0]) if row else 0
-
     def keyword_search(
         self, collection: Collection, fts_query: str, limit: int
     ) -> list[tuple[int, float]]:

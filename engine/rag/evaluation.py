@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from engine.errors import InvalidInput, NotFound
+from engine.rag.metrics import judge, mean_scores
 from engine.rag.retrieval import MODES, SearchResult
 
-DEPTH = 10
+# Passages asked of the search: enough for 10 distinct units when a few repeat a unit.
+PASSAGES = 30
 
 
 @dataclass(frozen=True)
@@ -70,36 +71,41 @@ def read_qa(path: Path) -> list[Question]:
     return questions
 
 
-def _is_relevant(result: SearchResult, q: Question) -> bool:
-    path = result.chunk.path
-    same_file = (
-        path == q.file
-        or path.endswith(os.sep + q.file.lstrip(os.sep))
-        or os.path.basename(path) == q.file
+def _same_file(path: str, gold: str) -> bool:
+    """Whether an indexed ``path`` is the question's ``gold`` file (named whole, by its
+    end, or by its name alone)."""
+    return (
+        path == gold
+        or path.endswith(os.sep + gold.lstrip(os.sep))
+        or (os.path.basename(path) == gold)
     )
-    return same_file and (q.page is None or result.chunk.page == q.page)
 
 
 def evaluate(
     questions: list[Question],
     search: Callable[[str, int, str], list[SearchResult]],
-    relevant_count: Callable[[Question], int],
 ) -> dict[str, dict[str, float]]:
-    """Metrics per mode. ``relevant_count`` says how many chunks answer a question (for nDCG)."""
+    """Metrics per mode (see engine/rag/metrics.py), over the first 10 distinct units.
+
+    Each mode's metrics carry their proper names (``hit@1``, ``hit@5``, ``mrr@10``,
+    ``ndcg@10``) and, for the command line's contract, the names of its first version:
+    ``recall@1`` and ``recall@5`` are the hit rates, ``mrr`` is ``mrr@10``.
+    """
     report: dict[str, dict[str, float]] = {}
-    ideal = {id(q): min(max(relevant_count(q), 1), DEPTH) for q in questions}
     for mode in MODES:
-        r1 = r5 = mrr = ndcg = 0.0
-        for q in questions:
-            hits = [_is_relevant(r, q) for r in search(q.question, DEPTH, mode)]
-            first = next((i for i, hit in enumerate(hits, 1) if hit), None)
-            if first is not None:
-                r1 += first == 1
-                r5 += first <= 5
-                mrr += 1.0 / first
-            dcg = sum(1.0 / math.log2(i + 1) for i, hit in enumerate(hits, 1) if hit)
-            idcg = sum(1.0 / math.log2(i + 1) for i in range(1, ideal[id(q)] + 1))
-            ndcg += dcg / idcg
-        n = len(questions)
-        report[mode] = {"recall@1": r1 / n, "recall@5": r5 / n, "mrr": mrr / n, "ndcg@10": ndcg / n}
+        judged = [
+            judge(
+                ((r.chunk.path, r.chunk.page) for r in search(q.question, PASSAGES, mode)),
+                [(q.file, q.page)],
+                _same_file,
+            )
+            for q in questions
+        ]
+        scores = mean_scores(judged)
+        report[mode] = {
+            **scores,
+            "recall@1": scores["hit@1"],
+            "recall@5": scores["hit@5"],
+            "mrr": scores["mrr@10"],
+        }
     return report
