@@ -204,7 +204,8 @@ def test_html_drops_script_and_style_and_keeps_headings(tmp_path: Path) -> None:
         encoding="utf-8",
     )
     sections = list(load_document(path))
-    assert [s.heading for s in sections] == ["Manual", "Setup", "Usage"]
+    # Each part carries its heading path: the page's title, then the headings above it.
+    assert [s.heading for s in sections] == ["Manual", "Manual › Setup", "Manual › Setup › Usage"]
     assert sections[0].text == "Before & after."
     assert sections[1].text == "Setup\nInstall the tool."
     assert sections[2].text == "Usage\nrun\nstop"
@@ -272,3 +273,63 @@ def test_large_text_file_is_streamed(tmp_path: Path) -> None:
     assert last.line_end == n_lines
     assert last.text.endswith(f"id={n_lines - 1:07d} in 12 ms")
     assert last.text.count("\n") == (last.line_end or 0) - (last.line_start or 0)
+
+
+def test_html_skips_page_furniture_and_keeps_the_heading_path(tmp_path: Path) -> None:
+    path = tmp_path / "node42.html"
+    path.write_text(
+        "<html><head><title>Fit</title></head><body>"
+        '<div class="navigation"><a href="n43.html">Next: Fontpath</a> <b>Up:</b> '
+        "<div>nested <div>deeper</div></div> Set-show</div>"
+        "<nav><a>Home</a></nav>"
+        '<h2>Fit</h2><img class="nav" src="x.png"><p>The set fit command controls fit.</p>'
+        "<h3>Quiet</h3><p>No output.</p><h2>Limits</h2><p>Bounds.</p>"
+        '<div role="navigation">Previous: Errorbars</div><footer>Generated</footer>'
+        "</body></html>",
+        encoding="utf-8",
+    )
+    sections = list(load_document(path))
+    text = "\n".join(s.text for s in sections)
+    for furniture in ("Next", "Fontpath", "Set-show", "nested", "deeper", "Home", "Errorbars",
+                      "Generated"):  # fmt: skip
+        assert furniture not in text
+    assert [(s.heading, s.text) for s in sections] == [
+        ("Fit", "Fit\nThe set fit command controls fit."),  # the title and the h2, said once
+        ("Fit › Quiet", "Quiet\nNo output."),
+        ("Fit › Limits", "Limits\nBounds."),  # a new h2 ends the h3 above it
+    ]
+
+
+def test_keyword_index_of_an_older_database_is_rebuilt_stemmed() -> None:
+    """m008: chunks indexed before it are found by another form of their words."""
+    import sqlite3
+
+    from engine.store.migrations import MIGRATIONS, apply_migrations
+
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    apply_migrations(conn, MIGRATIONS[:-1])  # a database as the previous version left it
+    conn.execute("INSERT INTO collections (name, embedder, created_at) VALUES ('c', 'e', 'now')")
+    conn.execute(
+        "INSERT INTO documents (collection_id, path, state, updated_at) "
+        "VALUES (1, '/m.html', 'indexed', 'now')"
+    )
+    conn.execute(
+        "INSERT INTO chunks (document_id, ordinal, text, heading, text_hash) "
+        "VALUES (1, 0, 'The plot command draws curves.', 'Plotting › Curves', 'h')"
+    )
+    query = "SELECT rowid FROM chunks_fts WHERE chunks_fts MATCH ?"
+    assert conn.execute(query, ("plots",)).fetchall() == []  # not stemmed yet
+    apply_migrations(conn)
+    assert conn.execute(query, ("plots",)).fetchall() == [(1,)]  # "plots" finds "plot"
+    assert conn.execute(query, ("curve",)).fetchall() == [(1,)]
+    conn.execute("DELETE FROM chunks")  # the triggers were made again too
+    assert conn.execute(query, ("plot",)).fetchall() == []
+
+
+def test_the_embedder_reads_the_heading_path_with_the_text() -> None:
+    from engine.rag.indexer import embedded_text
+
+    assert embedded_text("It takes three values.", "Fit › Limits") == (
+        "Fit › Limits\nIt takes three values."
+    )
+    assert embedded_text("A PDF page.", None) == "A PDF page."

@@ -17,6 +17,9 @@ from engine.store.db import Database
 if TYPE_CHECKING:
     import numpy as np
 
+# A query word in a passage's heading path (title, section, subsection) counts this many
+# times one in its text: a heading names what the whole passage is about.
+HEADING_WEIGHT = 2.0
 _NAME_RE = re.compile(r"^[\w][\w .+-]{0,63}$")
 STATES = ("pending", "indexed", "failed", "skipped")
 # Lone surrogates: what Python makes of bytes that are not UTF-8. SQLite refuses them.
@@ -457,7 +460,7 @@ class CollectionStore:
     ) -> list[tuple[int, float]]:
         """(chunk id, bm25) of the best keyword matches among indexed chunks."""
         rows = self.db.query(
-            "SELECT c.id, bm25(chunks_fts) AS score FROM chunks_fts "
+            f"SELECT c.id, bm25(chunks_fts, 1.0, {HEADING_WEIGHT}) AS score FROM chunks_fts "
             "JOIN chunks c ON c.id = chunks_fts.rowid JOIN documents d ON d.id = c.document_id "
             "WHERE chunks_fts MATCH ? AND d.collection_id = ? AND d.state = 'indexed' "
             "ORDER BY score LIMIT ?",

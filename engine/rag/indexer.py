@@ -151,6 +151,13 @@ def _chunk_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def embedded_text(text: str, heading: str | None) -> str:
+    """What the embedder reads for a chunk: its heading path, then its text. A passage
+    deep in a section ("It accepts three values...") says what it is about only through
+    the headings above it."""
+    return f"{heading}\n{text}" if heading else text
+
+
 def _sha256(path: str, ctx: JobContext) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -343,7 +350,8 @@ class Indexer:
                             c.line_start,
                             c.line_end,
                             heading,
-                            _chunk_hash(text),
+                            # Vectors are kept by what was embedded: text and heading path.
+                            _chunk_hash(embedded_text(text, heading)),
                         )
                     )
                 pages.update(c.page for c in new if c.page is not None)
@@ -355,7 +363,8 @@ class Indexer:
                 vectors = {}
                 if to_embed:
                     matrix = embedder.encode(
-                        [c.text for c in to_embed], check_cancelled=ctx.check_cancelled
+                        [embedded_text(c.text, c.heading) for c in to_embed],
+                        check_cancelled=ctx.check_cancelled,
                     )
                     vectors = {c.text_hash: matrix[i] for i, c in enumerate(to_embed)}
                 self._store.write_batch(doc.id, collection.embedder, key, new, vectors)

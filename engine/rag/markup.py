@@ -105,6 +105,17 @@ _HTML_BLOCK = frozenset(
     blockquote pre hr figure figcaption form address details summary caption body""".split()  # noqa: SIM905
 )
 _HTML_HEADINGS = frozenset({"h1", "h2", "h3", "h4", "h5", "h6"})
+# Page furniture repeated on every page of a manual (navigation bars, breadcrumbs, side
+# bars, footers): its words ("Next", "Up", "Index", the neighbours' titles) would match
+# every query a little and dilute every passage's vector. Elements with these tags, an
+# ARIA navigation role, or one of these words among their class or id tokens are skipped.
+_HTML_FURNITURE_TAGS = frozenset({"nav", "footer"})
+_HTML_FURNITURE_NAMES = frozenset(
+    """navigation navbar nav navheader navfooter sidebar sphinxsidebar related breadcrumb
+    breadcrumbs footer""".split()  # noqa: SIM905
+)
+# Between the parts of a heading path: "Manual › Plotting › Styles".
+HEADING_SEPARATOR = " › "
 
 
 class MarkupTooLong(Exception):
@@ -124,17 +135,29 @@ class _HtmlText(HTMLParser):
         self._parts: list[str] = []
         self._size = 0
         self._heading: str | None = None
+        self._title: str | None = None  # the page's <title>
+        self._path: dict[int, str] = {}  # the headings above the text now, by level
         self._skip = 0
+        self._furniture: list[str] = []  # the skipped furniture element and its nesting
+        self._capture_level = 0
         self._capture: list[str] | None = None  # the text of the heading or title being read
         self._captured = 0
         self._in_title = False
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if self._furniture:
+            if tag == self._furniture[0]:
+                self._furniture.append(tag)
+            return
+        if _is_furniture(tag, attrs):
+            self._furniture.append(tag)
+            return
         if tag in _HTML_SKIP:
             self._skip += 1
         elif tag in _HTML_HEADINGS:
             self.flush()
             self._capture, self._captured = [], 0
+            self._capture_level = int(tag[1])
         elif tag == "title":
             self._in_title, self._capture, self._captured = True, [], 0
         elif tag in _HTML_BLOCK:
@@ -143,19 +166,28 @@ class _HtmlText(HTMLParser):
             self._parts.append(" ")
 
     def handle_endtag(self, tag: str) -> None:
+        if self._furniture:
+            if tag == self._furniture[0]:
+                self._furniture.pop()
+            return
         if tag in _HTML_SKIP:
             self._skip = max(self._skip - 1, 0)
         elif (tag in _HTML_HEADINGS or tag == "title") and self._capture is not None:
             title = " ".join("".join(self._capture).split())
-            if title and (tag != "title" or self._heading is None):
-                self._heading = title
+            if title and tag == "title":
+                self._title = title
+            elif title:
+                level = self._capture_level
+                self._path = {k: v for k, v in self._path.items() if k < level}
+                self._path[level] = title
+            self._heading = self._heading_path()
             self._capture, self._in_title = None, False
             self._break()
         elif tag in _HTML_BLOCK:
             self._break()
 
     def handle_data(self, data: str) -> None:
-        if self._skip:
+        if self._skip or self._furniture:
             return
         if self._capture is not None and self._captured < _MAX_CAPTURE_CHARS:
             self._capture.append(data[: _MAX_CAPTURE_CHARS - self._captured])
@@ -166,6 +198,14 @@ class _HtmlText(HTMLParser):
         self._size += len(data)
         if self._size > _SECTION_CHARS:
             self._cut()
+
+    def _heading_path(self) -> str | None:
+        """The page's title, then each heading above the text (a repeat said once)."""
+        parts: list[str] = []
+        for name in (self._title, *(self._path[k] for k in sorted(self._path))):
+            if name and (not parts or parts[-1].casefold() != name.casefold()):
+                parts.append(name)
+        return HEADING_SEPARATOR.join(parts) or None
 
     def parse_html_declaration(self, i: int) -> int:
         # "<![" that is not a well-formed marked section makes the standard library raise
@@ -212,6 +252,30 @@ class _HtmlText(HTMLParser):
         text = re.sub(r" ?\n[\s]*", "\n", text).strip()
         if text:
             self.ready.append(Part(text, self._heading))
+
+
+# Only these can be furniture (never <body>, <main> or a void element such as <img>,
+# whose end tag never comes).
+_HTML_CONTAINERS = frozenset(
+    ["div", "nav", "footer", "ul", "ol", "table", "section", "aside", "header", "span", "p"]
+)
+
+
+def _is_furniture(tag: str, attrs: list[tuple[str, str | None]]) -> bool:
+    if tag in _HTML_FURNITURE_TAGS:
+        return True
+    if tag not in _HTML_CONTAINERS:
+        return False
+    for name, value in attrs:
+        if not value:
+            continue
+        if name == "role" and value.lower() == "navigation":
+            return True
+        if name in ("class", "id") and any(
+            token in _HTML_FURNITURE_NAMES for token in value.lower().split()
+        ):
+            return True
+    return False
 
 
 def html_parts(reader: io.TextIOWrapper, check: Callable[[], None]) -> Iterator[Part]:

@@ -199,6 +199,31 @@ ALTER TABLE embeddings ADD COLUMN model_key TEXT;
 ALTER TABLE collections ADD COLUMN embedder_key TEXT;
 """
 
+# Keyword search matches word forms: "plotting" finds "plot", "keys" finds "key" (the
+# Porter stemmer over the same Unicode tokenizer). Users ask in their own words, not the
+# manual's. The index is rebuilt from the chunks (its content table), in this migration.
+M008_CHUNKS_FTS_STEMMED: Final = """
+DROP TRIGGER chunks_fts_insert;
+DROP TRIGGER chunks_fts_delete;
+DROP TABLE chunks_fts;
+
+CREATE VIRTUAL TABLE chunks_fts USING fts5(
+    text, heading, content='chunks', content_rowid='id',
+    tokenize='porter unicode61 remove_diacritics 2'
+);
+
+CREATE TRIGGER chunks_fts_insert AFTER INSERT ON chunks BEGIN
+    INSERT INTO chunks_fts(rowid, text, heading) VALUES (new.id, new.text, new.heading);
+END;
+
+CREATE TRIGGER chunks_fts_delete AFTER DELETE ON chunks BEGIN
+    INSERT INTO chunks_fts(chunks_fts, rowid, text, heading)
+    VALUES ('delete', old.id, old.text, old.heading);
+END;
+
+INSERT INTO chunks_fts(chunks_fts) VALUES ('rebuild');
+"""
+
 # Append only. See the module docstring.
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     ("m001_conversations", M001_CONVERSATIONS),
@@ -208,6 +233,7 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     ("m005_training_runs", M005_TRAINING_RUNS),
     ("m006_message_rating", M006_MESSAGE_RATING),
     ("m007_embedder_content_keys", M007_EMBEDDER_CONTENT_KEYS),
+    ("m008_chunks_fts_stemmed", M008_CHUNKS_FTS_STEMMED),
 )
 
 _CREATE_TABLE: Final = (
