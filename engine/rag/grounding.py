@@ -19,6 +19,13 @@ from engine.rag.retrieval import SearchResult, content_words
 # Cosine similarity (all-MiniLM-L6-v2) below which a passage is taken as unrelated to the
 # question: unrelated pairs score ~0.0-0.15, paraphrases 0.5+, loose topical matches ~0.3.
 MIN_RELEVANCE = 0.25
+# A passage the dense score misses counts as evidence when keyword search put it among
+# its first ``STRONG_KEYWORD_RANK`` and it holds at least this share of the question's
+# content words (an identifier or a rare term the embedder does not know is such a hit).
+STRONG_KEYWORD_RANK = 3
+STRONG_KEYWORD_SHARE = 0.75
+# Words are compared by their first letters, a crude stemmer: "plotting" meets "plots".
+_STEM = 5
 SNIPPET_CHARS = 240
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
 
@@ -27,6 +34,19 @@ INSTRUCTIONS = (
     "as [1], [2] and so on. If the sources do not contain the answer, say that they do "
     "not, instead of guessing."
 )
+
+
+def is_evidence(result: SearchResult, question_stems: set[str]) -> bool:
+    """Whether a passage supports answering: close in meaning (dense), or a strong keyword
+    hit holding most of the question's content words (see ``STRONG_KEYWORD_SHARE``)."""
+    if (result.dense_score or 0.0) >= MIN_RELEVANCE:
+        return True
+    rank = result.keyword_rank
+    if rank is None or rank > STRONG_KEYWORD_RANK or not question_stems:
+        return False
+    text = f"{result.chunk.heading or ''} {result.chunk.text}"
+    found = {w[:_STEM] for w in content_words(text)}
+    return len(question_stems & found) >= STRONG_KEYWORD_SHARE * len(question_stems)
 
 
 def _snippet(text: str, question: str) -> str:
@@ -140,7 +160,8 @@ def ground(
                 f'"{collection_name}" PATH'
             )
         return Grounding(collection_name, question, results, canned_answer=answer)
-    relevant = [r for r in results if (r.dense_score or 0.0) >= MIN_RELEVANCE]
+    words = {w[:_STEM] for w in content_words(question)}
+    relevant = [r for r in results if is_evidence(r, words)]
     if not relevant:
         grounding = Grounding(
             collection_name,

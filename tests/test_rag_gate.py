@@ -1,0 +1,36 @@
+"""The "nothing relevant" gate weighs the fused evidence, not the dense score alone."""
+
+from __future__ import annotations
+
+from engine.rag.collections import StoredChunk
+from engine.rag.grounding import MIN_RELEVANCE, ground
+from engine.rag.retrieval import SearchResult
+
+INDEXED = {"indexed": 1, "pending": 0}
+
+
+def _result(text: str, dense: float | None, keyword_rank: int | None) -> SearchResult:
+    chunk = StoredChunk(1, 1, "/docs/guide.html", 0, text, None, None, None, "Guide › Options")
+    return SearchResult(chunk, 0.02, dense, None if dense is None else 1, keyword_rank)
+
+
+def test_a_close_passage_is_evidence() -> None:
+    grounding = ground("docs", "how do I draw a key", [_result("The key.", 0.6, None)], INDEXED)
+    assert grounding.canned_answer is None
+
+
+def test_a_strong_keyword_hit_is_evidence_when_the_dense_score_is_low() -> None:
+    # An identifier the embedder does not know: the keyword index finds it first, whole.
+    text = "set zyxcorner2 mode applies the zyx corner interpolation to each facet."
+    question = "what does zyxcorner2 interpolation do to facets?"
+    low = MIN_RELEVANCE / 2
+    assert ground("docs", question, [_result(text, low, 1)], INDEXED).canned_answer is None
+
+
+def test_a_weak_keyword_hit_is_not_evidence() -> None:
+    # Found by keyword search, but holding one of the question's four content words.
+    low = MIN_RELEVANCE / 2
+    results = [_result("Interpolation of colours.", low, 1)]
+    grounding = ground("docs", "price of commercial interpolation licence", results, INDEXED)
+    assert grounding.canned_answer is not None
+    assert grounding.citations  # the closest passages are still shown
