@@ -333,3 +333,25 @@ def test_the_embedder_reads_the_heading_path_with_the_text() -> None:
         "Fit › Limits\nIt takes three values."
     )
     assert embedded_text("A PDF page.", None) == "A PDF page."
+
+
+def test_pdf_pages_carry_the_heading_path_of_the_outline(tmp_path: Path) -> None:
+    from pypdf import PdfWriter
+
+    pages = [[f"Text of page {n} about valves and pumps."] * 3 for n in range(1, 6)]
+    writer = PdfWriter(clone_from=write_pdf(tmp_path / "plain.pdf", pages))
+    writer.add_metadata({"/Title": "Pump Manual"})
+    chapter = writer.add_outline_item(title="2 Valves", page_number=1)  # begins on page 2
+    writer.add_outline_item(title="Torque", page_number=3, parent=chapter)  # page 4
+    writer.add_outline_item(title="3 Pumps", page_number=4)  # page 5
+    path = tmp_path / "manual.pdf"
+    with path.open("wb") as fh:
+        writer.write(fh)
+    headings = {s.page: s.heading for s in load_document(path)}
+    assert headings == {
+        1: "Pump Manual",  # before any bookmark: the title alone
+        2: "Pump Manual › 2 Valves",
+        3: "Pump Manual › 2 Valves",
+        4: "Pump Manual › 2 Valves › Torque",
+        5: "Pump Manual › 3 Pumps",
+    }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import re
@@ -9,7 +10,7 @@ import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Literal
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
 from engine.errors import BastionError
 from engine.rag.markup import (
@@ -378,6 +379,7 @@ def _pdf_sections(raw: BinaryIO, check: Callable[[], None]) -> Iterator[Section]
 
     # Pages are held back until the document has shown enough text to have a text layer,
     # so a scanned PDF yields nothing before its error. With real text that is a page or two.
+    headings = pdf_headings(reader, n_pages)
     needed = _MIN_PDF_LETTERS_PER_PAGE * n_pages
     letters = 0
     held: list[Section] = []
@@ -392,7 +394,7 @@ def _pdf_sections(raw: BinaryIO, check: Callable[[], None]) -> Iterator[Section]
             log.warning("PDF page %d could not be read (%s)", number, type(exc).__name__)
             continue
         text = CONTROL_CHARS.sub("", text).replace("\r\n", "\n").replace("\r", "\n")
-        found = _section(text, None, page=number)
+        found = _section(text, None, headings[number - 1], page=number)
         if letters >= needed:
             yield from found
             continue
@@ -411,6 +413,47 @@ def _pdf_sections(raw: BinaryIO, check: Callable[[], None]) -> Iterator[Section]
         "PDF has no text layer (scanned?); OCR is not supported yet",
         hint="an OCR tool such as ocrmypdf can make a searchable copy",
     )
+
+
+def pdf_headings(reader: PdfReader, n_pages: int) -> list[str | None]:
+    """Each page's heading path from the PDF's outline (its bookmarks): the document's
+    title, then the chapter and sections in force on that page. None where the PDF has no
+    outline and no title; a damaged outline is ignored (the pages are what matter)."""
+    from engine.rag.markup import HEADING_SEPARATOR
+
+    title = None
+    with contextlib.suppress(Exception):
+        title = " ".join(str(reader.metadata.title or "").split()) or None  # type: ignore[union-attr]
+    starts: list[tuple[int, int, str]] = []  # (page index, order, path)
+
+    def walk(items: list[Any], above: list[str]) -> None:
+        last: list[str] = above
+        for item in items:
+            if isinstance(item, list):
+                walk(item, last)
+                continue
+            name = " ".join(str(getattr(item, "title", "") or "").split())
+            if not name:
+                continue
+            last = [*above, name]
+            page = reader.get_destination_page_number(item)
+            if page is not None and 0 <= page < n_pages:
+                starts.append((page, len(starts), HEADING_SEPARATOR.join(last)))
+
+    try:
+        walk(list(reader.outline), [title] if title else [])
+    except Exception as exc:  # a parser's own fault in the bookmarks
+        log.warning("PDF outline could not be read (%s)", type(exc).__name__)
+        starts.clear()
+    headings: list[str | None] = []
+    ordered = sorted(starts)
+    current, i = title, 0
+    for page in range(n_pages):
+        while i < len(ordered) and ordered[i][0] <= page:
+            current = ordered[i][2]  # the last section that begins on or before the page
+            i += 1
+        headings.append(current)
+    return headings
 
 
 def _short(exc: Exception) -> str:
