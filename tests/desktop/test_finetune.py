@@ -240,6 +240,7 @@ def test_cancel_mid_run_then_resume_finishes(
     qtbot.waitUntil(lambda: not page.loading)  # long before the trainer's first step
     assert page.chart.points  # the steps before the stop, read back from the run
     qtbot.waitUntil(lambda: page.training_op is None, timeout=TRAIN_TIMEOUT_MS)
+    qtbot.waitUntil(lambda: not page.loading)  # the run's losses, read again at its end
     result = page.results.result
     assert result is not None, page.monitor.status.text()
     assert result.model == "stoppy" and result.steps == 6
