@@ -342,12 +342,10 @@ def main() -> int:
     parser.add_argument("--sets", default=",".join(SETS))
     args = parser.parse_args()
     chosen = [SETS[key] for key in args.sets.split(",")]
-    missing = [f for s in chosen for f in s.files() if not f.is_file()] + [
-        p for s in chosen for p in ([] if s.files() else [Path(s.key)])
-    ]
-    if missing:
-        packages = " ".join(p for s in chosen for p in s.packages)
-        print(f"missing documents ({missing[0]}): sudo apt install {packages}", file=sys.stderr)
+    empty = [s for s in chosen if not s.files() or not all(f.is_file() for f in s.files())]
+    if empty:
+        packages = " ".join(p for s in empty for p in s.packages)
+        print(f"missing documents of {empty[0].key}: sudo apt install {packages}", file=sys.stderr)
         return 2
     sections = [f"{machine()}; {stamp()}"]
     for doc_set in chosen:
