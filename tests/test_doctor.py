@@ -316,9 +316,28 @@ def test_the_keyring_check_proves_the_file_passphrase(
     assert secrets.PASSWORD_ENV in wrong.fix
 
 
-def test_the_embedder_check_reports_the_backend_and_rejects_a_bad_switch(cli: CLI) -> None:
+def test_the_embedder_check_reports_the_backend_and_rejects_a_bad_switch(
+    cli: CLI, home: Path
+) -> None:
+    from engine.rag.embedder import DEFAULT_EMBEDDER, choice, loader, resolve_embedder
+
     plain: Any = cli("doctor", "--only", "embedder", "--json").json()["checks"][0]
-    assert plain["ok"] and re.search(r"\b(onnx-int8|torch-fp32)\b", plain["detail"])
+    assert plain["ok"] and "not measured on this machine yet" in plain["detail"]
+    # What the first indexing records (engine.rag.embedder.choice) is what doctor shows.
+    trials = [
+        choice.Trial("torch-fp32", True, 40.0, 1.0, True, "the reference"),
+        choice.Trial("onnx-int8", True, 120.0, 0.991, True),
+        choice.Trial("torch-bf16", False, 150.0, 0.95, False, "drifts"),
+    ]
+    record = choice.BackendChoice("onnx-int8", DEFAULT_EMBEDDER, "Some CPU", "2026-12-04", trials)
+    key = loader.choice_key(resolve_embedder(DEFAULT_EMBEDDER))
+    choice.record_choice(home / "cache" / "embedders", key, record)
+    measured: Any = cli("doctor", "--only", "embedder", "--json").json()["checks"][0]
+    assert measured["ok"], measured
+    assert (
+        "onnx-int8 (120 texts/s; torch-fp32 40, torch-bf16 150 unfaithful), measured 2026-12-04"
+        in measured["detail"]
+    )
     forced: Any = cli(
         "doctor", "--only", "embedder", "--json", env={"BASTION_EMBEDDER_BACKEND": "torch-fp32"}
     ).json()["checks"][0]

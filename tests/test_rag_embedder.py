@@ -18,6 +18,7 @@ from engine.rag import embedder as emb
 from engine.rag.embedder import (
     DEFAULT_EMBEDDER,
     Embedder,
+    choice,
     clear_embedder_cache,
     get_embedder,
     loader,
@@ -162,9 +163,66 @@ def test_the_process_cache_returns_the_same_object(
     monkeypatch.setattr(loader, "_cuda_available", lambda: False)
     clear_embedder_cache()
     first = get_embedder(cache_dir=exported[0])
-    assert first.backend == "onnx-int8"  # auto picks int8 on a CPU-only machine
+    # auto takes the backend measured fastest here (and recorded): whichever it is, the
+    # same object serves both ways of asking for it.
+    assert first.backend == emb.recorded_backend(emb.DEFAULT_EMBEDDER, exported[0]).backend
     assert get_embedder(cache_dir=exported[0]) is first
-    assert get_embedder(cache_dir=exported[0], backend="onnx-int8") is first
+    assert get_embedder(cache_dir=exported[0], backend=first.backend) is first
+
+
+def test_auto_measures_the_backends_once_records_the_fastest_faithful_and_reuses_it(
+    exported: tuple[Path, dict[str, object]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(loader, "_cuda_available", lambda: False)
+    cache = exported[0]
+    (cache / choice.CHOICE_FILE).unlink(missing_ok=True)
+    clear_embedder_cache()
+    chosen = get_embedder(cache_dir=cache)
+    record = emb.recorded_backend(DEFAULT_EMBEDDER, cache)
+    assert record is not None and record.backend == chosen.backend
+    trials = {t.backend: t for t in record.trials}
+    bf16 = choice.has_fast_bf16(choice.cpu_flags())
+    assert set(trials) == {"torch-fp32", "onnx-int8", *(["torch-bf16"] if bf16 else [])}
+    assert all(t.texts_per_second and t.texts_per_second > 0 for t in trials.values())
+    assert trials["onnx-int8"].ok and (trials["onnx-int8"].min_cosine or 0) >= 0.98
+    fastest = max((t for t in trials.values() if t.ok), key=lambda t: t.texts_per_second or 0)
+    assert record.backend == fastest.backend
+    assert record.cpu == choice.cpu_name()
+    # Later processes read the record: nothing is measured again.
+    clear_embedder_cache()
+
+    def measured_again(*args: object) -> None:
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(choice, "measure", measured_again)
+    assert get_embedder(cache_dir=cache).backend == record.backend
+
+
+def test_a_backend_that_drifts_from_fp32_is_never_chosen(
+    fp32: Embedder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A real model whose vectors are slightly rotated: fast, but not faithful.
+    rng = np.random.default_rng(0)
+    noise = rng.normal(0.0, 0.35, (fp32.dimension, fp32.dimension)).astype(np.float32)
+    rotation = np.eye(fp32.dimension, dtype=np.float32) + noise / np.sqrt(fp32.dimension)
+
+    def drifting_batch(texts: list[str]) -> np.ndarray:
+        return np.asarray(fp32.encode(texts) @ rotation, dtype=np.float32)
+
+    drifting = Embedder(
+        model_id=fp32.model_id,
+        dimension=fp32.dimension,
+        max_tokens=fp32.max_tokens,
+        backend="onnx-int8",
+        encode_batch=drifting_batch,
+        counter=fp32._counter,
+    )
+    loads = {"torch-fp32": fp32, "onnx-int8": drifting}
+    record = choice.measure(DEFAULT_EMBEDDER, ["onnx-int8"], loads.__getitem__)
+    assert record.backend == "torch-fp32"
+    (trial,) = [t for t in record.trials if t.backend == "onnx-int8"]
+    assert not trial.ok and (trial.min_cosine or 1.0) < choice.MIN_COSINE
+    assert "unfaithful" in record.summary()
 
 
 def test_the_environment_forces_a_backend(
@@ -252,8 +310,8 @@ def test_an_unsupported_layout_falls_back_to_torch(
     folder = tiny_model(tmp_path / "maxpool", pooling="max")
     with caplog.at_level(logging.WARNING, logger="engine.rag.embedder"):
         embedder = get_embedder(str(folder), cache_dir=tmp_path / "cache")
-    assert embedder.backend == "torch-fp32"
-    assert "pooling" in caplog.text and "torch-fp32" in caplog.text
+    assert embedder.backend in ("torch-fp32", "torch-bf16")
+    assert "pooling" in caplog.text and "cannot run as onnx-int8" in caplog.text
     with pytest.raises(OperationFailed, match="onnx-int8"):
         get_embedder(str(folder), cache_dir=tmp_path / "cache", backend="onnx-int8")
 
@@ -263,6 +321,7 @@ def test_a_failed_quality_check_is_remembered_and_falls_back(
 ) -> None:
     monkeypatch.setattr(loader, "_cuda_available", lambda: False)
     monkeypatch.setattr(onnx_backend, "MIN_PROBE_COSINE", 1.01)  # no export can pass this
+    monkeypatch.setattr(choice, "cpu_flags", set)  # no bf16 candidate: fp32 is what is left
     folder = tiny_model(tmp_path / "tiny")
     with caplog.at_level(logging.WARNING, logger="engine.rag.embedder"):
         embedder = get_embedder(str(folder), cache_dir=tmp_path / "cache")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from engine.rag.collections import StoredChunk
-from engine.rag.grounding import MIN_RELEVANCE, ground
+from engine.rag.grounding import MIN_RELEVANCE, UNKNOWN_TO_REFUSE, ground, topic_words
 from engine.rag.retrieval import SearchResult
 
 INDEXED = {"indexed": 1, "pending": 0}
@@ -34,3 +34,28 @@ def test_a_weak_keyword_hit_is_not_evidence() -> None:
     grounding = ground("docs", "price of commercial interpolation licence", results, INDEXED)
     assert grounding.canned_answer is not None
     assert grounding.citations  # the closest passages are still shown
+
+
+def test_a_question_about_what_the_documents_never_mention_is_refused_by_name() -> None:
+    close = [_result("Export the graph to many formats.", 0.6, 1)]
+    question = "export the graph to an Excel xlsx workbook"
+    unknown = ["excel", "xlsx", "workbook"]
+    grounding = ground("docs", question, close, INDEXED, unknown)
+    assert grounding.canned_answer is not None
+    assert "never mention “excel”, “xlsx”, “workbook”" in grounding.canned_answer
+    assert grounding.citations  # the closest passages are still shown
+
+
+def test_one_unknown_word_is_allowed_a_typo_or_the_users_own_word() -> None:
+    assert UNKNOWN_TO_REFUSE == 2
+    close = [_result("Plot the data with steps.", 0.6, 1)]
+    question = "draw the data as a staircase line"
+    assert ground("docs", question, close, INDEXED, ["staircase"]).canned_answer is None
+
+
+def test_topic_words_leave_out_stopwords_numbers_and_short_bits() -> None:
+    assert topic_words("Explain how to plot 2024-03-01 dates in x11 and x11?") == [
+        "plot",
+        "dates",
+        "x11",
+    ]

@@ -10,6 +10,7 @@ import pytest
 
 from engine.errors import Cancelled
 from engine.jobs import JobContext
+from engine.rag import loaders
 from engine.rag.loaders import DocumentError, Section, detect_kind, load_document
 from tests.pdfgen import write_pdf
 
@@ -48,6 +49,38 @@ def test_pdf_pages_are_kept_apart(tmp_path: Path) -> None:
         assert words[section.page or 0] in section.text
         assert not any(w in section.text for w in others)
     assert "line 2: pack my box" in sections[-1].text
+
+
+def test_pdfium_and_pypdf_read_the_same_pages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write_pdf(tmp_path / "three.pdf", PAGE_LINES)
+    calls: list[int] = []
+    real = loaders._pdfium_page_text
+
+    def pdfium_page(document: object, index: int) -> str | None:
+        calls.append(index)
+        return real(document, index)
+
+    monkeypatch.setattr(loaders, "_pdfium_page_text", pdfium_page)
+    by_pdfium = [(s.page, s.text) for s in load_document(path)]
+    assert calls == [0, 1, 2]  # PDFium read every page
+    monkeypatch.setattr(loaders, "_pdfium_document", lambda raw: None)
+    by_pypdf = [(s.page, s.text) for s in load_document(path)]
+    assert by_pdfium == by_pypdf
+
+
+def test_a_page_pdfium_cannot_read_is_read_by_pypdf(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write_pdf(tmp_path / "three.pdf", PAGE_LINES)
+    real = loaders._pdfium_page_text
+    monkeypatch.setattr(
+        loaders, "_pdfium_page_text", lambda doc, i: None if i == 1 else real(doc, i)
+    )
+    sections = list(load_document(path))
+    assert {s.page for s in sections} == {1, 2, 3}
+    assert any("Page two" in s.text for s in sections if s.page == 2)
 
 
 def test_encrypted_pdf_fails(tmp_path: Path) -> None:

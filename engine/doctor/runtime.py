@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.doctor.common import SETUP, Check, _Context
+from engine.models.hardware import cpu_flags
 from engine.units import human_size
 
 PROBE_TIMEOUT_S = 60.0  # a CUDA build initialises the driver on load: seconds, not minutes
@@ -125,18 +126,6 @@ def _parse_system_info(text: str) -> dict[str, dict[str, str]]:
     return sections
 
 
-def _cpu_flags() -> set[str] | None:
-    """The CPU's feature flags from /proc/cpuinfo; None where there is no such file."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                if line.startswith(("flags", "Features")):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return None
-
-
 def _rebuild_fix() -> str:
     """How to throw away the installed llama.cpp build and its cached wheel, then rebuild."""
     cache = os.environ.get("BASTION_WHEEL_CACHE") or (
@@ -161,7 +150,7 @@ def _check_llama(ctx: _Context) -> Check:
     offload = bool(probe.hardware.get("gpu_offload_supported"))
     backend = ", ".join(gpu_backends) if gpu_backends else ("GPU" if offload else "CPU")
     detail = f"llama-cpp-python {probe.version}, {backend} build; built for {' '.join(built)}"
-    flags = _cpu_flags()
+    flags = cpu_flags()
     if flags is not None and platform.machine() in ("x86_64", "AMD64", "i686"):
         shown = [f for f in _CPU_FLAGS_SHOWN if f in flags]
         detail += f"; this CPU has {' '.join(shown) or 'none of avx2/avx512/amx'}"

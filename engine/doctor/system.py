@@ -12,7 +12,6 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 from engine import paths
 from engine.doctor.common import SETUP, Check, _Context
@@ -121,38 +120,36 @@ def _check_embedder(ctx: _Context) -> Check:
         return Check("embedder", True, f"{name}: {forced} (set by {embedder.BACKEND_ENV})")
     if not forced and _torch_has_cuda() and _nvidia_driver() is not None:
         return Check("embedder", True, f"{name}: {embedder.TORCH_FP32} on the NVIDIA GPU")
-    if importlib.util.find_spec("onnxruntime") is None:
-        status: dict[str, Any] | None = {"ok": False, "reason": "onnxruntime is not installed"}
-    else:
-        # Documents keeps exports in <home>/cache/embedders (engine.rag.service); the
-        # cache key and the status file are the exporter's own, read here, not re-derived.
-        cache = ctx.home / "cache" / "embedders"
+    # Documents keeps exports and the backend record in <home>/cache/embedders
+    # (engine.rag.service); the files are the embedder package's own, read here.
+    cache = ctx.home / "cache" / "embedders"
+    if forced == embedder.ONNX_INT8:
         target = cache / embedder_export._model_digest(folder)
         status = embedder_export._read_status(target / embedder_export.STATUS_FILE)
-        if status and status["ok"] and not (target / embedder_export.INT8_FILE).is_file():
-            status = None  # exported once, files gone since: exported again on first use
-    if status is None:
+        if importlib.util.find_spec("onnxruntime") is None:
+            status = {"ok": False, "reason": "onnxruntime is not installed"}
+        if status is not None and not status["ok"]:
+            reason = str(status.get("reason", "the int8 export failed"))
+            return Check(
+                "embedder",
+                False,
+                f"{name}: {forced} is forced but cannot run: {reason}",
+                f"unset {embedder.BACKEND_ENV} to fall back to {embedder.TORCH_FP32}",
+            )
+        return Check("embedder", True, f"{name}: {forced} (set by {embedder.BACKEND_ENV})")
+    recorded = embedder.recorded_backend(embedder.DEFAULT_EMBEDDER, cache)
+    if recorded is None:
         return Check(
             "embedder",
             True,
-            f"{name}: {embedder.ONNX_INT8}, not exported yet "
-            "(the first indexing exports it once, in about a minute)",
+            f"{name}: backend not measured on this machine yet (the first indexing "
+            "measures int8, bf16 and fp32 once and keeps the fastest faithful one)",
         )
-    if status["ok"]:
-        return Check(
-            "embedder",
-            True,
-            f"{name}: {embedder.ONNX_INT8} (min cosine {status.get('min_cosine')} to fp32)",
-        )
-    reason = str(status.get("reason", "the int8 export failed"))
-    if forced == embedder.ONNX_INT8:
-        return Check(
-            "embedder",
-            False,
-            f"{name}: {forced} is forced but cannot run: {reason}",
-            f"unset {embedder.BACKEND_ENV} to fall back to {embedder.TORCH_FP32}",
-        )
-    return Check("embedder", True, f"{name}: {embedder.TORCH_FP32} ({reason})")
+    return Check(
+        "embedder",
+        True,
+        f"{name}: {recorded.summary()}, measured {recorded.measured_at}",
+    )
 
 
 @contextmanager

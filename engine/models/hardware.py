@@ -54,16 +54,29 @@ def physical_cores() -> int:
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what the platform says."""
     if sys.platform.startswith("linux"):
         try:
             with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
                 for line in fh:
                     if line.startswith("model name"):
-                        return line.split(":", 1)[1].strip()
+                        return " ".join(line.split(":", 1)[1].split())
         except OSError:
             pass
     return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> set[str] | None:
+    """The CPU's feature flags (Linux /proc/cpuinfo); None where they cannot be read."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
 
 
 @functools.cache
@@ -126,7 +139,7 @@ def detect() -> Hardware:
     else:
         gpus.extend(_nvidia_gpus())
     return Hardware(
-        cpu=_cpu_name(),
+        cpu=cpu_name(),
         physical_cores=physical_cores(),
         logical_cores=os.cpu_count() or 1,
         ram_total_bytes=vm.total,

@@ -455,6 +455,20 @@ class CollectionStore:
         vectors = np.frombuffer(blob, dtype=np.float16).reshape(len(rows), -1)
         return ids, vectors.astype(np.float32)
 
+    def unknown_words(self, collection: Collection, words: list[str]) -> list[str]:
+        """The ``words`` that no indexed chunk of the collection holds (FTS5's stemming)."""
+        unknown = []
+        for word in words:
+            row = self.db.query(
+                "SELECT 1 FROM chunks_fts JOIN chunks c ON c.id = chunks_fts.rowid "
+                "JOIN documents d ON d.id = c.document_id WHERE chunks_fts MATCH ? "
+                "AND d.collection_id = ? AND d.state = 'indexed' LIMIT 1",
+                ('"' + word.replace('"', '""') + '"', collection.id),
+            )
+            if not row:
+                unknown.append(word)
+        return unknown
+
     def keyword_search(
         self, collection: Collection, fts_query: str, limit: int
     ) -> list[tuple[int, float]]:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import re
+import threading
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -384,16 +386,11 @@ def _pdf_sections(raw: BinaryIO, check: Callable[[], None]) -> Iterator[Section]
     letters = 0
     held: list[Section] = []
     bad_pages = 0
-    for number in range(1, n_pages + 1):
-        check()
-        try:
-            text = reader.pages[number - 1].extract_text()
-        except Exception as exc:  # one damaged page should not cost the whole document
+    for number, extracted in enumerate(_page_texts(raw, reader, n_pages, check), 1):
+        if extracted is None:
             bad_pages += 1
-            # The type only: a parser's message can quote the document (never logged).
-            log.warning("PDF page %d could not be read (%s)", number, type(exc).__name__)
             continue
-        text = CONTROL_CHARS.sub("", text).replace("\r\n", "\n").replace("\r", "\n")
+        text = CONTROL_CHARS.sub("", extracted).replace("\r\n", "\n").replace("\r", "\n")
         found = _section(text, None, headings[number - 1], page=number)
         if letters >= needed:
             yield from found
@@ -413,6 +410,81 @@ def _pdf_sections(raw: BinaryIO, check: Callable[[], None]) -> Iterator[Section]
         "PDF has no text layer (scanned?); OCR is not supported yet",
         hint="an OCR tool such as ocrmypdf can make a searchable copy",
     )
+
+
+def _page_texts(
+    raw: BinaryIO, reader: PdfReader, n_pages: int, check: Callable[[], None]
+) -> Iterator[str | None]:
+    """Each page's text in order, None for a page that could not be read.
+
+    PDFium (pypdfium2) reads the text where it opens the file: on the PDF manuals of
+    bench/bench_rag_quality.py it extracted 770,000 characters in 0.6 s where pypdf took
+    7.1 s, the same text but for line ends. pypdf reads a file PDFium cannot open, and
+    every page PDFium fails on. pypdf still opens every PDF first (encryption, damage,
+    the outline): its errors are the ones users see.
+    """
+    document = _pdfium_document(raw)
+    try:
+        for index in range(n_pages):
+            check()
+            text = None
+            if document is not None:
+                text = _pdfium_page_text(document, index)
+            if text is None:
+                try:
+                    text = pypdf_page_text(reader, index)
+                except Exception as exc:  # one damaged page should not cost the document
+                    # The type only: a parser's message can quote the document (never logged).
+                    log.warning("PDF page %d could not be read (%s)", index + 1, type(exc).__name__)
+            yield text
+    finally:
+        if document is not None:
+            with _PDFIUM_LOCK:
+                document.close()
+
+
+def pypdf_page_text(reader: PdfReader, index: int) -> str:
+    """A page's text as pypdf extracts it (a function, so tests can stand in for it)."""
+    return str(reader.pages[index].extract_text())
+
+
+# PDFium is not thread-safe: every call into it holds this lock (indexing runs on worker
+# threads, and two collections can be indexed at once).
+_PDFIUM_LOCK = threading.Lock()
+
+
+def _pdfium_document(raw: BinaryIO) -> Any:
+    """The file opened in PDFium, or None (not installed, not a named file, or refused)."""
+    name = getattr(raw, "name", None)
+    if not isinstance(name, str) or not os.path.isfile(name):
+        return None
+    try:
+        import pypdfium2
+    except ImportError:
+        return None
+    try:
+        with _PDFIUM_LOCK:
+            return pypdfium2.PdfDocument(name)
+    except Exception as exc:  # pypdf reads it instead
+        log.info("PDFium cannot open a PDF (%s); pypdf reads it", type(exc).__name__)
+        return None
+
+
+def _pdfium_page_text(document: Any, index: int) -> str | None:
+    try:
+        with _PDFIUM_LOCK:
+            page = document[index]
+            try:
+                textpage = page.get_textpage()
+                try:
+                    return str(textpage.get_text_range())
+                finally:
+                    textpage.close()
+            finally:
+                page.close()
+    except Exception as exc:  # pypdf tries the page
+        log.info("PDFium cannot read PDF page %d (%s)", index + 1, type(exc).__name__)
+        return None
 
 
 def pdf_headings(reader: PdfReader, n_pages: int) -> list[str | None]:

@@ -16,7 +16,7 @@ from engine.jobs import JobContext
 from engine.rag.collections import Collection, CollectionStore, Document, Source
 from engine.rag.embedder import DEFAULT_EMBEDDER
 from engine.rag.evaluation import RetrievalEvaluation
-from engine.rag.grounding import Grounding, ground
+from engine.rag.grounding import Grounding, ground, topic_words
 from engine.rag.indexer import Indexer, IndexReport, fault_reason, fault_summary
 from engine.rag.retrieval import Retriever, SearchResult
 from engine.rag.scanner import identities, is_private, is_protected, path_of_shown, shown_path
@@ -327,11 +327,13 @@ class Documents:
         """Retrieve for a question and decide how it may be answered."""
         collection = self.store.get(name)
         summary = self.store.summary(collection)
-        results = []
+        results: list[SearchResult] = []
+        unknown: list[str] = []
         if summary["indexed"]:
             collection = self._current(collection, reindex=False)
             results = self._retriever.search(collection, question, k)
-        return ground(collection.name, question, results, summary)
+            unknown = self.store.unknown_words(collection, topic_words(question))
+        return ground(collection.name, question, results, summary, unknown)
 
 
 def _pdf_page(path: str, page: int) -> SourceText:

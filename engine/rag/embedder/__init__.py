@@ -1,4 +1,7 @@
-"""Sentence embeddings for retrieval: int8 ONNX Runtime where it is faithful, torch fp32 otherwise.
+"""Sentence embeddings for retrieval: the fastest backend that is faithful to fp32 on this machine.
+
+The backend is measured once per machine and model (``choice``): int8 ONNX Runtime, torch
+bf16 where the CPU has bf16 in hardware, torch fp32. What follows is about the int8 path.
 
 Measured on a 2-core AVX-512 VNNI machine with all-MiniLM-L6-v2 (texts of ~120 word
 pieces, batches of 64): sentence-transformers fp32 38 texts/s, ONNX Runtime fp32 47/s,
@@ -20,7 +23,8 @@ indexed 2.5x faster than sentence-transformers fp32 + IndexFlatIP, recall@1/@5 e
 within noise.
 
 The package: ``layout`` (what an id names on disk, content keys), ``model`` (the loaded
-``Embedder``), ``loader`` (backend choice, one embedder per model and backend),
+``Embedder``), ``choice`` (measuring the backends), ``loader`` (one embedder per model and
+backend),
 ``torch_backend``, ``onnx_backend`` (the int8 path and its quality check), ``cache`` (the
 exports on disk) and ``export`` (ONNX export and quantization). Importing it loads no
 numpy, torch or ONNX Runtime: the backends are imported when a model is loaded.
@@ -29,18 +33,25 @@ numpy, torch or ONNX Runtime: the backends are imported when a model is loaded.
 from __future__ import annotations
 
 from engine.rag.embedder.layout import DEFAULT_EMBEDDER, embedder_key, resolve_embedder
-from engine.rag.embedder.loader import BACKEND_ENV, clear_embedder_cache, get_embedder
-from engine.rag.embedder.model import BACKENDS, ONNX_INT8, TORCH_FP32, Embedder
+from engine.rag.embedder.loader import (
+    BACKEND_ENV,
+    clear_embedder_cache,
+    get_embedder,
+    recorded_backend,
+)
+from engine.rag.embedder.model import BACKENDS, ONNX_INT8, TORCH_BF16, TORCH_FP32, Embedder
 
 __all__ = [
     "BACKENDS",
     "BACKEND_ENV",
     "DEFAULT_EMBEDDER",
     "ONNX_INT8",
+    "TORCH_BF16",
     "TORCH_FP32",
     "Embedder",
     "clear_embedder_cache",
     "embedder_key",
     "get_embedder",
+    "recorded_backend",
     "resolve_embedder",
 ]

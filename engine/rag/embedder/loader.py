@@ -6,7 +6,9 @@ import logging
 import os
 import shutil
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from engine.errors import InvalidInput, OperationFailed
 from engine.rag.embedder.cache import NoOnnx, default_cache_dir
@@ -17,7 +19,10 @@ from engine.rag.embedder.layout import (
     read_layout,
     resolve_embedder,
 )
-from engine.rag.embedder.model import BACKENDS, ONNX_INT8, TORCH_FP32, Embedder
+from engine.rag.embedder.model import BACKENDS, ONNX_INT8, TORCH_BF16, TORCH_FP32, Embedder
+
+if TYPE_CHECKING:
+    from engine.rag.embedder.choice import BackendChoice
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +32,7 @@ BACKEND_ENV = "BASTION_EMBEDDER_BACKEND"
 # loaded afresh by a long-running process (the app, the server), not served from memory.
 _CACHE: dict[tuple[str, str, str], Embedder] = {}
 _LOCK = threading.Lock()
+_MEASURING = threading.Lock()  # one measurement at a time in a process
 
 
 def get_embedder(
@@ -38,20 +44,22 @@ def get_embedder(
 ) -> Embedder:
     """The embedder for ``model_id``, loaded once per process and backend.
 
-    ``auto`` runs the int8 ONNX model where the folder is a plain Transformer + Pooling
-    (mean or cls) [+ Normalize] model and its export passes the quality check, and torch
-    fp32 otherwise (with a logged warning). ``$BASTION_EMBEDDER_BACKEND`` forces one when
-    ``backend`` is ``auto``; an explicit ``backend`` argument wins over it.
+    ``auto`` runs the backend measured fastest among the faithful ones on this machine
+    (``choice``: int8 ONNX where the folder is a plain Transformer + Pooling model and its
+    export passes the quality check, torch bf16 on CPUs with bf16 in hardware, torch fp32),
+    measured the first time and recorded in ``cache_dir``. ``$BASTION_EMBEDDER_BACKEND``
+    forces one when ``backend`` is ``auto``; an explicit ``backend`` argument wins over it.
 
     Args:
         model_id: ``all-minilm-l6-v2`` or the path of a local sentence-transformers folder.
         cache_dir: where int8 exports are kept (the engine passes ``<home>/cache/embedders``);
             None means the user cache dir.
-        backend: ``auto``, ``onnx-int8`` or ``torch-fp32``.
-        export_in_child: run the one-time int8 export in a child process, so that this
-            process never imports torch for it. The desktop app asks for this: next to a
-            running Qt event loop the export has crashed the process (a segfault inside
-            ``import torch`` on the worker thread) and stalled the window.
+        backend: ``auto`` or one of ``BACKENDS``.
+        export_in_child: run the one-time measurement and int8 export in a child
+            process, so that this process never imports torch for them. The desktop app
+            asks for this: next to a running Qt event loop the export has crashed the
+            process (a segfault inside ``import torch`` on the worker thread) and
+            stalled the window.
 
     Raises:
         NotFound: no such embedder id or folder.
@@ -98,24 +106,92 @@ def _load(
     from engine.rag.embedder.torch_backend import torch_embedder
 
     layout = read_layout(folder)
-    if requested == ONNX_INT8 or (requested == "auto" and not _cuda_available()):
-        try:
+
+    def load(backend: str, forced: bool = True) -> Embedder:
+        if backend == ONNX_INT8:
             return onnx_embedder(
                 model_id,
                 folder,
                 layout,
                 cache_dir,
-                forced=requested != "auto",
+                forced=forced,
                 export_in_child=export_in_child,
             )
-        except NoOnnx as exc:
-            if requested == ONNX_INT8:
-                raise OperationFailed(
-                    f"the embedder {model_id} cannot run as {ONNX_INT8}: {exc}",
-                    hint=f"unset {BACKEND_ENV} to fall back to {TORCH_FP32}",
-                ) from exc
-            log.warning("embedder %s runs in %s: %s", model_id, TORCH_FP32, exc)
+        return torch_embedder(model_id, folder, layout, backend)
+
+    backend = requested
+    if requested == "auto":
+        backend = choose_backend(
+            model_id, folder, cache_dir, lambda b: load(b, False), in_child=export_in_child
+        )
+    try:
+        return load(backend, forced=requested != "auto")
+    except NoOnnx as exc:
+        if requested == ONNX_INT8:
+            raise OperationFailed(
+                f"the embedder {model_id} cannot run as {ONNX_INT8}: {exc}",
+                hint=f"unset {BACKEND_ENV} to fall back to {TORCH_FP32}",
+            ) from exc
+        log.warning("embedder %s runs in %s: %s", model_id, TORCH_FP32, exc)
     return torch_embedder(model_id, folder, layout)
+
+
+def choice_key(folder: Path) -> str:
+    """The key of ``folder``'s recorded backend on this machine (``choice.machine_key``)."""
+    from engine.rag.embedder.choice import machine_key
+
+    return machine_key(folder_key(folder))
+
+
+def recorded_backend(model_id: str, cache_dir: Path) -> BackendChoice | None:
+    """The backend recorded for ``model_id`` on this machine, or None (not measured yet)."""
+    from engine.rag.embedder.choice import read_choice
+
+    return read_choice(cache_dir, choice_key(resolve_embedder(model_id)))
+
+
+def choose_backend(
+    model_id: str,
+    folder: Path,
+    cache_dir: Path,
+    load: Callable[[str], Embedder],
+    *,
+    in_child: bool = False,
+) -> str:
+    """The recorded backend of this machine and model, measured and recorded the first time.
+
+    ``in_child``: measure in a child process (it loads torch; see ``get_embedder``). If the
+    child records nothing, int8 is taken where its export passed its check, else fp32.
+    """
+    from engine.rag.embedder.choice import (
+        cpu_flags,
+        has_fast_bf16,
+        measure,
+        read_choice,
+        record_choice,
+    )
+
+    key = choice_key(folder)
+    recorded = read_choice(cache_dir, key)
+    if recorded is not None:
+        return recorded.backend
+    if _cuda_available():
+        return TORCH_FP32  # torch runs on the GPU, far ahead of any CPU backend
+    if in_child:
+        from engine.rag.embedder.onnx_backend import measure_in_child
+
+        measure_in_child(model_id, cache_dir)
+        recorded = read_choice(cache_dir, key)
+        return recorded.backend if recorded is not None else ONNX_INT8
+    candidates = [ONNX_INT8, *([TORCH_BF16] if has_fast_bf16(cpu_flags()) else [])]
+    with _MEASURING:
+        recorded = read_choice(cache_dir, key)  # another thread measured meanwhile
+        if recorded is not None:
+            return recorded.backend
+        choice = measure(model_id, candidates, load)
+        record_choice(cache_dir, key, choice)
+    log.info("embedder %s: chose %s on this machine", model_id, choice.summary())
+    return choice.backend
 
 
 def _cuda_available() -> bool:

@@ -14,7 +14,8 @@ if TYPE_CHECKING:
 
 ONNX_INT8 = "onnx-int8"
 TORCH_FP32 = "torch-fp32"
-BACKENDS = (ONNX_INT8, TORCH_FP32)
+TORCH_BF16 = "torch-bf16"
+BACKENDS = (ONNX_INT8, TORCH_BF16, TORCH_FP32)
 
 
 class Embedder:
@@ -24,7 +25,7 @@ class Embedder:
         model_id: the id it was asked for (``all-minilm-l6-v2`` or a folder path).
         dimension: length of every vector.
         max_tokens: texts are cut to this many tokens (special tokens included).
-        backend: ``onnx-int8`` or ``torch-fp32``.
+        backend: one of ``BACKENDS``.
     """
 
     def __init__(

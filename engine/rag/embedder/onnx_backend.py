@@ -60,17 +60,22 @@ _CHILD_EXPORT = (
     "from engine.privacy import guard\n"
     "guard.activate()\n"
     "from engine.rag.embedder import get_embedder\n"
-    "get_embedder(sys.argv[1], cache_dir=Path(sys.argv[2]), backend='onnx-int8')\n"
+    "get_embedder(sys.argv[1], cache_dir=Path(sys.argv[2]), backend=sys.argv[3])\n"
 )
 
 
-def _export_in_child(model_id: str, cache_dir: Path) -> None:
+def measure_in_child(model_id: str, cache_dir: Path) -> None:
+    """Measure the backends (and export int8) in a child process; the record is read after."""
+    _export_in_child(model_id, cache_dir, "auto")
+
+
+def _export_in_child(model_id: str, cache_dir: Path, backend: str = ONNX_INT8) -> None:
     """Run the int8 export in a child process; its outcome is read from the cache after."""
     import subprocess
     import sys
 
     done = subprocess.run(
-        [sys.executable, "-c", _CHILD_EXPORT, model_id, str(cache_dir)],
+        [sys.executable, "-c", _CHILD_EXPORT, model_id, str(cache_dir), backend],
         capture_output=True,
         text=True,
         timeout=1800,

@@ -1,4 +1,5 @@
-"""The torch fp32 backend: the model as sentence-transformers runs it, the reference for int8."""
+"""The torch backends: the model as sentence-transformers runs it in fp32 (the reference for
+every other backend), or in bf16 on CPUs with bf16 in hardware."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 
 from engine.errors import InvalidInput
 from engine.rag.embedder.layout import Layout
-from engine.rag.embedder.model import TORCH_FP32, Embedder
+from engine.rag.embedder.model import TORCH_BF16, TORCH_FP32, Embedder
 
 
 def quiet_hf_progress() -> None:
@@ -21,17 +22,23 @@ def quiet_hf_progress() -> None:
         pass
 
 
-def torch_embedder(model_id: str, folder: Path, layout: Layout) -> Embedder:
-    """The ``torch-fp32`` embedder of a sentence-transformers folder.
+def torch_embedder(
+    model_id: str, folder: Path, layout: Layout, backend: str = TORCH_FP32
+) -> Embedder:
+    """The ``torch-fp32`` (or ``torch-bf16``) embedder of a sentence-transformers folder.
 
     Raises:
         InvalidInput: the folder cannot be loaded, or does not say its vector size.
     """
     quiet_hf_progress()
     try:
+        import torch
         from sentence_transformers import SentenceTransformer
 
-        model = SentenceTransformer(str(folder), device=None, local_files_only=True)
+        dtype = torch.bfloat16 if backend == TORCH_BF16 else torch.float32
+        model = SentenceTransformer(
+            str(folder), device=None, local_files_only=True, model_kwargs={"dtype": dtype}
+        )
     except ImportError:
         raise
     except Exception as exc:  # any broken file surfaces as some library error
@@ -42,9 +49,9 @@ def torch_embedder(model_id: str, folder: Path, layout: Layout) -> Embedder:
 
     def encode_batch(texts: list[str]) -> np.ndarray:
         vectors = model.encode(
-            texts, batch_size=len(texts), convert_to_numpy=True, show_progress_bar=False
+            texts, batch_size=len(texts), convert_to_tensor=True, show_progress_bar=False
         )
-        return np.asarray(vectors, dtype=np.float32)
+        return np.asarray(vectors.float().cpu().numpy(), dtype=np.float32)
 
     from tokenizers import Tokenizer
 
@@ -58,7 +65,7 @@ def torch_embedder(model_id: str, folder: Path, layout: Layout) -> Embedder:
         model_id=model_id,
         dimension=int(dimension),
         max_tokens=int(model.get_max_seq_length() or layout.max_tokens),
-        backend=TORCH_FP32,
+        backend=backend,
         encode_batch=encode_batch,
         counter=counter,
         lowercase=layout.lowercase,
