@@ -227,6 +227,7 @@ class Outcome:
     refused_unanswerable: int | None = None
     # The best dense cosine among each question's passages: (answerable, cosine).
     top_cosines: list[tuple[bool, float]] | None = None
+    backend: str = "sentence-transformers fp32"  # what embedded the chunks
 
 
 def _score(
@@ -263,6 +264,7 @@ def run_naive(files: list[Path], questions: list[Question]) -> Outcome:
 
 def run_bastion(files: list[Path], questions: list[Question], scratch: Path) -> Outcome:
     from engine import Engine, JobContext
+    from engine.rag.embedder import DEFAULT_EMBEDDER, recorded_backend
 
     engine = Engine(scratch / "home")
     docs = engine.documents
@@ -275,6 +277,8 @@ def run_bastion(files: list[Path], questions: list[Question], scratch: Path) -> 
         started = time.perf_counter()
         report = docs.add("set", [str(f) for f in files], JobContext())
         seconds = time.perf_counter() - started
+        chosen = recorded_backend(DEFAULT_EMBEDDER, scratch / "home" / "cache" / "embedders")
+        backend = chosen.summary() if chosen else docs.embedder(DEFAULT_EMBEDDER).backend
 
         def search(text: str, k: int, mode: str) -> list[tuple[str, int | None]]:
             return [(r.chunk.path, r.chunk.page) for r in docs.search("set", text, k, mode)]
@@ -288,7 +292,14 @@ def run_bastion(files: list[Path], questions: list[Question], scratch: Path) -> 
             best = max((r.dense_score or 0.0 for r in grounding.results), default=0.0)
             cosines.append((q.answerable, best))
         return Outcome(
-            seconds, report.chunks, scores, file_hit1, refused[True], refused[False], cosines
+            seconds,
+            report.chunks,
+            scores,
+            file_hit1,
+            refused[True],
+            refused[False],
+            cosines,
+            backend,
         )
     finally:
         engine.close()
@@ -320,7 +331,8 @@ def report(doc_set: DocSet, files: list[Path], questions: list[Question], naive:
         "",
         f"Indexing: naive {naive.seconds:.1f} s ({naive.chunks} chunks), bastion "
         f"{ours.seconds:.1f} s ({ours.chunks} chunks): bastion is "
-        f"{naive.seconds / ours.seconds:.2f}x the naive speed.",
+        f"{naive.seconds / ours.seconds:.2f}x the naive speed. Bastion's embedder backend, "
+        f"measured on this machine: {ours.backend}.",
         "",
         f'Gate ("nothing relevant"): refused {ours.refused_answerable} of {answerable} '
         f"answerable questions and {ours.refused_unanswerable} of {unanswerable} "

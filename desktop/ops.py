@@ -83,6 +83,7 @@ NATIVE_MODULES = (
     # indexing worker crashed the suite with SIGSEGV; lxml is python-docx's parser.
     "cryptography",
     "pypdf",
+    "pypdfium2",  # PDFium, loaded through ctypes: PDF page text
     "lxml.etree",
 )
 _preloaded: set[str] = set()

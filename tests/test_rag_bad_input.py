@@ -123,13 +123,13 @@ def test_file_changing_once_while_indexed_is_read_again(docs: tuple[Engine, Path
 def test_file_that_keeps_changing_fails_with_a_reason(
     docs: tuple[Engine, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from engine.rag import indexer
+    from engine.rag import reading
 
     engine, root = docs
     root.mkdir()
     target = root / "log.txt"
     target.write_text(GOOD + "\n")
-    real_hash = indexer._sha256
+    real_hash = reading._sha256
 
     def hash_then_edit(path: str, ctx: JobContext) -> str:
         # Someone writes to the file right after each time it is hashed: every attempt.
@@ -138,7 +138,7 @@ def test_file_that_keeps_changing_fails_with_a_reason(
             fh.write("Another line from a program that keeps writing.\n")
         return digest
 
-    monkeypatch.setattr(indexer, "_sha256", hash_then_edit)
+    monkeypatch.setattr(reading, "_sha256", hash_then_edit)
     report = engine.documents.add("docs", [str(root)], JobContext())
     state, error = _states(engine)["log.txt"]
     assert state == "failed" and "changed while it was being indexed" in (error or "")

@@ -151,6 +151,7 @@ def test_no_guessing_when_nothing_relevant_or_empty(cli, indexed: tuple[Path, Pa
         "chat", "Explain quantum chromodynamics gluon confinement.", "-c", "docs", "--json"
     ).json()
     # Words the documents never hold: refused by name, whatever the passages' cosine.
+    assert "nothing relevant" in off_topic["answer"]
     assert "never mention “quantum”, “chromodynamics”, “gluon”" in off_topic["answer"]
     assert off_topic["usage"]["completion_tokens"] == 0
     assert off_topic["citations"], "the retrieved passages are still shown"

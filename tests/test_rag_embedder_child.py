@@ -30,3 +30,4 @@ def test_first_export_happens_in_a_child_and_torch_stays_out(tmp_path: Path) -> 
     assert backend == "onnx-int8" and torch_loaded == "False" and dimension == "384"
     cache = tmp_path / "cache" / "embedders"
     assert list(cache.glob("*/*.onnx")), "the child left the export in the cache"
+    assert (cache / "backend-choice.json").is_file(), "the child measured the backends"

@@ -360,7 +360,7 @@ def test_keyword_index_of_an_older_database_is_rebuilt_stemmed() -> None:
 
 
 def test_the_embedder_reads_the_heading_path_with_the_text() -> None:
-    from engine.rag.indexer import embedded_text
+    from engine.rag.reading import embedded_text
 
     assert embedded_text("It takes three values.", "Fit › Limits") == (
         "Fit › Limits\nIt takes three values."

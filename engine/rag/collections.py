@@ -388,15 +388,15 @@ class CollectionStore:
             found.update(r[0] for r in rows)
         return set(unique) - found
 
-    def write_batch(
+    def write_chunks(
         self,
-        document_id: int,
         embedder: str,
         key: str,
-        chunks: Sequence[NewChunk],
+        groups: Sequence[tuple[int, Sequence[NewChunk]]],
         vectors: dict[str, np.ndarray],
     ) -> None:
-        """Store a batch of chunks and the vectors computed for them, in one transaction."""
+        """Store chunks of one or more documents, (document id, chunks) each, and the vectors
+        computed for them, in one transaction."""
         import numpy as np
 
         with self.db.transaction() as conn:
@@ -420,6 +420,7 @@ class CollectionStore:
                         c.heading,
                         c.text_hash,
                     )
+                    for document_id, chunks in groups
                     for c in chunks
                 ],
             )

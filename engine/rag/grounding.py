@@ -195,9 +195,9 @@ def ground(
     if len(unknown_words) >= UNKNOWN_TO_REFUSE:
         named = ", ".join(f"“{w}”" for w in unknown_words)
         refusal = (
-            f"The documents in “{collection_name}” never mention {named}, so I cannot "
-            "answer this from them and will not guess. The closest passages are listed "
-            "below; if the documents call it something else, ask with their words."
+            f"I found nothing relevant to this question in “{collection_name}”: its "
+            f"documents never mention {named}, so I will not guess. The closest passages "
+            "are listed below; if the documents call it something else, ask with their words."
         )
     elif not relevant:
         refusal = (

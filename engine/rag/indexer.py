@@ -14,6 +14,10 @@ clears a pending document's partial chunks and does it again, so the result is e
 what a clean run produces. Vectors are stored by chunk-text hash, so text that was
 already embedded (an earlier attempt, a duplicate file) is not embedded again.
 
+Documents are read (stat, hash, parse, cut) on a thread of their own, ahead of the
+embedding (``reading.Reader``); chunks of several small documents are embedded in one batch,
+and each document is still finished alone, in order, after its last chunk is written.
+
 Whatever goes wrong while one document is read, cut or embedded fails that document
 alone (state ``failed``, a plain reason) and the run goes on: parsers are large libraries
 that raise every kind of exception on odd files (python-docx a ``ValueError`` quoting the
@@ -26,25 +30,36 @@ message: their messages quote the document.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
-import traceback
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from engine.errors import BastionError, Cancelled, EnvironmentFault
 from engine.jobs import JobContext
-from engine.rag.collections import Collection, CollectionStore, Document, NewChunk, safe_text
+from engine.rag.collections import Collection, CollectionStore, Document, NewChunk
+from engine.rag.reading import (
+    BATCH,
+    Begin,
+    Chunks,
+    End,
+    Reader,
+    embedded_text,
+    fault_reason,
+    fault_summary,
+)
 from engine.rag.scanner import FoundFile, identities, scan, shown_path
 
 log = logging.getLogger(__name__)
 
-BATCH = 64  # chunks embedded and committed together
-_HASH_BLOCK = 1 << 20
+_CHANGED = "the file changed while it was being indexed; sync again later"
+# Texts per model call when a flush of ``BATCH`` chunks is embedded. The embedder sorts the
+# flush by length first, so small calls pad little: on the gnuplot manual (652 small HTML
+# pages) calls of 16 indexed in 22.4 s, calls of 64 in 25-26 s (2-core AMD EPYC).
+EMBED_BATCH = 16
 
 
 @dataclass
@@ -73,109 +88,6 @@ class IndexReport:
             "cancelled": self.cancelled,
             "seconds": round(self.seconds, 3),
         }
-
-
-class _FileChanged(Exception):
-    pass
-
-
-class _ReaderFault(Exception):
-    """An unexpected exception from a document's parser (the original is ``__cause__``)."""
-
-
-# Exceptions that end the process or a generator: never a document's fault.
-_NOT_A_DOCUMENT_FAULT = (KeyboardInterrupt, SystemExit, GeneratorExit)
-_KIND_NAMES = {"pdf": "PDF", "docx": "DOCX", "html": "HTML", "markdown": "Markdown"}
-
-
-def _where(frame: traceback.FrameSummary) -> str:
-    name = frame.filename.replace(os.sep, "/")
-    for marker in ("/site-packages/", "/engine/"):
-        if marker in name:
-            cut = name.rindex(marker) + (1 if marker == "/engine/" else len(marker))
-            name = name[cut:]
-            break
-    return f"{name}:{frame.lineno} in {frame.name}"
-
-
-def fault_summary(exc: BaseException) -> str:
-    """An exception's type and where it was raised, without its message.
-
-    For faults raised while reading user data: a parser's message can quote the document
-    (``HTMLParser``'s ``AssertionError`` does), and document text never goes to the log.
-    The innermost frame and the innermost frame of Bastion's own code are named.
-    """
-    frames = traceback.extract_tb(exc.__traceback__)
-    text = type(exc).__name__
-    if frames:
-        text += f" at {_where(frames[-1])}"
-        own = [f for f in frames if "/engine/" in f.filename.replace(os.sep, "/")]
-        if own and own[-1] is not frames[-1]:
-            text += f" (called from {_where(own[-1])})"
-    cause = exc.__cause__ or exc.__context__
-    if cause is not None and cause is not exc:
-        text += f"; while handling {type(cause).__name__}"
-    return text
-
-
-def fault_reason(fault: BaseException, kind: str | None) -> str:
-    """The plain reason shown for a document that an unexpected exception failed.
-
-    Args:
-        fault: the exception (its message is never used: it can quote the document).
-        kind: the document's kind when its parser raised ``fault``; None for a later step.
-    """
-    name = type(fault).__name__
-    if isinstance(fault, MemoryError):
-        return f"not enough memory to read it ({name})"
-    if kind is not None:
-        return f"the {_KIND_NAMES.get(kind, kind)} parser failed ({name})"
-    return f"indexing failed ({name})"
-
-
-def _guarded(open_sections: Callable[[], Iterable[Any]]) -> Iterator[Any]:
-    """The sections of a document, with any unexpected parser exception as ``_ReaderFault``.
-
-    ``DocumentError`` (the loaders' own verdicts), ``OSError``, ``Cancelled`` and Bastion's
-    other errors pass unchanged; so do the exceptions that end a process or a generator.
-    """
-    try:
-        yield from open_sections()
-    except (BastionError, Cancelled, OSError, *_NOT_A_DOCUMENT_FAULT):
-        raise
-    except BaseException as exc:  # PanicException of Rust libraries is a BaseException
-        raise _ReaderFault from exc
-
-
-def _chunk_hash(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def embedded_text(text: str, heading: str | None) -> str:
-    """What the embedder reads for a chunk: its heading path, then its text. A passage
-    deep in a section ("It accepts three values...") says what it is about only through
-    the headings above it."""
-    return f"{heading}\n{text}" if heading else text
-
-
-def _sha256(path: str, ctx: JobContext) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(_HASH_BLOCK):
-            digest.update(block)
-            ctx.check_cancelled()
-    return digest.hexdigest()
-
-
-def _batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    batch: list[Any] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 class Indexer:
@@ -266,190 +178,179 @@ class Indexer:
     def _process_all(
         self, collection: Collection, pending: list[Document], report: IndexReport, ctx: JobContext
     ) -> None:
-        total = len(pending)
-        started = time.monotonic()
-        ctx.report(0, total, "scanning done")
-        for done, doc in enumerate(pending):
-            ctx.check_cancelled()
-            name = os.path.basename(doc.path)  # the shown path: labels reach the GUI
-            elapsed = time.monotonic() - started
-            rate = f", {report.chunks / elapsed:.0f} chunks/s" if elapsed > 1 else ""
-            ctx.report(done, total, f"{name} · {report.chunks} chunks{rate}")
-            for attempt in range(2):
-                try:
-                    self._process(collection, doc, report, ctx)
-                    break
-                except _FileChanged:
-                    if attempt == 1:
-                        msg = "the file changed while it was being indexed; sync again later"
-                        self._store.finish_document(collection, doc.id, state="failed", error=msg)
-                        report.failed.append((doc.path, msg))
-        ctx.report(total, total, f"done · {report.chunks} chunks")
-
-    def _process(
-        self, collection: Collection, doc: Document, report: IndexReport, ctx: JobContext
-    ) -> None:
-        from engine.rag.chunking import chunk_sections
-        from engine.rag.loaders import DocumentError, detect_kind, load_document
-
-        path = doc.os_path
-        try:
-            before = os.stat(path)
-        except OSError as exc:
-            self._fail(
-                collection, doc, report, f"cannot read: {(exc.strerror or str(exc)).lower()}"
-            )
-            return
-        kind = detect_kind(Path(path))
-        if kind is None:
-            ext = shown_path(Path(path).suffix) or "no extension"
-            self._store.finish_document(
-                collection,
-                doc.id,
-                state="skipped",
-                error=f"unsupported file type ({ext})",
-                size=before.st_size,
-                mtime_ns=before.st_mtime_ns,
-            )
-            report.skipped += 1
-            return
-        try:
-            content_hash = _sha256(path, ctx)
-        except OSError as exc:
-            self._fail(
-                collection, doc, report, f"cannot read: {(exc.strerror or str(exc)).lower()}"
-            )
-            return
-        if doc.content_hash == content_hash and doc.chunk_count > 0:
-            self._store.touch(doc.id, before.st_size, before.st_mtime_ns)  # renamed or touched
-            report.unchanged += 1
-            return
-
-        key = collection.embedder_key
-        if key is None:  # Documents.sync records it before every run
+        if collection.embedder_key is None:  # Documents.sync records it before every run
             raise RuntimeError(f"collection {collection.name!r} has no embedder content key")
-        embedder = self._embedder_for(collection.embedder)
-        self._store.clear_chunks(doc.id)
-        written = 0
-        pages: set[int] = set()
-        try:
-            sections = _guarded(lambda: load_document(Path(path), ctx.check_cancelled))
-            chunks = chunk_sections(sections, embedder.count_tokens)
-            for batch in _batched(chunks, BATCH):
-                new = []
-                for c in batch:
-                    # A parser can hand over lone surrogates (a broken PDF text map);
-                    # SQLite and the hash refuse them.
-                    text = safe_text(c.text)
-                    heading = None if c.heading is None else safe_text(c.heading)
-                    new.append(
-                        NewChunk(
-                            c.ordinal,
-                            text,
-                            c.page,
-                            c.line_start,
-                            c.line_end,
-                            heading,
-                            # Vectors are kept by what was embedded: text and heading path.
-                            _chunk_hash(embedded_text(text, heading)),
-                        )
-                    )
-                pages.update(c.page for c in new if c.page is not None)
-                missing = self._store.missing_vectors(
-                    collection.embedder, key, [c.text_hash for c in new]
-                )
-                to_embed = [c for c in new if c.text_hash in missing]
-                to_embed = list({c.text_hash: c for c in to_embed}.values())
-                vectors = {}
-                if to_embed:
-                    matrix = embedder.encode(
+        run = _Run(self._store, collection, self._embedder_for(collection.embedder), report, ctx)
+        run.progress(len(pending), "scanning done")
+        changed = run.index(pending)
+        if changed:  # read once more; a file that changes again fails with a reason
+            for doc in run.index(changed):
+                self._store.finish_document(collection, doc.id, state="failed", error=_CHANGED)
+                report.failed.append((doc.path, _CHANGED))
+                run.done_one(doc)
+        run.progress(len(pending), f"done · {report.chunks} chunks", finished=True)
+
+
+@dataclass
+class _Written:
+    """A document begun in this run: how much of it is written."""
+
+    chunks: int = 0
+    pages: set[int] = field(default_factory=set)
+
+
+class _Run:
+    """One indexing run on the indexer's thread: takes the reader's events, embeds chunks in
+    full batches across documents, writes them, and finishes each document in order."""
+
+    def __init__(
+        self,
+        store: CollectionStore,
+        collection: Collection,
+        embedder: Any,
+        report: IndexReport,
+        ctx: JobContext,
+    ) -> None:
+        self.store, self.collection, self.embedder = store, collection, embedder
+        self.report, self.ctx = report, ctx
+        self.key = str(collection.embedder_key)
+        self.started = time.monotonic()
+        self.done = 0
+        self.total = 0
+        self.buffer: list[tuple[Document, NewChunk]] = []  # chunks waiting for vectors
+        self.waiting: list[End] = []  # verdicts waiting for their chunks to be written
+        self.written: dict[int, _Written] = {}
+
+    def progress(self, total: int, label: str, *, finished: bool = False) -> None:
+        self.total = total
+        self.ctx.report(total if finished else self.done, total, label)
+
+    def done_one(self, doc: Document) -> None:
+        self.done += 1
+        name = os.path.basename(doc.path)  # the shown path: labels reach the GUI
+        elapsed = time.monotonic() - self.started
+        rate = f", {self.report.chunks / elapsed:.0f} chunks/s" if elapsed > 1 else ""
+        self.ctx.report(
+            min(self.done, self.total), self.total, f"{name} · {self.report.chunks} chunks{rate}"
+        )
+
+    def index(self, docs: list[Document]) -> list[Document]:
+        """Index ``docs``; the ones that changed while they were read are returned."""
+        changed: list[Document] = []
+        with Reader(docs, self.embedder.count_tokens, self.ctx) as reader:
+            for event in reader.events():
+                self.ctx.check_cancelled()
+                if isinstance(event, Begin):
+                    self.store.clear_chunks(event.doc.id)
+                    self.written[event.doc.id] = _Written()
+                elif isinstance(event, Chunks):
+                    self.buffer.extend((event.doc, c) for c in event.chunks)
+                    if len(self.buffer) >= BATCH:
+                        self.flush()
+                elif event.state == "indexed" and any(d.id == event.doc.id for d, _ in self.buffer):
+                    self.waiting.append(event)
+                    if not reader.pending():  # the reader is behind: do not wait for it
+                        self.flush()
+                else:
+                    if event.state == "changed":
+                        changed.append(event.doc)
+                    self.finish(event)
+            self.flush()
+        return changed
+
+    def flush(self) -> None:
+        """Embed the buffered chunks in one batch, write them, finish the waiting documents."""
+        if self.buffer:
+            store, collection = self.store, self.collection
+            missing = store.missing_vectors(
+                collection.embedder, self.key, [c.text_hash for _, c in self.buffer]
+            )
+            to_embed = list(
+                {c.text_hash: c for _, c in self.buffer if c.text_hash in missing}.values()
+            )
+            groups: dict[int, list[NewChunk]] = {}
+            for doc, chunk in self.buffer:
+                groups.setdefault(doc.id, []).append(chunk)
+            vectors = {}
+            if to_embed:
+                try:
+                    matrix = self.embedder.encode(
                         [embedded_text(c.text, c.heading) for c in to_embed],
-                        check_cancelled=ctx.check_cancelled,
+                        batch_size=EMBED_BATCH,
+                        check_cancelled=self.ctx.check_cancelled,
                     )
-                    vectors = {c.text_hash: matrix[i] for i, c in enumerate(to_embed)}
-                self._store.write_batch(doc.id, collection.embedder, key, new, vectors)
-                written += len(new)
-                ctx.check_cancelled()
-        except DocumentError as exc:
-            self._store.clear_chunks(doc.id)
-            self._store.finish_document(
+                except (Cancelled, EnvironmentFault):
+                    raise
+                except Exception as exc:  # the embedder's own fault fails these documents
+                    self._fail_batch(exc)
+                    return
+                vectors = {c.text_hash: matrix[i] for i, c in enumerate(to_embed)}
+            store.write_chunks(collection.embedder, self.key, list(groups.items()), vectors)
+            for doc_id, chunks in groups.items():
+                written = self.written[doc_id]
+                written.chunks += len(chunks)
+                written.pages.update(c.page for c in chunks if c.page is not None)
+            self.buffer.clear()
+        for end in self.waiting:
+            self.finish(end)
+        self.waiting.clear()
+
+    def _fail_batch(self, exc: Exception) -> None:
+        """Fail every document with chunks in the buffer: the batch could not be embedded."""
+        log.warning("a batch of chunks could not be embedded: %s", fault_summary(exc))
+        reason = exc.message if isinstance(exc, BastionError) else fault_reason(exc, None)
+        docs = {doc.id: doc for doc, _ in self.buffer}
+        self.buffer.clear()
+        self.waiting = [end for end in self.waiting if end.doc.id not in docs]
+        for doc in docs.values():
+            # Not the document's fault: no size and time kept, so the next sync tries again.
+            self.finish(End(doc, "failed", None, reason))
+        for end in self.waiting:
+            self.finish(end)
+        self.waiting.clear()
+
+    def finish(self, end: End) -> None:
+        """Record the reader's verdict on a document whose chunks are all written."""
+        doc, store, collection, report = end.doc, self.store, self.collection, self.report
+        before = end.before
+        size = None if before is None else before.st_size
+        mtime_ns = None if before is None else before.st_mtime_ns
+        if end.state != "indexed" and doc.id in self.written:
+            self.buffer = [(d, c) for d, c in self.buffer if d.id != doc.id]
+            store.clear_chunks(doc.id)  # partial chunks of a document that failed midway
+        written = self.written.pop(doc.id, _Written())
+        if end.state == "changed":
+            return  # read again by the caller; counted then
+        if end.state == "unchanged":
+            assert before is not None
+            store.touch(doc.id, before.st_size, before.st_mtime_ns)
+            report.unchanged += 1
+        elif end.state == "indexed" and written.chunks:
+            store.finish_document(
                 collection,
                 doc.id,
-                state=exc.state,
-                error=exc.message,
-                size=before.st_size,
-                mtime_ns=before.st_mtime_ns,
+                state="indexed",
+                size=size,
+                mtime_ns=mtime_ns,
+                content_hash=end.content_hash,
+                pages=len(written.pages) or None,
             )
-            if exc.state == "failed":
-                report.failed.append((doc.path, exc.message))
+            report.indexed += 1
+            report.chunks += written.chunks
+        else:
+            state = "skipped" if end.state == "indexed" else end.state
+            error = "no text" if end.state == "indexed" else end.error
+            store.finish_document(
+                collection,
+                doc.id,
+                state=state,
+                error=error,
+                size=size,
+                mtime_ns=mtime_ns,
+                content_hash=end.content_hash,
+            )
+            if state == "failed":
+                report.failed.append((doc.path, str(error)))
             else:
                 report.skipped += 1
-            return
-        except (Cancelled, EnvironmentFault):
-            raise  # the user's cancel, or the machine's fault: the document stays pending
-        except BastionError as exc:  # Bastion's own errors carry a message safe to show
-            self._store.clear_chunks(doc.id)
-            self._fail(collection, doc, report, exc.message)
-            return
-        except OSError as exc:
-            self._store.clear_chunks(doc.id)
-            self._fail(
-                collection, doc, report, f"cannot read: {(exc.strerror or str(exc)).lower()}"
-            )
-            return
-        except BaseException as exc:  # see the module docstring
-            if isinstance(exc, _NOT_A_DOCUMENT_FAULT):
-                raise
-            parser = isinstance(exc, _ReaderFault) and exc.__cause__ is not None
-            fault = exc.__cause__ if parser and exc.__cause__ is not None else exc
-            log.warning("%r could not be indexed: %s", path, fault_summary(fault))
-            self._store.clear_chunks(doc.id)
-            reason = fault_reason(fault, kind if parser else None)
-            self._store.finish_document(
-                collection,
-                doc.id,
-                state="failed",
-                error=reason,
-                size=before.st_size,
-                mtime_ns=before.st_mtime_ns,
-            )
-            report.failed.append((doc.path, reason))
-            return
-
-        try:
-            after = os.stat(path)
-        except OSError:
-            after = None
-        if after is None or (after.st_size, after.st_mtime_ns) != (
-            before.st_size,
-            before.st_mtime_ns,
-        ):
-            self._store.clear_chunks(doc.id)
-            raise _FileChanged
-        if written == 0:
-            self._store.finish_document(
-                collection,
-                doc.id,
-                state="skipped",
-                error="no text",
-                size=before.st_size,
-                mtime_ns=before.st_mtime_ns,
-                content_hash=content_hash,
-            )
-            report.skipped += 1
-            return
-        self._store.finish_document(
-            collection,
-            doc.id,
-            state="indexed",
-            size=before.st_size,
-            mtime_ns=before.st_mtime_ns,
-            content_hash=content_hash,
-            pages=len(pages) or None,
-        )
-        report.indexed += 1
-        report.chunks += written
-
-    def _fail(self, collection: Collection, doc: Document, report: IndexReport, msg: str) -> None:
-        self._store.finish_document(collection, doc.id, state="failed", error=msg)
-        report.failed.append((doc.path, msg))
+        self.done_one(doc)

@@ -17,7 +17,8 @@ from engine.rag.collections import Collection, CollectionStore, Document, Source
 from engine.rag.embedder import DEFAULT_EMBEDDER
 from engine.rag.evaluation import RetrievalEvaluation
 from engine.rag.grounding import Grounding, ground, topic_words
-from engine.rag.indexer import Indexer, IndexReport, fault_reason, fault_summary
+from engine.rag.indexer import Indexer, IndexReport
+from engine.rag.reading import fault_reason, fault_summary
 from engine.rag.retrieval import Retriever, SearchResult
 from engine.rag.scanner import identities, is_private, is_protected, path_of_shown, shown_path
 from engine.store.db import Database

@@ -160,8 +160,10 @@ def choose_backend(
 ) -> str:
     """The recorded backend of this machine and model, measured and recorded the first time.
 
-    ``in_child``: measure in a child process (it loads torch; see ``get_embedder``). If the
-    child records nothing, int8 is taken where its export passed its check, else fp32.
+    ``in_child``: measure in a child process (it loads torch; see ``get_embedder``), and
+    keep torch out of this process where int8 is faithful, even if a torch backend
+    measured faster (the desktop app: ``import torch`` on a worker thread beside the Qt
+    event loop has crashed it). If the child records nothing, int8 is tried.
     """
     from engine.rag.embedder.choice import (
         cpu_flags,
@@ -173,16 +175,20 @@ def choose_backend(
 
     key = choice_key(folder)
     recorded = read_choice(cache_dir, key)
-    if recorded is not None:
-        return recorded.backend
-    if _cuda_available():
-        return TORCH_FP32  # torch runs on the GPU, far ahead of any CPU backend
-    if in_child:
+    if recorded is None and in_child and not _cuda_available():
         from engine.rag.embedder.onnx_backend import measure_in_child
 
         measure_in_child(model_id, cache_dir)
         recorded = read_choice(cache_dir, key)
-        return recorded.backend if recorded is not None else ONNX_INT8
+        if recorded is None:
+            return ONNX_INT8
+    if recorded is not None:
+        int8_ok = any(t.backend == ONNX_INT8 and t.ok for t in recorded.trials)
+        if in_child and recorded.backend != ONNX_INT8 and int8_ok:
+            return ONNX_INT8
+        return recorded.backend
+    if _cuda_available():
+        return TORCH_FP32  # torch runs on the GPU, far ahead of any CPU backend
     candidates = [ONNX_INT8, *([TORCH_BF16] if has_fast_bf16(cpu_flags()) else [])]
     with _MEASURING:
         recorded = read_choice(cache_dir, key)  # another thread measured meanwhile
