@@ -220,8 +220,8 @@ def test_unicode_file_name_and_markdown_headings(tmp_path: Path) -> None:
     assert [(s.heading, s.line_start, s.line_end) for s in sections] == [
         (None, 1, 4),
         ("Experience", 6, 11),
-        ("Skills", 13, 16),
-        ("Languages", 17, 18),
+        ("Experience › Skills", 13, 16),  # a setext "---" underline is level 2
+        ("Experience › Languages", 17, 18),  # a level-2 heading closes the other
     ]
     assert "# not a heading" in sections[1].text
     assert sections[3].text == "## Languages ##\nFrench"
@@ -253,14 +253,20 @@ def test_docx_headings_and_paragraphs(tmp_path: Path) -> None:
     document.add_heading("Warranty", level=1)
     document.add_paragraph("Two years from purchase.")
     document.add_paragraph("Keep the receipt.")
+    document.add_heading("Claims", level=2)
+    document.add_paragraph("Call the shop.")
+    document.add_heading("Returns", level=1)
+    document.add_paragraph("Within 30 days.")
     table = document.add_table(rows=1, cols=2)
     table.rows[0].cells[0].text, table.rows[0].cells[1].text = "Part", "Years"
     path = tmp_path / "manual.docx"
     document.save(str(path))
     sections = list(load_document(path))
-    assert [s.heading for s in sections] == [None, "Warranty"]
+    # Each part carries its heading path, as in HTML.
+    assert [s.heading for s in sections] == [None, "Warranty", "Warranty › Claims", "Returns"]
     assert sections[0].text == "Preamble paragraph."
-    assert sections[1].text == "Warranty\nTwo years from purchase.\nKeep the receipt.\nPart | Years"
+    assert sections[1].text == "Warranty\nTwo years from purchase.\nKeep the receipt."
+    assert sections[3].text == "Returns\nWithin 30 days.\nPart | Years"
 
 
 def test_corrupt_docx_fails(tmp_path: Path) -> None:

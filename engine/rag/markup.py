@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import re
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -50,11 +50,27 @@ class Part(NamedTuple):
 # --- Markdown --------------------------------------------------------------------------
 
 
+class Outline:
+    """The headings in force, as a path: a heading of level n closes those of level n and
+    deeper (a document's title is level 0, Markdown's ``#`` and Word's "Heading 1" level 1)."""
+
+    def __init__(self) -> None:
+        self._open: list[tuple[int, str]] = []
+
+    def enter(self, level: int, title: str) -> str | None:
+        """The heading path after a heading of ``level`` named ``title``."""
+        self._open = [(lv, t) for lv, t in self._open if lv < level]
+        if title:
+            self._open.append((level, title))
+        return HEADING_SEPARATOR.join(t for _, t in self._open) or None
+
+
 @dataclass
 class _MarkdownState:
     heading: str | None = None
     fence: str | None = None
     front_matter: bool = False
+    outline: Outline = field(default_factory=Outline)
 
 
 def markdown_parts(blocks: Iterable[tuple[int, str]]) -> Iterator[Part]:
@@ -67,15 +83,15 @@ def markdown_parts(blocks: Iterable[tuple[int, str]]) -> Iterator[Part]:
         if first_line == 1 and text.startswith("---"):
             state.front_matter = True  # YAML front matter: its "---" and "#" are no headings
         start, start_line = 0, first_line
-        for cut, title in _markdown_headings(text, state):
+        for cut, level, title in _markdown_headings(text, state):
             yield Part(text[start:cut], state.heading, start_line)
             start_line += text.count("\n", start, cut)
-            start, state.heading = cut, title
+            start, state.heading = cut, state.outline.enter(level, title)
         yield Part(text[start:], state.heading, start_line)
 
 
-def _markdown_headings(text: str, state: _MarkdownState) -> Iterator[tuple[int, str]]:
-    """(offset where a heading's line starts, heading) for each heading in ``text``."""
+def _markdown_headings(text: str, state: _MarkdownState) -> Iterator[tuple[int, int, str]]:
+    """(offset where a heading's line starts, level, heading) for each heading in ``text``."""
     for m in _MD_LINE.finditer(text):
         if m["fence"]:
             if state.fence is None:
@@ -88,12 +104,12 @@ def _markdown_headings(text: str, state: _MarkdownState) -> Iterator[tuple[int, 
             if m["setext"] and m.start() > 0:
                 state.front_matter = False
         elif m["hashes"]:
-            yield m.start(), (m["title"] or "").strip()
+            yield m.start(), len(m["hashes"]), (m["title"] or "").strip()
         elif m.start() > 0:  # setext: the line above is the heading, if it is a paragraph
             above = text.rfind("\n", 0, m.start() - 1) + 1
             title = text[above : m.start() - 1].strip()
             if title and not title.startswith(("#", ">", "-", "*", "|")):
-                yield above, title
+                yield above, 1 if m["setext"].startswith("=") else 2, title
 
 
 # --- HTML ------------------------------------------------------------------------------
@@ -324,6 +340,7 @@ def docx_parts(document: DocxDocument, check: Callable[[], None]) -> Iterator[Pa
     style_names = _paragraph_style_names(document)
     default_style = style_names.get(None, "")
     heading: str | None = None
+    outline = Outline()
     parts: list[str] = []
     size = 0
     for i, block in enumerate(document.iter_inner_content()):
@@ -339,7 +356,7 @@ def docx_parts(document: DocxDocument, check: Callable[[], None]) -> Iterator[Pa
             style = style_names.get(block._p.style, default_style)
             if text and (style.startswith("Heading") or style == "Title"):
                 yield Part("\n".join(parts), heading)
-                heading, parts, size = text, [], 0
+                heading, parts, size = outline.enter(_docx_level(style), text), [], 0
         if text.strip():
             parts.append(text)
             size += len(text)
@@ -347,6 +364,14 @@ def docx_parts(document: DocxDocument, check: Callable[[], None]) -> Iterator[Pa
             yield Part("\n".join(parts), heading)
             parts, size = [], 0
     yield Part("\n".join(parts), heading)
+
+
+def _docx_level(style: str) -> int:
+    """ "Title" is level 0, "Heading 2" level 2; a heading style without a number, 1."""
+    if style == "Title":
+        return 0
+    digits = style.removeprefix("Heading").strip()
+    return int(digits) if digits.isdigit() else 1
 
 
 def _paragraph_style_names(document: DocxDocument) -> dict[str | None, str]:
