@@ -264,8 +264,9 @@ def run_naive(files: list[Path], questions: list[Question]) -> Outcome:
 
 def run_bastion(files: list[Path], questions: list[Question], scratch: Path) -> Outcome:
     from engine import Engine, JobContext
-    from engine.rag.embedder import DEFAULT_EMBEDDER, recorded_backend
+    from engine.rag.embedder import DEFAULT_EMBEDDER, clear_embedder_cache, recorded_backend
 
+    clear_embedder_cache()  # each set as a new user: the backend is measured in its home
     engine = Engine(scratch / "home")
     docs = engine.documents
     try:
