@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     )
     from engine.jobs import JobContext, Progress
     from engine.models.hardware import GPU, Fit, Hardware
+    from engine.models.hub import HubFile, HubRepo
     from engine.models.info import LoadPlan, ModelInfo
     from engine.models.registry import ModelEntry, ModelSettings
     from engine.models.runtime import SamplingParams
@@ -91,6 +92,8 @@ _EXPORTS: dict[str, str] = {
     "Fit": "engine.models.hardware",
     "Hardware": "engine.models.hardware",
     "GPU": "engine.models.hardware",
+    "HubRepo": "engine.models.hub",
+    "HubFile": "engine.models.hub",
     "SamplingParams": "engine.models.runtime",
     # chat and history
     "ChatRequest": "engine.chat.session",
@@ -158,6 +161,8 @@ __all__ = [
     "FinetuneResult",
     "Fit",
     "Hardware",
+    "HubFile",
+    "HubRepo",
     "Hyper",
     "IndexReport",
     "InvalidInput",

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from engine import paths
 from engine.chat.session import ChatRequest, ChatResult, ChatService, load_spec_for
 from engine.config import Config, SettingInfo, SettingsListener, SettingsStore, describe
+from engine.errors import BastionError
 from engine.jobs import JobContext
 from engine.logs import log_to_file
 from engine.models import hardware
@@ -26,6 +27,7 @@ from engine.store.db import Database
 from engine.train.service import Training
 
 if TYPE_CHECKING:
+    from engine.models.hub import HubRepo
     from engine.status import PrivacyStatus, StorageUsage
 
 log = logging.getLogger(__name__)
@@ -89,6 +91,41 @@ class Engine:
         return self.models.import_file(
             path, model_id, copy_into=self.home / "models" if copy else None
         )
+
+    def search_hub(self, text: str, limit: int = 10) -> list[HubRepo]:
+        """GGUF repositories on the Hugging Face Hub, with their files and whether each
+        would fit this machine. Connects to the hub, and only to it, for this call."""
+        from engine.models import hub
+
+        return hub.search(text, hardware.detect(), limit=limit, token=self._hub_token())
+
+    def pull_model(self, spec: str, model_id: str | None, ctx: JobContext) -> ModelEntry:
+        """Download ``OWNER/NAME[:FILE|QUANT]`` from the hub into the home and register it.
+
+        Resumable (a cancelled or broken pull goes on from where it stopped), checked
+        against the hub's SHA-256, the local Hugging Face cache reused.
+        """
+        from engine.models import hub
+        from engine.models.registry import validate_id
+
+        if model_id is not None:
+            self.models.check_id_free(validate_id(model_id))
+        pulled = hub.pull(
+            spec, self.home / "models", hardware.detect(), ctx, token=self._hub_token()
+        )
+        try:
+            return self.models.import_file(pulled.path, model_id)
+        except BastionError as exc:
+            raise type(exc)(
+                f"{exc.message} (the file was downloaded to {pulled.path})",
+                hint=f"bastion models import {pulled.path} --id OTHER",
+            ) from exc
+
+    def _hub_token(self) -> str | None:
+        """The Hugging Face token kept by ``bastion secrets set hf-token``, if any."""
+        from engine.models.hub import HF_TOKEN_SECRET
+
+        return self.secrets.get(HF_TOKEN_SECRET)
 
     def remove_model(self, model_id: str) -> ModelEntry:
         return self.models.remove(model_id)

@@ -20,6 +20,7 @@ from engine.cli.finetune_cmd import finetune
 from engine.cli.history_cmd import history_group
 from engine.cli.models_cmd import models_group
 from engine.cli.output import error_line
+from engine.cli.secrets_cmd import secrets_group
 from engine.errors import BastionError, Cancelled
 
 log = logging.getLogger("bastion.cli")
@@ -52,6 +53,7 @@ cli.add_command(eval_group)
 cli.add_command(dataset_group)
 cli.add_command(finetune)
 cli.add_command(doctor)
+cli.add_command(secrets_group)
 
 
 def main(argv: list[str] | None = None) -> int:

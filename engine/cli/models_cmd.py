@@ -161,3 +161,52 @@ def remove_model(model_id: str, as_json: bool) -> None:
         emit_json(entry.to_public())
     else:
         click.echo(f"Removed {entry.id} (the file {entry.path} is still there)")
+
+
+@models_group.command("search")
+@click.argument("text")
+@click.option("--limit", default=10, show_default=True, help="Repositories to list (1-50).")
+@json_option
+def search_hub(text: str, limit: int, as_json: bool) -> None:
+    """Find GGUF models on the Hugging Face Hub (connects to the hub, and only to it)."""
+    repos = get_engine().search_hub(text, limit)
+    if as_json:
+        emit_json([r.to_public() for r in repos])
+        return
+    if not repos:
+        click.echo(f"No GGUF repositories on the hub match {text!r}.")
+        return
+    fits = {"gpu": "fits GPU", "ram": "fits RAM", "no": "TOO BIG", None: "?"}
+    for repo in repos:
+        downloads = "" if repo.downloads is None else f", {repo.downloads:,} downloads"
+        click.echo(f"{repo.repo}  (licence {repo.license or 'not stated'}{downloads})")
+        for f in repo.files:
+            click.echo(f"  {f.quant or '-':<8} {human_size(f.size):>9}  {fits[f.fits]:<9} {f.name}")
+    click.echo("\nDownload one with: bastion models pull OWNER/NAME:QUANT")
+
+
+@models_group.command("pull")
+@click.argument("spec", metavar="OWNER/NAME[:FILE|QUANT]")
+@click.option("--id", "model_id", help="Id to register the model under (default: the file name).")
+@json_option
+def pull(spec: str, model_id: str | None, as_json: bool) -> None:
+    """Download a GGUF model from the Hugging Face Hub: resumable, checked, registered."""
+    from engine.cli.common import cancel_on_signals
+    from engine.cli.progress import ProgressBar
+    from engine.jobs import JobContext
+
+    engine = get_engine()
+    bar = ProgressBar("bytes")
+    job = JobContext(on_progress=bar)
+    with cancel_on_signals(job):
+        try:
+            entry = engine.pull_model(spec, model_id, job)
+        finally:
+            bar.close()
+    if as_json:
+        emit_json(entry.to_public())
+    else:
+        click.echo(
+            f"Pulled {entry.id}: {entry.arch}, {human_count(entry.params)} parameters, "
+            f"{entry.quant}, {human_size(entry.size_bytes)} ({entry.path})"
+        )

@@ -292,6 +292,10 @@ class ModelRegistry:
 
     # -- internals ------------------------------------------------------------------
 
+    def check_id_free(self, model_id: str) -> None:
+        """Raise ``AlreadyExists`` when ``model_id`` is taken."""
+        self._check_free(model_id, None)
+
     def _check_free(self, model_id: str, path: str | None) -> None:
         if self._db.query("SELECT 1 FROM models WHERE id = ?", (model_id,)):
             raise AlreadyExists(

@@ -9,8 +9,10 @@ Two layers, both installed by ``activate()`` at engine start:
    name of the code that tried, and logging it. Audit hooks cannot be removed once
    added, so a library cannot quietly undo the guard.
 
-``allow_network(reason)`` opens the guard for the duration of an explicit, user-requested
-download (e.g. a model the user asked to fetch).
+``allow_network(reason, hosts=...)`` opens the guard for the duration of an explicit,
+user-requested download (a model the user asked to fetch), to those hosts and their
+subdomains only: a name is looked up only if it is one of them, and a connection goes
+only to an address that such a lookup returned. Without ``hosts`` it opens to every host.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import os
 import socket
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
@@ -98,6 +100,50 @@ class _State:
     installed = False
     allowances = 0
     blocked: list[BlockedAttempt] = []  # noqa: RUF012 -- one process-wide list on purpose
+    # Open allowances limited to some hosts: each a set of host names (subdomains count).
+    scoped: list[frozenset[str]] = []  # noqa: RUF012
+    # Addresses that lookups of allowed names returned, while a scoped allowance is open.
+    resolved: set[str] = set()  # noqa: RUF012
+    resolving = threading.local()
+
+
+def _resolve(host: str) -> list[str]:
+    """The addresses of ``host`` (a real lookup: it is allowed when this is called)."""
+    try:
+        return [str(info[4][0]) for info in socket.getaddrinfo(host, None)]
+    except OSError:
+        return []  # the caller's own lookup fails the same way, with its own error
+
+
+def _in_scope(host: Any) -> bool:
+    """Whether an open scoped allowance names ``host`` or a domain above it."""
+    if isinstance(host, bytes):
+        host = host.decode("ascii", errors="replace")
+    name = str(host).strip("[]").rstrip(".").lower()
+    return any(name == h or name.endswith("." + h) for hosts in _State.scoped for h in hosts)
+
+
+def _scoped_allows(event: str, args: tuple[Any, ...]) -> bool:
+    """Whether a scoped allowance lets this socket event through."""
+    if not _State.scoped:
+        return False
+    if event in ("socket.getaddrinfo", "socket.gethostbyname", "socket.gethostbyname_ex"):
+        host = args[0] if args else None
+        if not _in_scope(host):
+            return False
+        if not getattr(_State.resolving, "active", False):  # learn where the name points
+            _State.resolving.active = True
+            try:
+                addresses = _resolve(str(host.decode() if isinstance(host, bytes) else host))
+            finally:
+                _State.resolving.active = False
+            with _State.lock:
+                _State.resolved.update(a.split("%", 1)[0] for a in addresses)
+        return True
+    if event in ("socket.connect", "socket.sendto", "socket.sendmsg"):
+        target = _target(args[1] if len(args) > 1 else None)
+        return target is not None and str(target[0]).split("%", 1)[0] in _State.resolved
+    return False
 
 
 def set_environment_switches() -> None:
@@ -176,6 +222,8 @@ def _refuse(target: str) -> None:
 def _audit(event: str, args: tuple[Any, ...]) -> None:
     if not event.startswith("socket.") or _State.allowances > 0:
         return
+    if _scoped_allows(event, args):
+        return
     if event in ("socket.connect", "socket.sendto", "socket.sendmsg"):
         sock = args[0]
         family = getattr(sock, "family", None)
@@ -228,13 +276,28 @@ def blocked_attempts() -> list[BlockedAttempt]:
 
 
 @contextlib.contextmanager
-def allow_network(reason: str) -> Iterator[None]:
-    """Let connections through while an explicitly requested download runs."""
-    log.info("network allowed: %s", reason)
+def allow_network(reason: str, hosts: Iterable[str] | None = None) -> Iterator[None]:
+    """Let connections through while an explicitly requested download runs.
+
+    Args:
+        reason: logged.
+        hosts: only these hosts and their subdomains; None opens the guard to every host.
+    """
+    scope = None if hosts is None else frozenset(h.strip(".").lower() for h in hosts)
+    shown = "every host" if scope is None else ", ".join(sorted(scope))
+    log.info("network allowed to %s: %s", shown, reason)
     with _State.lock:
-        _State.allowances += 1
+        if scope is None:
+            _State.allowances += 1
+        else:
+            _State.scoped.append(scope)
     try:
         yield
     finally:
         with _State.lock:
-            _State.allowances -= 1
+            if scope is None:
+                _State.allowances -= 1
+            else:
+                _State.scoped.remove(scope)
+                if not _State.scoped:
+                    _State.resolved.clear()
