@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
+REPO = "bastion-test/Tiny-GGUF"  # what the ``fake_hub`` fixture (tests/conftest.py) serves
 
 
 @dataclass

@@ -5,70 +5,17 @@ from __future__ import annotations
 
 import hashlib
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 from engine import Engine
 from engine.errors import Cancelled, InvalidInput, NetworkBlocked
 from engine.jobs import JobContext, Progress
 from engine.models import hub
-from tests.conftest import assert_one_line_error, write_gguf
-from tests.fake_hub import FakeHub, Repo
-
-REPO = "bastion-test/Tiny-GGUF"
-
-
-def _big_gguf(path: Path) -> Path:
-    """A valid GGUF of about 12 MB: more than one 10 MB read of huggingface-hub's client."""
-    import gguf
-
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_name("tiny test model")
-    writer.add_context_length(2048)
-    writer.add_block_count(1)
-    writer.add_embedding_length(8)
-    writer.add_head_count(2)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    writer.add_tensor("blk.0.big.weight", np.arange(3_000_000, dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
-
-
-@pytest.fixture
-def fake_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
-    from huggingface_hub import constants
-
-    (tmp_path / "src").mkdir()
-    small = write_gguf(tmp_path / "src" / "tiny.gguf")
-    big = _big_gguf(tmp_path / "src" / "big.gguf")
-    server_hub = FakeHub()
-    server_hub.add(
-        Repo(
-            REPO,
-            {
-                "tiny-test.F32.gguf": small.read_bytes(),
-                "tiny-test.Q4_K_M.gguf": big.read_bytes(),
-            },
-        )
-    )
-    server = server_hub.start()
-    cache = tmp_path / "hf-cache"
-    # In this process (the engine fixture) and in the CLI's (environment).
-    monkeypatch.setattr(constants, "ENDPOINT", server_hub.url)
-    template = server_hub.url + "/{repo_id}/resolve/{revision}/{filename}"
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_ENDPOINT", server_hub.url)
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    yield server_hub
-    server.shutdown()
+from tests.conftest import assert_one_line_error
+from tests.fake_hub import REPO, FakeHub
 
 
 def _sha(path: Path) -> str:
@@ -147,7 +94,7 @@ def test_a_corrupted_download_is_refused_and_deleted(
     fake_hub.corrupt = True
     result = cli("models", "pull", f"{REPO}:F32")
     assert_one_line_error(result, 1, "does not match the hub's SHA-256")
-    assert "tiny-test.F32" not in [m["id"] for m in cli("models", "list", "--json").json()]
+    assert "tiny-test.f32" not in [m["id"] for m in cli("models", "list", "--json").json()]
     assert not list((home / "models").glob("*tiny-test*")) and not list(
         (home / "models").glob(".*.part")
     )

@@ -1,4 +1,5 @@
-"""The models page: installed models, import (dialog or drop), settings, and hardware fit.
+"""The models page: installed models, import (dialog or drop), settings, hardware fit, and
+models found and downloaded from the Hugging Face Hub (``desktop.hub``).
 
 Following the GUI's threading rule (desktop/ops.py), every engine call runs through
 ``desktop.ops``: the table is filled by a ``Refresher`` when the registry's list comes
@@ -37,6 +38,7 @@ from PySide6.QtWidgets import (
 )
 
 from desktop import ops
+from desktop.hub import HubPanel
 from engine import BastionError, Hardware, JobContext, human_count, human_size
 
 if TYPE_CHECKING:
@@ -157,6 +159,9 @@ class ModelsPage(QWidget):
         self.hardware_label = _selectable("Looking at the hardware…")
         QVBoxLayout(hardware_box).addWidget(self.hardware_label)
         bottom.addWidget(hardware_box, 1)
+
+        self.hub = HubPanel(engine, self._on_pulled, self)
+        layout.addWidget(self.hub, 1)
 
         self._table_reader = ops.Refresher(
             self._models_job, self._show_models, parent=self, name="models-list"
@@ -378,6 +383,9 @@ class ModelsPage(QWidget):
             name="remove-model",
             native=False,
         )
+
+    def _on_pulled(self, entry: ModelEntry) -> None:
+        self.refresh(lambda: self.select_model(entry.id))
 
     # -- drag and drop -----------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from desktop.pages.models import COLUMNS, ModelsPage, human_size
 from engine.errors import InvalidModelFile
 from engine.models.registry import ModelSettings
 from tests.conftest import DEFAULT_MODEL, write_gguf
+from tests.fake_hub import REPO
 
 WAIT_MS = 60_000
 
@@ -239,3 +240,26 @@ def test_hardware_panel_shows_cpu_ram_and_the_fit(
     qtbot.waitUntil(lambda: "free memory" in page.fit.text(), timeout=WAIT_MS)  # type: ignore[attr-defined]
     assert "fit" in page.fit.text() and "runs on" in page.fit.text()
     settle(qtbot, page)
+
+
+def test_hub_search_and_download_from_the_page(
+    page: ModelsPage, qtbot: object, fake_hub: object
+) -> None:
+    hub = page.hub
+    hub.query.setText("tiny")
+    hub.search()
+    qtbot.waitUntil(lambda: hub.results.topLevelItemCount() == 1, timeout=WAIT_MS)  # type: ignore[attr-defined]
+    repo = hub.results.topLevelItem(0)
+    assert REPO in repo.text(0) and "apache-2.0" in repo.text(0)
+    files = {repo.child(i).text(0): repo.child(i) for i in range(repo.childCount())}
+    assert set(files) == {"tiny-test.F32.gguf", "tiny-test.Q4_K_M.gguf"}
+    assert files["tiny-test.Q4_K_M.gguf"].text(1) == "Q4_K_M"
+    hub.results.setCurrentItem(files["tiny-test.F32.gguf"])
+    assert hub.download_button.isEnabled()
+    hub.start_download()
+    assert hub.cancel_button.isVisibleTo(hub)
+    qtbot.waitUntil(lambda: hub.download is None, timeout=WAIT_MS)  # type: ignore[attr-defined]
+    settle(qtbot, page)
+    assert "Downloaded and registered tiny-test.f32" in hub.status.text()
+    assert "tiny-test.f32" in rows(page)
+    assert page.selected_id() == "tiny-test.f32"
