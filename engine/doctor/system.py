@@ -116,7 +116,7 @@ def _check_embedder(ctx: _Context) -> Check:
         folder = embedder.resolve_embedder(embedder.DEFAULT_EMBEDDER)
     except BastionError as exc:
         return Check("embedder", False, exc.message, exc.hint or f"run {SETUP}")
-    if forced == embedder.TORCH_FP32:
+    if forced in (embedder.TORCH_FP32, embedder.TORCH_BF16):
         return Check("embedder", True, f"{name}: {forced} (set by {embedder.BACKEND_ENV})")
     if not forced and _torch_has_cuda() and _nvidia_driver() is not None:
         return Check("embedder", True, f"{name}: {embedder.TORCH_FP32} on the NVIDIA GPU")
