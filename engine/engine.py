@@ -27,6 +27,7 @@ from engine.store.db import Database
 from engine.train.service import Training
 
 if TYPE_CHECKING:
+    from engine.models.exports import Export
     from engine.models.hub import HubRepo
     from engine.status import PrivacyStatus, StorageUsage
 
@@ -120,6 +121,16 @@ class Engine:
                 f"{exc.message} (the file was downloaded to {pulled.path})",
                 hint=f"bastion models import {pulled.path} --id OTHER",
             ) from exc
+
+    def export_model(self, model_id: str, target: str, out: Path | None = None) -> Export:
+        """Write what another runtime needs to run ``model_id`` (see ``models.exports``);
+        into ``out``, or ``<home>/exports/<model>/<target>``."""
+        from engine.models import exports
+
+        entry = self.models.get(model_id)
+        base = self.models.get(entry.base) if entry.base else None
+        folder = out if out is not None else self.home / "exports" / entry.id / target
+        return exports.export(entry, target, folder, base=base)
 
     def _hub_token(self) -> str | None:
         """The Hugging Face token kept by ``bastion secrets set hf-token``, if any."""

@@ -20,6 +20,7 @@ import psutil
 import pytest
 
 from tests.conftest import BIN, DEFAULT_MODEL, CLIResult, assert_one_line_error, write_gguf
+from tests.test_exports import answer_with, named_files
 from tests.train_facts import ANSWERS, FACT, QUESTIONS
 from tests.train_facts import chat_line as _chat_line
 
@@ -96,6 +97,15 @@ def test_proof_teaches_a_fact_that_llama_cpp_then_answers(
     tuned = cli("chat", held_out, "-m", "facty", "--temperature", "0", "--max-tokens", "40")
     base = cli("chat", held_out, "--temperature", "0", "--max-tokens", "40")
     assert FACT in tuned.stdout and FACT not in base.stdout, (tuned.stdout, base.stdout)
+
+    # Exports: the Modelfile and the llama-server line name the base and the adapter, and
+    # llama.cpp loading what they name answers with the fact, as Bastion does.
+    for target in ("ollama", "llama-server"):
+        exported = cli("export", "facty", "--to", target, "--json").json()
+        assert isinstance(exported, dict)
+        model, lora = named_files(exported)
+        assert lora == out["adapter"] and Path(model).name.startswith("SmolLM2-135M")
+        assert FACT in answer_with(model, lora, question), target
 
     assert _runs(home)["facty"]["status"] == "done"
     again = ft("--base", DEFAULT_MODEL, "--data", str(facts), "--name", "facty")

@@ -16,6 +16,7 @@ from engine.cli.collections_cmd import collections_group, search
 from engine.cli.dataset_cmd import dataset_group
 from engine.cli.doctor_cmd import doctor
 from engine.cli.eval_cmd import eval_group
+from engine.cli.export_cmd import export
 from engine.cli.finetune_cmd import finetune
 from engine.cli.history_cmd import history_group
 from engine.cli.models_cmd import models_group
@@ -54,6 +55,7 @@ cli.add_command(dataset_group)
 cli.add_command(finetune)
 cli.add_command(doctor)
 cli.add_command(secrets_group)
+cli.add_command(export)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -150,11 +150,15 @@ def test_chat_and_history_actions_stay_off_the_gui_thread(
     qtbot.waitUntil(
         lambda: page.history.conversation_list.item(0).text() == "Greetings", timeout=WAIT_MS
     )
-    page.history.search_box.setText("Greetings")
+    page.history.search_box.setText("Say")  # a word of the conversation's message
+    # The search starts after a typing pause: wait for the call itself and its hit, not
+    # only for a list that showed "Greetings" before the search began (CI caught that race).
     qtbot.waitUntil(
         lambda: (
-            "Greetings" in page.history.conversation_list.item(0).text()
+            any(name == "engine.search_history" for name, _ in calls)
             and not page.history.searching
+            and (item := page.history.conversation_list.item(0)) is not None
+            and "Greetings" in item.text()
         ),
         timeout=WAIT_MS,
     )

@@ -1,0 +1,111 @@
+"""Exports of a model to the runtimes users also run: Ollama and llama.cpp's llama-server.
+
+A fine-tune in Bastion is a base GGUF plus a GGUF LoRA adapter; both runtimes take that
+pair as it is, so nothing is converted or copied: the files written name the model's own
+files by absolute path.
+
+* ``ollama``: a ``Modelfile`` (``FROM`` the base, ``ADAPTER`` the LoRA, the chat template
+  as a Go template where the model's own is ChatML -- Ollama reads other families'
+  templates from the GGUF itself -- and Bastion's sampling defaults as ``PARAMETER``s);
+  ``ollama create NAME -f Modelfile`` imports it.
+* ``llama-server``: ``llama-server.sh``, the command line with ``--lora`` and the model's
+  chat template (``chat_template.jinja``, read from the GGUF) with ``--jinja``.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.errors import InvalidInput
+from engine.models.gguf_info import read_gguf_info
+from engine.models.registry import ModelEntry
+from engine.models.runtime import SamplingParams
+from engine.paths import atomic_write_bytes
+
+TARGETS = ("ollama", "llama-server")
+DEFAULT_CONTEXT = 4096
+# Ollama's Go template for ChatML (the family of SmolLM2, Qwen and others), system included.
+_CHATML_GO = (
+    "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n"
+    "{{ end }}<|im_start|>assistant\n"
+)
+
+
+@dataclass(frozen=True)
+class Export:
+    """What an export wrote, and the command that uses it."""
+
+    target: str
+    model: str
+    files: list[str] = field(default_factory=list)
+    command: str = ""
+
+    def to_public(self) -> dict[str, Any]:
+        return {"target": self.target, "model": self.model, "files": self.files,
+                "command": self.command}  # fmt: skip
+
+
+def _write(path: Path, text: str) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, text.encode("utf-8"))
+    return str(path)
+
+
+def _quoted(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def export(entry: ModelEntry, target: str, out: Path, *, base: ModelEntry | None = None) -> Export:
+    """Write ``target``'s files for ``entry`` into ``out``.
+
+    Args:
+        entry: the model (a fine-tune carries ``base`` and ``adapter``).
+        target: one of ``TARGETS``.
+        out: the folder to write into (made if missing).
+        base: the base model's entry, for a fine-tune.
+    """
+    if target not in TARGETS:
+        raise InvalidInput(f"unknown export target {target!r}", hint=f"use one of {TARGETS}")
+    model_file = Path(base.path if base is not None else entry.path).resolve()
+    adapter = Path(entry.adapter).resolve() if entry.adapter else None
+    info = read_gguf_info(model_file)
+    context = entry.settings.context or min(info.context_length or DEFAULT_CONTEXT, DEFAULT_CONTEXT)
+    sampling = SamplingParams()
+    out = out.resolve()
+    if target == "ollama":
+        lines = [f"# {entry.id}, exported by Bastion", f"FROM {model_file}"]
+        if adapter is not None:
+            lines.append(f"ADAPTER {adapter}")
+        stops = []
+        if info.chat_template and "<|im_start|>" in info.chat_template:
+            lines.append(f'TEMPLATE """{_CHATML_GO}"""')
+            stops = ["<|im_end|>", "<|im_start|>"]
+        lines += [
+            f"PARAMETER num_ctx {context}",
+            f"PARAMETER temperature {sampling.temperature}",
+            f"PARAMETER top_p {sampling.top_p}",
+            f"PARAMETER top_k {sampling.top_k}",
+            f"PARAMETER min_p {sampling.min_p}",
+            f"PARAMETER repeat_penalty {sampling.repeat_penalty}",
+            *(f"PARAMETER stop {_quoted(s)}" for s in stops),
+        ]
+        modelfile = _write(out / "Modelfile", "\n".join(lines) + "\n")
+        command = f"ollama create {shlex.quote(entry.id)} -f {shlex.quote(modelfile)}"
+        return Export(target, entry.id, [modelfile], command)
+    args = ["llama-server", "-m", str(model_file)]
+    files = []
+    if adapter is not None:
+        args += ["--lora", str(adapter)]
+    if info.chat_template:
+        template = _write(out / "chat_template.jinja", info.chat_template)
+        files.append(template)
+        args += ["--jinja", "--chat-template-file", template]
+    args += ["-c", str(context), "--host", "127.0.0.1", "--port", "8080"]
+    command = shlex.join(args)
+    script = out / "llama-server.sh"
+    _write(script, f'#!/bin/sh\n# {entry.id}, exported by Bastion\nexec {command} "$@"\n')
+    script.chmod(0o755)
+    return Export(target, entry.id, [str(script), *files], command)
