@@ -248,8 +248,12 @@ class _Run:
                     if len(self.buffer) >= BATCH:
                         self.flush()
                 elif event.state == "indexed" and any(d.id == event.doc.id for d, _ in self.buffer):
+                    # Finished with the next flush: at BATCH chunks, or at the end of a
+                    # document once EMBED_BATCH chunks wait. Never on timing: int8 vectors
+                    # depend a little on what they are batched with, so batches fixed by the
+                    # documents alone keep indexing reproducible.
                     self.waiting.append(event)
-                    if not reader.pending():  # the reader is behind: do not wait for it
+                    if len(self.buffer) >= EMBED_BATCH:
                         self.flush()
                 else:
                     if event.state == "changed":

@@ -308,10 +308,6 @@ class Reader:
                 raise event.error
             yield event
 
-    def pending(self) -> bool:
-        """Whether events are waiting (the reader is ahead)."""
-        return not self._queue.empty()
-
     def _put(self, event: Event | None) -> None:
         while not self._stop.is_set():
             try:
