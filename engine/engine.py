@@ -126,11 +126,15 @@ class Engine:
         """Write what another runtime needs to run ``model_id`` (see ``models.exports``);
         into ``out``, or ``<home>/exports/<model>/<target>``."""
         from engine.models import exports
+        from engine.train.spec import RunSpec
 
         entry = self.models.get(model_id)
         base = self.models.get(entry.base) if entry.base else None
+        record = self.training.get_run(entry.id) if entry.adapter else None
+        spec_file = record.run_dir / "spec.json" if record is not None else None
+        run = RunSpec.load(spec_file) if spec_file is not None and spec_file.is_file() else None
         folder = out if out is not None else self.home / "exports" / entry.id / target
-        return exports.export(entry, target, folder, base=base)
+        return exports.export(entry, target, folder, base=base, run=run)
 
     def _hub_token(self) -> str | None:
         """The Hugging Face token kept by ``bastion secrets set hf-token``, if any."""

@@ -4,6 +4,7 @@ checked in tests/test_train_finetune.py on the model that test trains.)"""
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import subprocess
@@ -33,6 +34,44 @@ def answer_with(model: str, lora: str | None, question: str) -> str:
         capture_output=True,
         text=True,
         timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+# What vLLM would load: the Hugging Face base and the PEFT adapter, here through PEFT itself.
+PEFT_ANSWER = """
+import sys
+from engine.privacy import guard
+guard.activate()
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+base, adapter, question, tokenizer_dir = sys.argv[1:5]
+tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or base)
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)
+ids = tokenizer.apply_chat_template(
+    [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt"
+)
+if not torch.is_tensor(ids):
+    ids = ids["input_ids"]
+out = model.generate(ids, max_new_tokens=40, do_sample=False)
+print(tokenizer.decode(out[0][ids.shape[1]:], skip_special_tokens=True))
+"""
+
+
+def peft_answer(export: dict[str, Any], question: str) -> str:
+    """What the base and the adapter a vLLM export names answer (greedy, through PEFT)."""
+    args = shlex.split(export["command"])
+    base = args[args.index("serve") + 1]
+    adapter = args[args.index("--lora-modules") + 1].split("=", 1)[1]
+    tokenizer = args[args.index("--tokenizer") + 1] if "--tokenizer" in args else ""
+    done = subprocess.run(
+        [sys.executable, "-c", PEFT_ANSWER, base, adapter, question, tokenizer],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
@@ -79,3 +118,5 @@ def test_a_plain_model_exports_to_ollama_and_llama_server(cli: Any, tmp_path: Pa
     assert_one_line_error(cli("export", "nope", "--to", "ollama"), 2, "nope")
     bad = cli("export", DEFAULT_MODEL, "--to", "tgi")
     assert bad.code == 2 and "tgi" in bad.stderr
+    # vLLM serves Hugging Face weights: only a fine-tune made here (with its PEFT adapter).
+    assert_one_line_error(cli("export", DEFAULT_MODEL, "--to", "vllm"), 2, "not a fine-tune")

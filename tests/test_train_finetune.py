@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from tests.conftest import BIN, DEFAULT_MODEL, CLIResult, assert_one_line_error, write_gguf
-from tests.test_exports import answer_with, named_files
+from tests.test_exports import answer_with, named_files, peft_answer
 from tests.train_facts import ANSWERS, FACT, QUESTIONS
 from tests.train_facts import chat_line as _chat_line
 
@@ -106,6 +106,10 @@ def test_proof_teaches_a_fact_that_llama_cpp_then_answers(
         model, lora = named_files(exported)
         assert lora == out["adapter"] and Path(model).name.startswith("SmolLM2-135M")
         assert FACT in answer_with(model, lora, question), target
+    vllm = cli("export", "facty", "--to", "vllm", "--json").json()
+    assert isinstance(vllm, dict) and "--enable-lora" in vllm["command"]
+    assert any(f.endswith("adapter_model.safetensors") for f in vllm["files"])
+    assert FACT in peft_answer(vllm, question)
 
     assert _runs(home)["facty"]["status"] == "done"
     again = ft("--base", DEFAULT_MODEL, "--data", str(facts), "--name", "facty")

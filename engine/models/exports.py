@@ -1,4 +1,4 @@
-"""Exports of a model to the runtimes users also run: Ollama and llama.cpp's llama-server.
+"""Exports of a model to the runtimes users also run: Ollama, llama.cpp's llama-server, vLLM.
 
 A fine-tune in Bastion is a base GGUF plus a GGUF LoRA adapter; both runtimes take that
 pair as it is, so nothing is converted or copied: the files written name the model's own
@@ -10,6 +10,12 @@ files by absolute path.
   ``ollama create NAME -f Modelfile`` imports it.
 * ``llama-server``: ``llama-server.sh``, the command line with ``--lora`` and the model's
   chat template (``chat_template.jinja``, read from the GGUF) with ``--jinja``.
+* ``vllm`` (fine-tunes only): vLLM serves Hugging Face weights, not GGUF, so the PEFT
+  adapter of the run (safetensors) is copied into ``adapter/``, pointed at the run's
+  Hugging Face base (the folder it was trained from, or the GGUF base's dequantized copy
+  in the training cache, with the GGUF's tokenizer saved beside it for ``--tokenizer``),
+  and ``vllm-serve.sh`` serves the base with the adapter as a LoRA module under the
+  fine-tune's name.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.errors import InvalidInput
 from engine.models.gguf_info import read_gguf_info
@@ -25,7 +31,10 @@ from engine.models.registry import ModelEntry
 from engine.models.runtime import SamplingParams
 from engine.paths import atomic_write_bytes
 
-TARGETS = ("ollama", "llama-server")
+if TYPE_CHECKING:
+    from engine.train.spec import RunSpec
+
+TARGETS = ("ollama", "llama-server", "vllm")
 DEFAULT_CONTEXT = 4096
 # Ollama's Go template for ChatML (the family of SmolLM2, Qwen and others), system included.
 _CHATML_GO = (
@@ -58,7 +67,14 @@ def _quoted(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def export(entry: ModelEntry, target: str, out: Path, *, base: ModelEntry | None = None) -> Export:
+def export(
+    entry: ModelEntry,
+    target: str,
+    out: Path,
+    *,
+    base: ModelEntry | None = None,
+    run: RunSpec | None = None,
+) -> Export:
     """Write ``target``'s files for ``entry`` into ``out``.
 
     Args:
@@ -66,9 +82,12 @@ def export(entry: ModelEntry, target: str, out: Path, *, base: ModelEntry | None
         target: one of ``TARGETS``.
         out: the folder to write into (made if missing).
         base: the base model's entry, for a fine-tune.
+        run: the fine-tune's training run (for ``vllm``).
     """
     if target not in TARGETS:
         raise InvalidInput(f"unknown export target {target!r}", hint=f"use one of {TARGETS}")
+    if target == "vllm":
+        return _vllm(entry, run, out.resolve())
     model_file = Path(base.path if base is not None else entry.path).resolve()
     adapter = Path(entry.adapter).resolve() if entry.adapter else None
     info = read_gguf_info(model_file)
@@ -109,3 +128,64 @@ def export(entry: ModelEntry, target: str, out: Path, *, base: ModelEntry | None
     _write(script, f'#!/bin/sh\n# {entry.id}, exported by Bastion\nexec {command} "$@"\n')
     script.chmod(0o755)
     return Export(target, entry.id, [str(script), *files], command)
+
+
+def _vllm(entry: ModelEntry, run: RunSpec | None, out: Path) -> Export:
+    import json
+    import shutil
+
+    from engine.train.backends import hf_folder_for_gguf
+
+    if run is None or not entry.adapter:
+        raise InvalidInput(
+            f"{entry.id} is not a fine-tune made here: vLLM serves Hugging Face weights",
+            hint="export a fine-tune, or give vLLM the model's original Hugging Face id",
+        )
+    adapter = run.path("adapter")
+    if not (adapter / "adapter_config.json").is_file():
+        raise InvalidInput(f"the run of {entry.id} kept no PEFT adapter ({adapter})")
+    if run.base_kind == "hf":
+        base_folder = Path(run.base_path)
+    else:
+        base_folder = hf_folder_for_gguf(
+            Path(run.base_path), Path(run.cache_dir), lambda *a, **k: None
+        )
+    target = out / "adapter"
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(adapter, target)
+    config_file = target / "adapter_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config["base_model_name_or_path"] = str(base_folder.resolve())
+    _write(config_file, json.dumps(config, indent=2) + "\n")
+    rank = int(config.get("r") or 16)
+    args = [
+        "vllm", "serve", str(base_folder.resolve()), "--enable-lora",
+        "--lora-modules", f"{entry.id}={target}", "--max-lora-rank", str(max(rank, 8)),
+    ]  # fmt: skip
+    if not _has_tokenizer(base_folder):  # a dequantized GGUF: its tokenizer is in the GGUF
+        tokenizer = out / "tokenizer"
+        _tokenizer_from_gguf(Path(run.base_path), tokenizer)
+        args += ["--tokenizer", str(tokenizer)]
+    args += ["--host", "127.0.0.1", "--port", "8000"]
+    command = shlex.join(args)
+    script = out / "vllm-serve.sh"
+    _write(script, f'#!/bin/sh\n# {entry.id}, exported by Bastion\nexec {command} "$@"\n')
+    script.chmod(0o755)
+    files = [str(script), *(str(p) for p in sorted(target.iterdir()))]
+    return Export("vllm", entry.id, files, command)
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model"))
+
+
+def _tokenizer_from_gguf(gguf_file: Path, out: Path) -> None:
+    """The GGUF's tokenizer (and chat template) as a Hugging Face tokenizer folder."""
+    from transformers import AutoTokenizer
+
+    from engine.rag.embedder.torch_backend import quiet_hf_progress
+
+    quiet_hf_progress()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+    tokenizer.save_pretrained(str(out))
