@@ -27,6 +27,7 @@ from PySide6.QtWidgets import (
 )
 
 from desktop import ops
+from desktop.documents.progress import format_duration
 from engine import human_size
 
 if TYPE_CHECKING:
@@ -34,15 +35,6 @@ if TYPE_CHECKING:
 
 FIT_WORDS = {"gpu": "fits the GPU", "ram": "fits in memory", "no": "too big here", None: "?"}
 _FILE_ROLE = Qt.ItemDataRole.UserRole
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
-    if seconds >= 60:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds} s"
 
 
 class HubPanel(QGroupBox):
@@ -198,7 +190,7 @@ class HubPanel(QGroupBox):
             self.progress.setRange(0, 1000)
             self.progress.setValue(int(1000 * min(p.done / p.total, 1.0)))
             eta = p.eta_seconds
-            left = f", {_duration(eta)} left" if eta is not None else ""
+            left = f", {format_duration(eta)} left" if eta is not None else ""
             self.status.setText(
                 f"{p.label}: {human_size(int(p.done))} of {human_size(int(p.total))}{left}"
             )

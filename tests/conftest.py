@@ -97,8 +97,10 @@ def write_gguf(
     general_type: str | None = None,
     context_length: int = 2048,
     n_tensors: int = 2,
+    big_tensor: int = 0,
 ) -> Path:
-    """A small but valid GGUF file (header-valid; too small to be a useful model)."""
+    """A small but valid GGUF file (header-valid; too small to be a useful model), with one
+    more tensor of ``big_tensor`` floats when asked (a file of a chosen size)."""
     import gguf
 
     writer = gguf.GGUFWriter(str(path), arch)
@@ -113,6 +115,8 @@ def write_gguf(
     writer.add_chat_template("{% for m in messages %}{{ m['content'] }}{% endfor %}")
     for i in range(n_tensors):
         writer.add_tensor(f"blk.0.t{i}.weight", np.full((16, 8), i, dtype=np.float32))
+    if big_tensor:
+        writer.add_tensor("blk.0.big.weight", np.arange(big_tensor, dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -137,32 +141,14 @@ def model_copy(tmp_path: Path) -> Path:
 # -- a Hugging Face Hub stand-in on loopback (tests/fake_hub.py) ---------------------
 
 
-def _big_gguf(path: Path) -> Path:
-    """A valid GGUF of about 12 MB: more than one 10 MB read of huggingface-hub's client."""
-    import gguf
-
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_name("tiny test model")
-    writer.add_context_length(2048)
-    writer.add_block_count(1)
-    writer.add_embedding_length(8)
-    writer.add_head_count(2)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    writer.add_tensor("blk.0.big.weight", np.arange(3_000_000, dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
-
-
 @pytest.fixture
 def fake_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
     from huggingface_hub import constants
 
     (tmp_path / "src").mkdir()
     small = write_gguf(tmp_path / "src" / "tiny.gguf")
-    big = _big_gguf(tmp_path / "src" / "big.gguf")
+    # About 12 MB: more than one 10 MB read of huggingface-hub's client.
+    big = write_gguf(tmp_path / "src" / "big.gguf", n_tensors=0, big_tensor=3_000_000)
     server_hub = FakeHub()
     server_hub.add(
         Repo(
