@@ -21,7 +21,7 @@ import pytest
 
 from engine import Engine
 from engine.jobs import JobContext
-from engine.rag import loaders
+from engine.rag import pdfpages
 from engine.rag.chunking import chunk_sections
 from engine.rag.loaders import DocumentError, Section, load_document
 
@@ -396,7 +396,7 @@ def test_pdf_page_with_megabytes_of_text_becomes_bounded_sections_of_that_page(
         return "\n".join(lines) if "two" in text else text
 
     monkeypatch.setattr(pypdf.PageObject, "extract_text", extract_text)
-    monkeypatch.setattr(loaders, "_pdfium_document", lambda raw: None)  # pypdf reads it
+    monkeypatch.setattr(pdfpages, "_pdfium_document", lambda raw: None)  # pypdf reads it
     sections = list(load_document(path))
     assert (sections[0].page, sections[-1].page) == (1, 3)
     middle = [s for s in sections if s.page == 2]

@@ -10,7 +10,7 @@ import pytest
 
 from engine.errors import Cancelled
 from engine.jobs import JobContext
-from engine.rag import loaders
+from engine.rag import pdfpages
 from engine.rag.loaders import DocumentError, Section, detect_kind, load_document
 from tests.pdfgen import write_pdf
 
@@ -56,16 +56,16 @@ def test_pdfium_and_pypdf_read_the_same_pages(
 ) -> None:
     path = write_pdf(tmp_path / "three.pdf", PAGE_LINES)
     calls: list[int] = []
-    real = loaders._pdfium_page_text
+    real = pdfpages._pdfium_page_text
 
     def pdfium_page(document: object, index: int) -> str | None:
         calls.append(index)
         return real(document, index)
 
-    monkeypatch.setattr(loaders, "_pdfium_page_text", pdfium_page)
+    monkeypatch.setattr(pdfpages, "_pdfium_page_text", pdfium_page)
     by_pdfium = [(s.page, s.text) for s in load_document(path)]
     assert calls == [0, 1, 2]  # PDFium read every page
-    monkeypatch.setattr(loaders, "_pdfium_document", lambda raw: None)
+    monkeypatch.setattr(pdfpages, "_pdfium_document", lambda raw: None)
     by_pypdf = [(s.page, s.text) for s in load_document(path)]
     assert by_pdfium == by_pypdf
 
@@ -74,9 +74,9 @@ def test_a_page_pdfium_cannot_read_is_read_by_pypdf(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = write_pdf(tmp_path / "three.pdf", PAGE_LINES)
-    real = loaders._pdfium_page_text
+    real = pdfpages._pdfium_page_text
     monkeypatch.setattr(
-        loaders, "_pdfium_page_text", lambda doc, i: None if i == 1 else real(doc, i)
+        pdfpages, "_pdfium_page_text", lambda doc, i: None if i == 1 else real(doc, i)
     )
     sections = list(load_document(path))
     assert {s.page for s in sections} == {1, 2, 3}

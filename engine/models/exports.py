@@ -20,7 +20,9 @@ files by absolute path.
 
 from __future__ import annotations
 
+import json
 import shlex
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -131,9 +133,6 @@ def export(
 
 
 def _vllm(entry: ModelEntry, run: RunSpec | None, out: Path) -> Export:
-    import json
-    import shutil
-
     from engine.train.backends import hf_folder_for_gguf
 
     if run is None or not entry.adapter:

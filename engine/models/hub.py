@@ -381,7 +381,6 @@ def pull(
             if expected is not None and done > expected:
                 part.unlink()
                 done = 0
-            label = f"{chosen.name}"
             with part.open("ab") as fh:
                 http_get(
                     location,
@@ -390,7 +389,7 @@ def pull(
                     headers=headers,
                     expected_size=expected,
                     displayed_filename=chosen.name,
-                    tqdm_class=_progress_class(ctx, label, done),
+                    tqdm_class=_progress_class(ctx, chosen.name, done),
                 )
         except (Cancelled, InvalidInput, NotFound, EnvironmentFault, OperationFailed):
             raise
