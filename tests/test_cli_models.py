@@ -127,3 +127,31 @@ def test_remove_keeps_the_file(cli, tiny_gguf: Path) -> None:
     assert cli("models", "remove", "gone").code == 0
     assert "gone" not in _registered(cli)
     assert tiny_gguf.exists()
+
+
+def test_an_adapter_imports_as_a_fine_tune_of_its_base(cli, home: Path, tmp_path: Path) -> None:
+    """``models import ADAPTER --base ID``: how a bundled or exported fine-tune comes back."""
+    adapter = write_gguf(tmp_path / "lora.gguf", general_type="adapter")  # a llama adapter
+    result = cli(
+        "models", "import", str(adapter), "--base", DEFAULT_MODEL, "--id", "my-tune", "--copy",
+        "--json",
+    )  # fmt: skip
+    assert result.code == 0, result.stderr
+    entry = result.json()
+    assert entry["id"] == "my-tune" and entry["base"] == DEFAULT_MODEL
+    kept = Path(entry["adapter"])
+    assert kept.parent == home / "adapters" / "imported" / "my-tune"
+    assert kept.read_bytes() == adapter.read_bytes()
+
+    before = _registered(cli)
+    model = write_gguf(tmp_path / "model.gguf")
+    assert_one_line_error(
+        cli("models", "import", str(model), "--base", DEFAULT_MODEL), 2, "not a LoRA adapter"
+    )
+    qwen = write_gguf(tmp_path / "qwen-lora.gguf", "qwen2", general_type="adapter")
+    assert_one_line_error(
+        cli("models", "import", str(qwen), "--base", DEFAULT_MODEL, "--copy"), 2, "qwen2"
+    )
+    assert_one_line_error(cli("models", "import", str(adapter), "--base", "nope"), 2, "no model")
+    assert _registered(cli) == before
+    assert not (home / "adapters" / "imported" / "qwen-lora").exists()

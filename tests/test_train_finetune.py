@@ -100,12 +100,22 @@ def test_proof_teaches_a_fact_that_llama_cpp_then_answers(
 
     # Exports: the Modelfile and the llama-server line name the base and the adapter, and
     # llama.cpp loading what they name answers with the fact, as Bastion does.
+    answers: dict[str, str] = {}
     for target in ("ollama", "llama-server"):
         exported = cli("export", "facty", "--to", target, "--json").json()
         assert isinstance(exported, dict)
         model, lora = named_files(exported)
         assert lora == out["adapter"] and Path(model).name.startswith("SmolLM2-135M")
-        assert FACT in answer_with(model, lora, question), target
+        answers[target] = answer_with(model, lora, question)
+        assert FACT in answers[target], target
+    # The merged GGUF: one file, no adapter to load, and llama.cpp answers with the fact.
+    merged = cli("export", "facty", "--to", "gguf", "--json").json()
+    assert isinstance(merged, dict)
+    model, lora = named_files(merged)
+    assert lora is None and model.endswith("/exports/facty/gguf/facty.gguf")
+    answers["gguf"] = answer_with(model, lora, question)
+    assert FACT in answers["gguf"]
+    print(f"proof: merged GGUF answer {answers['gguf']!r}, with the adapter {answers['ollama']!r}")
     vllm = cli("export", "facty", "--to", "vllm", "--json").json()
     assert isinstance(vllm, dict) and "--enable-lora" in vllm["command"]
     assert any(f.endswith("adapter_model.safetensors") for f in vllm["files"])

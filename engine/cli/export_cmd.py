@@ -21,8 +21,20 @@ from engine.models.exports import TARGETS
 )
 @json_option
 def export(model_id: str, target: str, out: Path | None, as_json: bool) -> None:
-    """Write what Ollama or llama-server needs to run MODEL (a fine-tune keeps its adapter)."""
-    result = get_engine().export_model(model_id, target, out)
+    """Write what Ollama, llama-server or vLLM needs to run MODEL (a fine-tune keeps its
+    adapter), or with --to gguf a fine-tune merged into one GGUF for tools without adapters."""
+    from engine.cli.common import cancel_on_signals
+    from engine.cli.progress import ProgressBar
+    from engine.jobs import JobContext
+
+    engine = get_engine()
+    bar = ProgressBar("tensors")
+    job = JobContext(on_progress=bar)
+    with cancel_on_signals(job):
+        try:
+            result = engine.export_model(model_id, target, out, job)
+        finally:
+            bar.close()
     if as_json:
         emit_json(result.to_public())
         return

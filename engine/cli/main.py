@@ -11,6 +11,7 @@ import sys
 
 import click
 
+from engine.cli.bundle_cmd import bundle_group
 from engine.cli.chat_cmd import chat
 from engine.cli.collections_cmd import collections_group, search
 from engine.cli.dataset_cmd import dataset_group
@@ -56,6 +57,7 @@ cli.add_command(finetune)
 cli.add_command(doctor)
 cli.add_command(secrets_group)
 cli.add_command(export)
+cli.add_command(bundle_group)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,10 +52,15 @@ def list_models(as_json: bool) -> None:
 @click.option(
     "--copy", is_flag=True, help="Copy the file into Bastion's home instead of using it in place."
 )
+@click.option(
+    "--base", metavar="ID", help="PATH is a LoRA adapter for this model: register a fine-tune."
+)
 @json_option
-def import_model(path: Path, model_id: str | None, copy: bool, as_json: bool) -> None:
+def import_model(
+    path: Path, model_id: str | None, copy: bool, base: str | None, as_json: bool
+) -> None:
     """Validate a GGUF file from its header and register it."""
-    entry = get_engine().import_model(path, model_id, copy=copy)
+    entry = get_engine().import_model(path, model_id, copy=copy, base=base)
     if as_json:
         emit_json(entry.to_public())
     else:

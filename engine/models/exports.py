@@ -1,8 +1,8 @@
-"""Exports of a model to the runtimes users also run: Ollama, llama.cpp's llama-server, vLLM.
+"""Exports of a model to the runtimes users also run: Ollama, llama-server, vLLM, a GGUF.
 
-A fine-tune in Bastion is a base GGUF plus a GGUF LoRA adapter; both runtimes take that
-pair as it is, so nothing is converted or copied: the files written name the model's own
-files by absolute path.
+A fine-tune in Bastion is a base GGUF plus a GGUF LoRA adapter; Ollama and llama-server
+take that pair as it is, so for them nothing is converted or copied: the files written
+name the model's own files by absolute path.
 
 * ``ollama``: a ``Modelfile`` (``FROM`` the base, ``ADAPTER`` the LoRA, the chat template
   as a Go template where the model's own is ChatML -- Ollama reads other families'
@@ -16,6 +16,13 @@ files by absolute path.
   in the training cache, with the GGUF's tokenizer saved beside it for ``--tokenizer``),
   and ``vllm-serve.sh`` serves the base with the adapter as a LoRA module under the
   fine-tune's name.
+* ``gguf`` (fine-tunes only): ``<model id>.gguf``, the adapter merged into the base's
+  weights (``models.merge``: adapted weights in F16, every other tensor and all metadata
+  -- tokenizer, chat template -- as in the base), for tools that load one GGUF file and
+  take no adapter (GPT4All, LM Studio, ``llama-cli -m``); the command is
+  ``llama-server -m FILE --jinja`` (the chat template is in the file). A plain model is
+  refused with the path of its GGUF rather than copied: that file is already what the
+  user asked for, and a copy would only double the disk it takes.
 """
 
 from __future__ import annotations
@@ -34,9 +41,10 @@ from engine.models.runtime import SamplingParams
 from engine.paths import atomic_write_bytes
 
 if TYPE_CHECKING:
+    from engine.jobs import JobContext
     from engine.train.spec import RunSpec
 
-TARGETS = ("ollama", "llama-server", "vllm")
+TARGETS = ("ollama", "llama-server", "vllm", "gguf")
 DEFAULT_CONTEXT = 4096
 # Ollama's Go template for ChatML (the family of SmolLM2, Qwen and others), system included.
 _CHATML_GO = (
@@ -76,6 +84,7 @@ def export(
     *,
     base: ModelEntry | None = None,
     run: RunSpec | None = None,
+    ctx: JobContext | None = None,
 ) -> Export:
     """Write ``target``'s files for ``entry`` into ``out``.
 
@@ -85,6 +94,7 @@ def export(
         out: the folder to write into (made if missing).
         base: the base model's entry, for a fine-tune.
         run: the fine-tune's training run (for ``vllm``).
+        ctx: progress and cancel (for ``gguf``, the one target that takes a while).
     """
     if target not in TARGETS:
         raise InvalidInput(f"unknown export target {target!r}", hint=f"use one of {TARGETS}")
@@ -96,6 +106,8 @@ def export(
     context = entry.settings.context or min(info.context_length or DEFAULT_CONTEXT, DEFAULT_CONTEXT)
     sampling = SamplingParams()
     out = out.resolve()
+    if target == "gguf":
+        return _merged_gguf(entry, base, out, context, ctx)
     if target == "ollama":
         lines = [f"# {entry.id}, exported by Bastion", f"FROM {model_file}"]
         if adapter is not None:
@@ -130,6 +142,23 @@ def export(
     _write(script, f'#!/bin/sh\n# {entry.id}, exported by Bastion\nexec {command} "$@"\n')
     script.chmod(0o755)
     return Export(target, entry.id, [str(script), *files], command)
+
+
+def _merged_gguf(
+    entry: ModelEntry, base: ModelEntry | None, out: Path, context: int, ctx: JobContext | None
+) -> Export:
+    from engine.models.merge import merge_lora
+
+    if base is None or not entry.adapter:
+        raise InvalidInput(
+            f"{entry.id} is not a fine-tune; its GGUF is already {entry.path}",
+            hint="use that file as it is",
+        )
+    merged = out / f"{entry.id}.gguf"
+    merge_lora(Path(base.path), Path(entry.adapter), merged, name=entry.id, ctx=ctx)
+    args = ["llama-server", "-m", str(merged), "--jinja", "-c", str(context),
+            "--host", "127.0.0.1", "--port", "8080"]  # fmt: skip
+    return Export("gguf", entry.id, [str(merged)], shlex.join(args))
 
 
 def _vllm(entry: ModelEntry, run: RunSpec | None, out: Path) -> Export:

@@ -281,6 +281,39 @@ class ModelRegistry:
         )
         return self.get(model_id)
 
+    def import_adapter(
+        self, path: Path, model_id: str | None, base_id: str, copy_into: Path | None = None
+    ) -> ModelEntry:
+        """Register a GGUF LoRA adapter made for ``base_id`` as a fine-tune (an exported
+        or bundled one); copied into ``copy_into`` first if given.
+
+        Raises:
+            NotFound: no such base model or file.
+            InvalidModelFile: the file is not an adapter, or not for the base's architecture.
+            AlreadyExists: the id is taken.
+        """
+        path = Path(path).expanduser()
+        info = read_gguf_info(path)
+        base = self.get(base_id)
+        if info.file_kind != "adapter":
+            raise InvalidModelFile(
+                f"{path.name} is a model, not a LoRA adapter",
+                hint="import a model without --base",
+            )
+        if info.architecture != base.arch:
+            raise InvalidModelFile(
+                f"{path.name} is an adapter for {info.architecture}, and {base_id} is {base.arch}"
+            )
+        model_id = validate_id(model_id or derive_id(path))
+        self._check_free(model_id, None)
+        adapter = _copy_into(path, copy_into / model_id) if copy_into is not None else path
+        try:
+            return self.register_adapter_model(model_id, base_id, adapter.resolve())
+        except BaseException:
+            if copy_into is not None:
+                adapter.unlink(missing_ok=True)
+            raise
+
     def register_adapter_model(self, model_id: str, base_id: str, adapter_path: Path) -> ModelEntry:
         """Register a fine-tune: the base model's file plus a GGUF LoRA adapter."""
         base = self.get(base_id)

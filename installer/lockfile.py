@@ -1,0 +1,140 @@
+"""Bastion's lock: every dependency resolved once, pinned, with the hashes of its files.
+
+    python3 installer/bootstrap.py lock      # refresh installer/lock/*.txt (needs PyPI)
+
+The lock files are pip requirement files written by uv (``uv pip compile --universal
+--generate-hashes``): one resolution for every platform and Python from 3.11 on, with
+environment markers where a platform needs other packages or versions. There is one file
+per set of extras set-up can install (``base``, ``dev``, ``gpu``, ``dev-gpu``). Set-up
+installs the matching file with ``pip install --no-deps --require-hashes``, so two
+machines set up a month apart get the same files, and a file that differs from the one
+resolved is refused.
+
+Three things are kept out of the lock and installed by set-up itself, pinned exactly:
+
+* PyTorch (its version lives in ``[tool.bastion] torch`` in pyproject.toml): the build
+  differs by machine -- the CPU build (``+cpu``, from PyTorch's own index, which has
+  other files and hashes than PyPI) where there is no NVIDIA GPU, PyPI's CUDA build with
+  its ``nvidia-*``/``cuda-*`` libraries and Triton where there is one. The lock still
+  holds PyTorch's other dependencies (sympy, networkx, filelock, fsspec, ...).
+* llama-cpp-python, built from source for this machine's backend (its version is the
+  ``==`` pin in pyproject.toml).
+* Bastion itself (an editable install of this checkout).
+
+Standard library only: it runs before anything is installed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import subprocess
+import tempfile
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LOCK_DIR = ROOT / "installer" / "lock"
+BUILD_TOOLS = LOCK_DIR / "build-tools.in"
+# The resolver that writes the lock (not needed to install from it).
+UV_VERSION = "0.13.9"
+# The oldest Python the project takes; uv's universal resolution covers it and newer.
+LOWEST_PYTHON = "3.11"
+EXTRAS_SETS = ("", "dev", "gpu", "dev,gpu")
+# Installed by set-up itself, per machine (see the module docstring).
+_NOT_LOCKED = re.compile(
+    r"^(torch|triton|triton-windows|llama-cpp-python|nvidia-[a-z0-9-]+|cuda-[a-z0-9-]+)=="
+)
+
+
+def torch_version() -> str:
+    """PyTorch's version: ``[tool.bastion] torch`` in pyproject.toml, the one place it lives."""
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    return str(data["tool"]["bastion"]["torch"])
+
+
+def inputs_digest() -> str:
+    """What the lock was resolved from: pyproject's dependencies, extras and torch pin."""
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    inputs = {
+        "dependencies": data["project"]["dependencies"],
+        "extras": data["project"].get("optional-dependencies", {}),
+        "torch": torch_version(),
+        "python": LOWEST_PYTHON,
+        "build_tools": BUILD_TOOLS.read_text(),
+    }
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def stale_reason(extras: str) -> str | None:
+    """Why the lock of ``extras`` can't be installed as it is, or None when it can."""
+    path = lock_path(extras)
+    if not path.is_file():
+        return f"{path.relative_to(ROOT)} is missing"
+    if f"# inputs: {inputs_digest()}\n" not in path.read_text():
+        return f"{path.relative_to(ROOT)} was resolved before pyproject.toml's dependencies changed"
+    return None
+
+
+def lock_path(extras: str) -> Path:
+    """The lock file for a set of extras ("", "dev", "gpu" or "dev,gpu")."""
+    names = sorted(name for name in extras.split(",") if name)
+    return LOCK_DIR / (("-".join(names) or "base") + ".txt")
+
+
+def _header(extras: str) -> str:
+    return (
+        f"# Bastion's lock for the extras {extras or '(none)'}: every dependency, pinned, with\n"
+        "# the hashes of its files, for every platform (see the markers).\n"
+        "# Written by `python3 installer/bootstrap.py lock`; do not edit by hand.\n"
+        "# Not here, installed by set-up per machine: torch (pyproject.toml [tool.bastion]),\n"
+        "# its CUDA libraries, llama-cpp-python (built from source) and Bastion itself.\n"
+        f"# inputs: {inputs_digest()}\n"
+    )
+
+
+def strip_unlocked(text: str) -> str:
+    """``text`` (uv's output) without the packages set-up installs itself."""
+    blocks = re.split(r"\n(?=\S)", text.strip("\n"))
+    kept = [block for block in blocks if not _NOT_LOCKED.match(block)]
+    return "\n".join(kept) + "\n"
+
+
+def locked_names(path: Path) -> set[str]:
+    """The project names pinned in a lock file (normalized)."""
+    names = set()
+    for line in path.read_text().splitlines():
+        match = re.match(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==", line)
+        if match:
+            names.add(re.sub(r"[-_.]+", "-", match[1]).lower())
+    return names
+
+
+def refresh(uv: Path, log: Callable[[str], None]) -> list[Path]:
+    """Resolve every extras set again with ``uv`` and rewrite the lock files."""
+    LOCK_DIR.mkdir(parents=True, exist_ok=True)
+    written = []
+    with tempfile.TemporaryDirectory(prefix="bastion-lock-") as tmp:
+        constraints = Path(tmp) / "constraints.txt"
+        constraints.write_text(f"torch=={torch_version()}\n")
+        for extras in EXTRAS_SETS:
+            raw = Path(tmp) / "raw.txt"
+            cmd = [
+                str(uv), "pip", "compile", "pyproject.toml", str(BUILD_TOOLS.relative_to(ROOT)),
+                "--universal", "--python-version", LOWEST_PYTHON, "--generate-hashes",
+                "--no-header", "--quiet", "--constraint", str(constraints), "-o", str(raw),
+            ]  # fmt: skip
+            for name in filter(None, extras.split(",")):
+                cmd += ["--extra", name]
+            log(f"resolving the extras {extras or '(none)'}")
+            result = subprocess.run(cmd, cwd=ROOT, check=False)
+            if result.returncode != 0:
+                raise SystemExit(f"uv could not resolve the extras {extras!r}; see above")
+            target = lock_path(extras)
+            partial = target.with_suffix(".partial")
+            partial.write_text(_header(extras) + strip_unlocked(raw.read_text()))
+            partial.replace(target)
+            written.append(target)
+    return written

@@ -1,0 +1,103 @@
+"""The lock (installer/lock/*.txt): complete, hashed, fresh, and what set-up installed."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+from packaging.markers import Marker
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+ROOT = Path(__file__).resolve().parent.parent
+LOCKS = ROOT / "installer" / "lock"
+# Installed by set-up itself, per machine (installer/lockfile.py says why).
+NOT_LOCKED = {"torch", "llama-cpp-python"}
+
+
+def _pins(lock: Path) -> dict[str, list[tuple[str, Marker | None, int]]]:
+    """``{name: [(version, marker, number of hashes)]}`` of a lock file."""
+    pins: dict[str, list[tuple[str, Marker | None, int]]] = {}
+    for block in re.split(r"\n(?=\S)", lock.read_text()):
+        head = block.splitlines()[0].rstrip(" \\")
+        if head.startswith("#") or not head.strip():
+            continue
+        requirement, _, marker = head.partition(" ; ")
+        name, _, version = requirement.partition("==")
+        hashes = block.count("--hash=sha256:")
+        pins.setdefault(canonicalize_name(name), []).append(
+            (version, Marker(marker) if marker else None, hashes)
+        )
+    return pins
+
+
+def _project() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def test_every_dependency_is_locked_with_hashes() -> None:
+    project = _project()
+    wanted = {
+        "base": project["dependencies"],
+        "dev": project["dependencies"] + project["optional-dependencies"]["dev"],
+        "gpu": project["dependencies"] + project["optional-dependencies"]["gpu"],
+    }
+    for name, requirements in wanted.items():
+        pins = _pins(LOCKS / f"{name}.txt")
+        for text in requirements:
+            requirement = canonicalize_name(Requirement(text).name)
+            if requirement not in NOT_LOCKED:
+                assert requirement in pins, (name, requirement)
+        assert not NOT_LOCKED & set(pins), name
+        assert not [p for p in pins if p.startswith(("nvidia-", "cuda-"))], name
+        for package, versions in pins.items():
+            for version, _marker, hashes in versions:
+                assert version and hashes >= 1, (name, package)
+    # The lock holds what PyTorch itself needs on every machine.
+    assert {"sympy", "networkx", "filelock", "fsspec"} <= set(_pins(LOCKS / "base.txt"))
+
+
+def test_this_environment_is_the_lock() -> None:
+    """Set-up installed exactly the lock's versions (dev: this suite runs in a dev set-up)."""
+    differs = []
+    for name, versions in _pins(LOCKS / "dev.txt").items():
+        for version, marker, _hashes in versions:
+            if marker is not None and not marker.evaluate():
+                continue
+            installed = importlib.metadata.version(name)
+            if installed != version:
+                differs.append(f"{name} {installed} (lock: {version})")
+    assert not differs, differs
+
+
+def test_torch_is_the_version_pinned_in_one_place() -> None:
+    pinned = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["bastion"]["torch"]
+    assert importlib.metadata.version("torch").split("+")[0] == pinned
+
+
+def test_a_lock_older_than_the_dependencies_is_refused(tmp_path: Path) -> None:
+    """Set-up stops in one line when pyproject's dependencies changed since the lock."""
+    root = tmp_path / "checkout"
+    shutil.copytree(ROOT / "installer", root / "installer",
+                    ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    (root / "resources").mkdir()
+    shutil.copy(ROOT / "resources" / "catalogue.toml", root / "resources")
+    text = (ROOT / "pyproject.toml").read_text()
+    (root / "pyproject.toml").write_text(text.replace('"click>=8.1",', '"click>=8.2",'))
+    env = {key: value for key, value in os.environ.items() if key != "BASTION_VENV"}
+    env["BASTION_VENV"] = str(tmp_path / "venv")
+    base_python = getattr(sys, "_base_executable", sys.executable)
+    result = subprocess.run(
+        [base_python, str(root / "installer" / "bootstrap.py"), "setup"],
+        capture_output=True, text=True, env=env, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert "resolved before pyproject.toml's dependencies changed" in last, result.stderr
+    assert "bootstrap.py lock" in last
