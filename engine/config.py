@@ -47,6 +47,11 @@ class Config:
     audit_log: bool = _setting(
         False, "record every chat question and answer in <home>/logs/audit.log"
     )
+    audit_server_text: bool = _setting(
+        False,
+        "with audit_log on, also keep the prompt and answer text of the server's requests "
+        "(without it their records hold key, model, tokens, latency and status only)",
+    )
     theme: str = _setting("system", "the desktop app's colour scheme", THEMES)
     model_keep_alive_seconds: int = _setting(
         300,

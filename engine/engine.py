@@ -8,9 +8,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine import paths
+from engine.chat.completion import Completion, ModelGate
 from engine.chat.session import ChatRequest, ChatResult, ChatService, load_spec_for
+from engine.chat.templates import ChatMessage
 from engine.config import Config, SettingInfo, SettingsListener, SettingsStore, describe
-from engine.errors import BastionError
+from engine.errors import BastionError, InvalidInput
 from engine.jobs import JobContext
 from engine.logs import log_to_file
 from engine.models import hardware
@@ -18,10 +20,12 @@ from engine.models.gguf_info import read_gguf_info
 from engine.models.info import LoadPlan, ModelInfo
 from engine.models.lane import ModelLane
 from engine.models.registry import ModelEntry, ModelRegistry
+from engine.models.runtime import SamplingParams
 from engine.privacy import guard
 from engine.privacy.audit import AuditLog
 from engine.privacy.secrets import SecretStore
 from engine.rag.service import Documents
+from engine.server.keys import KeyStore
 from engine.store.conversations import Conversation, ConversationStore, Message, SearchHit
 from engine.store.db import Database
 from engine.train.service import Training
@@ -32,6 +36,9 @@ if TYPE_CHECKING:
     from engine.status import PrivacyStatus, StorageUsage
 
 log = logging.getLogger(__name__)
+
+# Model ids of the form rag:<collection> answer from that collection's documents.
+RAG_PREFIX = "rag:"
 
 
 class Engine:
@@ -79,6 +86,8 @@ class Engine:
             self.db, self.home, embedder_export_in_child=embedder_export_in_child
         )
         self.training = Training(self.models, self.db, self.home, self._chat.complete)
+        self.api_keys = KeyStore(self.db)
+        self._gate = ModelGate()
 
     # -- models ----------------------------------------------------------------------
 
@@ -225,6 +234,91 @@ class Engine:
         if request.collection is not None:
             grounding = self.documents.ground(request.collection, request.prompt, request.k)
         return self._chat.send(request, ctx, on_text, on_notice, grounding)
+
+    # -- serving: stateless answers, embeddings (the OpenAI-compatible server) --------
+
+    def set_parallel(self, parallel: int) -> None:
+        """Run up to ``parallel`` generations together in one llama.cpp batch (the server;
+        the model is loaded again for it). 1, the default, runs one at a time."""
+        if parallel < 1:
+            raise InvalidInput(f"parallel must be at least 1, not {parallel}")
+        self._chat.set_parallel(parallel)
+
+    def served_models(self) -> list[tuple[str, str]]:
+        """``(id, kind)`` of everything the server offers: ``chat`` models (fine-tunes
+        among them), each collection as ``rag:<name>``, and ``embedding`` models."""
+        from engine.rag.embedder import DEFAULT_EMBEDDER
+
+        served = [(m.id, "chat") for m in self.models.list()]
+        collections = [c for c, _counts in self.documents.all()]
+        served += [(RAG_PREFIX + c.name, "rag") for c in collections]
+        embedders = {DEFAULT_EMBEDDER, *(c.embedder for c in collections)}
+        return served + [(e, "embedding") for e in sorted(embedders)]
+
+    def complete(
+        self,
+        model: str,
+        messages: list[ChatMessage],
+        sampling: SamplingParams,
+        *,
+        stop: list[str] | None = None,
+        ctx: JobContext | None = None,
+        on_text: Callable[[str], None] | None = None,
+        k: int = 6,
+    ) -> Completion:
+        """Answer the last user message of ``messages``; nothing goes into the history.
+
+        ``model`` is a model id or ``rag:<collection>`` (answered from that collection's
+        documents by the default model, with citations). Requests for the loaded model
+        run together; one for another model waits until they have ended.
+        """
+        from engine.chat.completion import complete_messages
+
+        grounding = None
+        if model.startswith(RAG_PREFIX):
+            question = messages[-1].content if messages else ""
+            grounding = self.documents.ground(model.removeprefix(RAG_PREFIX), question, k)
+            model_id = self.models.default_id()
+        else:
+            model_id = self.models.get(model).id
+        self._gate.enter(model_id)
+        try:
+            return complete_messages(self._chat, model_id, messages, sampling, stop=stop or (),
+                                     ctx=ctx, on_text=on_text, grounding=grounding)  # fmt: skip
+        finally:
+            self._gate.leave()
+
+    def complete_text(
+        self,
+        model: str,
+        prompt: str,
+        sampling: SamplingParams,
+        *,
+        stop: list[str] | None = None,
+        ctx: JobContext | None = None,
+        on_text: Callable[[str], None] | None = None,
+    ) -> Completion:
+        """Continue ``prompt`` as it is, without a chat template; nothing is kept."""
+        from engine.chat.completion import complete_text
+
+        model_id = self.models.get(model).id
+        self._gate.enter(model_id)
+        try:
+            return complete_text(self._chat, model_id, prompt, sampling, stop=stop or (),
+                                 ctx=ctx, on_text=on_text)  # fmt: skip
+        finally:
+            self._gate.leave()
+
+    def embed(self, texts: list[str], model: str | None = None) -> tuple[list[list[float]], int]:
+        """Unit-length vectors of ``texts`` by an embedder (the default one if None), and
+        the number of tokens they held."""
+        from engine.rag.embedder import DEFAULT_EMBEDDER
+
+        embedder = self.documents.embedder(
+            self.documents.check_embedder_id(model or DEFAULT_EMBEDDER)
+        )
+        vectors = embedder.encode(texts)
+        return vectors.tolist(), sum(embedder.count_tokens(texts))
 
     # -- history ---------------------------------------------------------------------
 

@@ -33,7 +33,12 @@ def test_update_writes_toml_and_reads_back(tmp_path: Path) -> None:
     updated = update_config(tmp_path, audit_log=True, theme="dark")
     assert updated == Config(audit_log=True, theme="dark")
     raw = tomllib.loads(config_path(tmp_path).read_text(encoding="utf-8"))
-    assert raw == {"audit_log": True, "theme": "dark", "model_keep_alive_seconds": 300}
+    assert raw == {
+        "audit_log": True,
+        "audit_server_text": False,
+        "theme": "dark",
+        "model_keep_alive_seconds": 300,
+    }
     assert load_config(tmp_path) == updated
     assert update_config(tmp_path, audit_log=False).theme == "dark"
     # No temporary file is left beside it.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from engine.models import hardware
@@ -47,10 +48,17 @@ class LoadSpecs:
 
     def __init__(self) -> None:
         self._specs: dict[tuple[str, str, str | None, ModelSettings], LoadSpec] = {}
+        self.parallel = 1  # generations run together (the server sets more)
 
     def get(self, entry: ModelEntry) -> LoadSpec:
         """The spec of ``entry``: the one decided before for these settings, else a new one."""
         key = (entry.id, entry.path, entry.adapter, entry.settings)
         if key not in self._specs:
-            self._specs[key] = load_spec_for(entry)
+            self._specs[key] = replace(load_spec_for(entry), parallel=self.parallel)
         return self._specs[key]
+
+    def set_parallel(self, parallel: int) -> None:
+        """Load models for ``parallel`` generations at once from now on."""
+        if parallel != self.parallel:
+            self.parallel = parallel
+            self._specs.clear()

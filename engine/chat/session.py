@@ -74,6 +74,22 @@ class ChatService:
         entry = self._models.get(model_id or self._models.default_id())
         return entry, self._lane.load(self._specs.get(entry))
 
+    @property
+    def lane(self) -> ModelLane:
+        return self._lane
+
+    def set_parallel(self, parallel: int) -> None:
+        """Load models for ``parallel`` generations at once (continuous batching)."""
+        self._specs.set_parallel(parallel)
+
+    def spec_for(self, entry: ModelEntry) -> LoadSpec:
+        """How ``entry`` is loaded (after ``prepare``)."""
+        return self._specs.get(entry)
+
+    def template_for(self, entry: ModelEntry, spec: LoadSpec) -> tuple[ChatTemplate, bool]:
+        """``entry``'s chat template and whether to add BOS (after ``prepare``)."""
+        return self._template(entry, spec)
+
     def _template(self, entry: ModelEntry, spec: LoadSpec) -> tuple[ChatTemplate, bool]:
         """The chat template and whether to add BOS when tokenizing (cached per model)."""
         if spec not in self._templates:

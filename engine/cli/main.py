@@ -20,9 +20,11 @@ from engine.cli.eval_cmd import eval_group
 from engine.cli.export_cmd import export
 from engine.cli.finetune_cmd import finetune
 from engine.cli.history_cmd import history_group
+from engine.cli.keys_cmd import keys_group
 from engine.cli.models_cmd import models_group
 from engine.cli.output import error_line
 from engine.cli.secrets_cmd import secrets_group
+from engine.cli.serve_cmd import serve
 from engine.errors import BastionError, Cancelled
 
 log = logging.getLogger("bastion.cli")
@@ -58,6 +60,8 @@ cli.add_command(doctor)
 cli.add_command(secrets_group)
 cli.add_command(export)
 cli.add_command(bundle_group)
+cli.add_command(keys_group)
+cli.add_command(serve)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,9 @@ passed (``engine.models.selftest``).
 
 Requests arrive on stdin, events leave on stdout (``engine.protocol``). A reader thread
 takes requests off stdin so that a ``cancel`` reaches a generation between two tokens;
-the main thread does the model's work, one request at a time, in arrival order. Requests
+the main thread does the model's work, one request at a time, in arrival order -- or,
+for a model loaded with ``parallel`` > 1 (the server's), runs every generation together
+in one batch (``engine.models.batching``), taking new requests between two steps. Requests
 carry ids and every event names the request it answers, so several callers can share
 one host. Stdin closing (the parent died) ends the host.
 """
@@ -42,6 +44,8 @@ class Host:
         self.emit = emit
         self.config = config
         self.model: Any = None  # engine.models.runtime.LoadedModel, imported lazily
+        self.batch: Any = None  # engine.models.batching.BatchEngine when parallel > 1
+        self._deferred: list[Message] = []  # a load of another model, until the batch ends
         self.requests: queue.SimpleQueue[Message | None] = queue.SimpleQueue()
         self._generations: dict[int, JobContext] = {}
         self._lock = threading.Lock()
@@ -75,10 +79,23 @@ class Host:
 
     def serve(self) -> int:
         while True:
-            message = self.requests.get()
+            message: Message | None
+            if self.batch is not None and self.batch.active:
+                try:  # take what came in since the last step, else do the next step
+                    message = self.requests.get_nowait()
+                except queue.Empty:
+                    self.step()
+                    continue
+            elif self._deferred:
+                message = self._deferred.pop(0)
+            else:
+                message = self.requests.get()
             if message is None or message.kind == Op.SHUTDOWN:
                 self.unload()
                 return ExitCode.OK
+            if self._must_wait(message):
+                self._deferred.append(message)
+                continue
             try:
                 self.handle(message)
             except BastionError as exc:
@@ -99,6 +116,27 @@ class Host:
                     kind=ErrorKind.FAILED,
                     message=f"{type(exc).__name__}: {exc}".splitlines()[0][:300],
                 )
+
+    def _must_wait(self, message: Message) -> bool:
+        """A load of another model, or an unload, waits for the running batch to end."""
+        if self.batch is None or not self.batch.active:
+            return False
+        if message.kind == Op.UNLOAD:
+            return True
+        if message.kind == Op.LOAD:
+            from engine.models.runtime import LoadSpec
+
+            return bool(self.model is None or self.model.spec != LoadSpec(**message.fields["spec"]))
+        return False
+
+    def step(self) -> None:
+        """One batch step; a failure ends every generation in it with the error."""
+        try:
+            self.batch.step()
+        except Exception as exc:  # llama.cpp refused the batch: every answer in it fails
+            log.exception("batch step failed")
+            text = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            self.batch.fail_all(lambda s: s.emit_error(text))
 
     def handle(self, message: Message) -> None:
         op, fields, rid = message.kind, message.fields, message.id
@@ -132,11 +170,18 @@ class Host:
         self.unload()
         started = time.perf_counter()
         self.model = LoadedModel(spec, self.config)
+        if spec.parallel > 1:
+            from engine.models.batching import BatchEngine
+
+            self.batch = BatchEngine(self.model, spec.parallel)
         elapsed = time.perf_counter() - started
         log.info("loaded %s in %.2f s (%s)", spec.model_id, elapsed, self.config)
         return {"load_s": elapsed, "n_ctx": self.model.n_ctx}
 
     def unload(self) -> None:
+        if self.batch is not None:
+            self.batch.close()
+            self.batch = None
         if self.model is not None:
             self.model.close()
             self.model = None
@@ -157,13 +202,35 @@ class Host:
             else:
                 emit(Event.FINISHED, id=rid, **asdict(event))
 
+        params = SamplingParams(**fields["sampling"])
+        if self.batch is not None:
+
+            def relay_batched(event: StreamEvent) -> None:
+                relay(event)
+                if not isinstance(event, TokenChunk):
+                    with self._lock:
+                        self._generations.pop(rid, None)
+
+            try:
+                # Times count from arrival here too; the answer comes from later steps.
+                self.batch.add(list(fields["tokens"]), params, ctx, time.perf_counter(),
+                               relay_batched, lambda text: self._fail(rid, text))  # fmt: skip
+            except BaseException:
+                with self._lock:
+                    self._generations.pop(rid, None)
+                raise
+            return
         try:
-            params = SamplingParams(**fields["sampling"])
             # Times in FINISHED count from this request's arrival; the parent adds its side.
             model.generate(list(fields["tokens"]), params, ctx, time.perf_counter(), relay)
         finally:
             with self._lock:
                 self._generations.pop(rid, None)
+
+    def _fail(self, rid: int, text: str) -> None:
+        with self._lock:
+            self._generations.pop(rid, None)
+        self.emit(Event.ERROR, id=rid, kind=ErrorKind.FAILED, message=text)
 
 
 def error_kind(exc: BastionError) -> ErrorKind:

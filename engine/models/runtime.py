@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from engine.errors import ModelLoadError
+from engine.errors import InvalidInput, ModelLoadError
 from engine.jobs import JobContext
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,9 @@ class LoadSpec:
     n_threads: int
     n_gpu_layers: int
     lora_path: str | None = None
+    # Generations run together (continuous batching, engine.models.batching); 1: one at
+    # a time, as the desktop and the CLI need.
+    parallel: int = 1
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,8 @@ class SamplingParams:
     min_p: float = 0.05
     repeat_penalty: float = 1.1
     seed: int | None = None
+    # The answer must match this JSON schema (JSON text; llama.cpp grammar made from it).
+    json_schema: str | None = None
 
 
 @dataclass(frozen=True)
@@ -108,7 +113,7 @@ class _NoChatFormatter:
 
 
 @contextlib.contextmanager
-def _loading(config: str) -> Iterator[None]:
+def _loading(config: str, parallel: int = 1) -> Iterator[None]:
     """While inside, ``llama_cpp.Llama`` loads as ``config`` says, compiling no template.
 
     ``Llama`` does not take ``use_extra_bufts``; it builds its parameters from
@@ -122,6 +127,7 @@ def _loading(config: str) -> Iterator[None]:
     bindings: Any = llama_cpp.llama_cpp
     formats: Any = llama_cpp.llama_chat_format
     original_params = bindings.llama_model_default_params
+    original_context = bindings.llama_context_default_params
     original_formatter = formats.Jinja2ChatFormatter
 
     def params():  # type: ignore[no-untyped-def]
@@ -129,15 +135,37 @@ def _loading(config: str) -> Iterator[None]:
         p.use_extra_bufts = config != "no-repack"
         return p
 
+    def context():  # type: ignore[no-untyped-def]
+        # Several sequences in one context, sharing one KV cache (continuous batching).
+        p = original_context()
+        p.n_seq_max = parallel
+        p.kv_unified = True
+        return p
+
     with _PARAMS_LOCK:
         formats.Jinja2ChatFormatter = _NoChatFormatter
         if config != "default":
             bindings.llama_model_default_params = params
+        if parallel > 1:
+            bindings.llama_context_default_params = context
         try:
             yield
         finally:
             bindings.llama_model_default_params = original_params
+            bindings.llama_context_default_params = original_context
             formats.Jinja2ChatFormatter = original_formatter
+
+
+def _grammar(schema: str) -> Any:
+    """A llama.cpp grammar that only lets through JSON matching ``schema``."""
+    from llama_cpp.llama_grammar import LlamaGrammar
+
+    try:
+        return LlamaGrammar.from_json_schema(schema, verbose=False)
+    except Exception as exc:  # a schema the converter refuses, in whatever way it does
+        raise InvalidInput(
+            f"the JSON schema can't be turned into a grammar: {exc}".splitlines()[0][:300]
+        ) from exc
 
 
 class LoadedModel:
@@ -151,10 +179,11 @@ class LoadedModel:
         self.spec = spec
         self.config = config
         try:
-            with _loading(config):
+            with _loading(config, spec.parallel):
                 self.llm = llama_cpp.Llama(
                     model_path=spec.path,
-                    n_ctx=spec.n_ctx,
+                    # Batched: a window for each sequence, in one cache they share.
+                    n_ctx=spec.n_ctx * spec.parallel,
                     n_threads=spec.n_threads,
                     n_threads_batch=spec.n_threads,
                     n_gpu_layers=spec.n_gpu_layers,
@@ -166,7 +195,7 @@ class LoadedModel:
                 f"llama.cpp could not load model {spec.model_id}: {exc}",
                 hint="the file may use an architecture this llama.cpp build does not support",
             ) from exc
-        self.n_ctx = self.llm.n_ctx()
+        self.n_ctx = self.llm.n_ctx() // spec.parallel  # one sequence's window
         vocab = getattr(getattr(self.llm, "_model", None), "vocab", None)
         self._is_eog: Callable[[int], bool]
         if vocab is not None and hasattr(llama_cpp, "llama_vocab_is_eog"):
@@ -196,6 +225,11 @@ class LoadedModel:
         """Generate after ``tokens``, calling ``emit`` for each piece of text, then once done."""
         if params.seed is not None:
             self.llm.set_seed(params.seed)
+            # A seeded request must give the same answer twice: evaluate the whole prompt
+            # instead of reusing the cache of the previous one, whose logits differ in the
+            # last bits (another batch shape) and can flip a near tie.
+            self.llm.reset()  # type: ignore[no-untyped-call]
+        grammar = _grammar(params.json_schema) if params.json_schema else None
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         budget = min(params.max_tokens, self.n_ctx - len(tokens))
         produced = 0
@@ -211,6 +245,7 @@ class LoadedModel:
                 min_p=params.min_p,
                 temp=params.temperature,
                 repeat_penalty=params.repeat_penalty,
+                grammar=grammar,
             )
             try:
                 for token in stream:

@@ -31,6 +31,10 @@ from engine.config import load_config
 log = logging.getLogger(__name__)
 
 AUDIT_FILENAME = "audit.log"
+# Past this size the log is renamed audit.log.1 (older ones shift up to .5, the oldest
+# is dropped) before the next record.
+ROTATE_BYTES = 16 * 1024 * 1024
+KEEP_ROTATED = 5
 
 
 def audit_log_path(home: Path) -> Path:
@@ -86,10 +90,58 @@ class AuditLog:
             record.update(extra)
         return self._append(record)
 
+    def record_request(
+        self,
+        *,
+        key: str,
+        model: str,
+        endpoint: str,
+        status: int,
+        latency_ms: float,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+        prompt: str | None = None,
+        answer: str | None = None,
+    ) -> bool:
+        """Record one request to the server if the audit log is on. The prompt and answer
+        are kept only when ``audit_server_text`` is on as well."""
+        config = load_config(self.home)
+        if not config.audit_log:
+            return False
+        record: dict[str, Any] = {
+            "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            "event": "request",
+            "key": key,
+            "model": model,
+            "endpoint": endpoint,
+            "status": status,
+            "latency_ms": round(latency_ms, 1),
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+        }
+        if config.audit_server_text:
+            record["prompt"] = prompt
+            record["answer"] = answer
+        return self._append(record)
+
+    def _rotate(self) -> None:
+        """Shift audit.log to audit.log.1 (and so on) once it has grown past the limit."""
+        try:
+            if self.path.stat().st_size < ROTATE_BYTES:
+                return
+        except FileNotFoundError:
+            return
+        for n in range(KEEP_ROTATED - 1, 0, -1):
+            older = self.path.with_name(f"{AUDIT_FILENAME}.{n}")
+            if older.exists():
+                os.replace(older, self.path.with_name(f"{AUDIT_FILENAME}.{n + 1}"))
+        os.replace(self.path, self.path.with_name(f"{AUDIT_FILENAME}.1"))
+
     def _append(self, record: dict[str, Any]) -> bool:
         line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8", "replace")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._rotate()
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             try:
                 os.write(fd, line)

@@ -224,6 +224,23 @@ END;
 INSERT INTO chunks_fts(chunks_fts) VALUES ('rebuild');
 """
 
+# API keys of the OpenAI-compatible server (engine.server.keys): a salted HMAC of each key,
+# never the key; its first characters (``prefix``) find the row and name it in lists.
+M009_API_KEYS: Final = """
+CREATE TABLE api_keys (
+    name TEXT PRIMARY KEY,
+    prefix TEXT NOT NULL,
+    salt BLOB NOT NULL,
+    digest BLOB NOT NULL,
+    rpm INTEGER,
+    tpm INTEGER,
+    models TEXT,
+    created_at TEXT NOT NULL,
+    last_used_at TEXT
+);
+CREATE INDEX api_keys_prefix ON api_keys(prefix);
+"""
+
 # Append only. See the module docstring.
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     ("m001_conversations", M001_CONVERSATIONS),
@@ -234,6 +251,7 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     ("m006_message_rating", M006_MESSAGE_RATING),
     ("m007_embedder_content_keys", M007_EMBEDDER_CONTENT_KEYS),
     ("m008_chunks_fts_stemmed", M008_CHUNKS_FTS_STEMMED),
+    ("m009_api_keys", M009_API_KEYS),
 )
 
 _CREATE_TABLE: Final = (
