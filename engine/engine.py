@@ -80,7 +80,11 @@ class Engine:
         self.secrets = SecretStore(self.home)
         self._lane = ModelLane(self.home / "logs" / "model-host.log", self._keep_alive)
         self._chat = ChatService(
-            self._lane, self.models, self.conversations, audit=AuditLog(self.home).record_answer
+            self._lane,
+            self.models,
+            self.conversations,
+            audit=AuditLog(self.home).record_answer,
+            secret=self.secrets.get,
         )
         self.documents = Documents(
             self.db, self.home, embedder_export_in_child=embedder_export_in_child
@@ -171,8 +175,9 @@ class Engine:
         from engine import bundle
 
         models = bundle.model_files(self.models, model_ids)
-        return bundle.create(out, models, backend=backend, llama_build=llama_build,
-                             archive=archive, on_line=on_line)  # fmt: skip
+        return bundle.create(
+            out, models, backend=backend, llama_build=llama_build, archive=archive, on_line=on_line
+        )
 
     def _hub_token(self) -> str | None:
         """The Hugging Face token kept by ``bastion secrets set hf-token``, if any."""
@@ -186,9 +191,52 @@ class Engine:
     def set_model_settings(self, model_id: str, **changes: int | None) -> ModelEntry:
         return self.models.update_settings(model_id, **changes)
 
+    def add_remote_model(
+        self, name: str, url: str, model: str | None = None, api_key_secret: str | None = None
+    ) -> ModelEntry:
+        """Register ``model`` (the first the server lists, if None) of the OpenAI-compatible
+        server at ``url`` as the model ``name``. Asks the server once (its ``/v1/models``),
+        with the API key kept in the keyring as ``api_key_secret``.
+
+        Raises:
+            InvalidInput: a bad URL or name, an unknown secret, a refused key, or a model
+                the server does not list; OperationFailed: the server did not answer.
+        """
+        from engine.models.registry import validate_id
+        from engine.models.remote import RemoteClient, check_url
+
+        self.models.check_id_free(validate_id(name))
+        base = check_url(url)
+        key = None
+        if api_key_secret is not None:
+            key = self.secrets.get(api_key_secret)
+            if key is None:
+                raise InvalidInput(
+                    f"no secret named {api_key_secret!r} in the keyring",
+                    hint=f"store it with `bastion secrets set {api_key_secret}`",
+                )
+        listed = RemoteClient(base, key, name).models()
+        ids = [str(m.get("id")) for m in listed]
+        chosen = model or (ids[0] if ids else None)
+        if chosen is None or chosen not in ids:
+            raise InvalidInput(
+                f"the server at {base} does not list the model {chosen!r}",
+                hint=f"it lists: {', '.join(ids) or 'nothing'}",
+            )
+        about = next(m for m in listed if m.get("id") == chosen)
+        context = about.get("max_model_len") or about.get("context_length")
+        return self.models.add_remote(
+            name, base, chosen, api_key_secret, int(context) if isinstance(context, int) else None
+        )
+
     def model_info(self, model_id: str) -> ModelInfo:
         """Everything known about a model: metadata, chat template, settings, hardware fit."""
         entry = self.models.get(model_id)
+        if entry.remote:
+            raise InvalidInput(
+                f"{entry.id} is served by {entry.remote['url']} (its model "
+                f"{entry.remote['model']!r}): its file and metadata are there"
+            )
         info = read_gguf_info(Path(entry.path))
         spec = load_spec_for(entry)
         hw = hardware.detect()
@@ -283,8 +331,16 @@ class Engine:
             model_id = self.models.get(model).id
         self._gate.enter(model_id)
         try:
-            return complete_messages(self._chat, model_id, messages, sampling, stop=stop or (),
-                                     ctx=ctx, on_text=on_text, grounding=grounding)  # fmt: skip
+            return complete_messages(
+                self._chat,
+                model_id,
+                messages,
+                sampling,
+                stop=stop or (),
+                ctx=ctx,
+                on_text=on_text,
+                grounding=grounding,
+            )
         finally:
             self._gate.leave()
 
@@ -304,8 +360,9 @@ class Engine:
         model_id = self.models.get(model).id
         self._gate.enter(model_id)
         try:
-            return complete_text(self._chat, model_id, prompt, sampling, stop=stop or (),
-                                 ctx=ctx, on_text=on_text)  # fmt: skip
+            return complete_text(
+                self._chat, model_id, prompt, sampling, stop=stop or (), ctx=ctx, on_text=on_text
+            )
         finally:
             self._gate.leave()
 

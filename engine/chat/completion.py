@@ -10,15 +10,14 @@ text is, and cancel the rest of the generation at once.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from engine.chat.context import fit_messages
 from engine.chat.templates import ChatMessage
 from engine.errors import ContextOverflow, InvalidInput
 from engine.jobs import JobContext
-from engine.models.runtime import GenerationDone, SamplingParams
+from engine.models.runtime import GenerationDone, SamplingParams, StreamEvent
 
 if TYPE_CHECKING:
     from engine.chat.session import ChatService
@@ -131,33 +130,22 @@ def complete_messages(
             tuple(grounding.citations),
         )
     spec = service.spec_for(entry)
-    template, add_bos = service.template_for(entry, spec)
     lane = service.lane
 
-    def encode(kept: list[ChatMessage]) -> list[int]:
-        text = template.render(kept)
-        skip_bos = bool(template.bos_token) and text.startswith(template.bos_token)
-        return lane.tokenize(text, add_bos and not skip_bos)
+    def count(text: str) -> int:
+        if entry.remote:
+            return len(text) // 4 + 1
+        return len(lane.tokenize(text, False))
 
     if grounding is not None:
-        budget = spec.n_ctx - min(sampling.max_tokens, spec.n_ctx // 4) - 64
-        budget -= len(lane.tokenize(last.content, False))
-        system = grounding.system_prompt(lambda t: len(lane.tokenize(t, False)), budget, system)
-    reserve = min(sampling.max_tokens, spec.n_ctx // 4)
-    head = ChatMessage("system", system) if system else None
-    fitted = fit_messages(head, history, last, encode, spec.n_ctx, reserve)
+        budget = spec.n_ctx - min(sampling.max_tokens, spec.n_ctx // 4) - 64 - count(last.content)
+        system = grounding.system_prompt(count, budget, system)
+    fitted = service.fit(entry, spec, system, history, last.content, sampling)
     prefix = grounding.notice + "\n\n" if grounding is not None and grounding.notice else ""
-    return _run(
-        service,
-        entry.id,
-        fitted.tokens,
-        sampling,
-        stop,
-        ctx,
-        on_text,
-        prefix,
-        tuple(grounding.citations) if grounding is not None else (),
-    )
+    started = time.perf_counter()
+    events = service.events(entry, fitted, sampling, ctx, started, stop)
+    citations = tuple(grounding.citations) if grounding is not None else ()
+    return _run(entry.id, events, len(fitted.tokens), stop, on_text, prefix, citations, started)
 
 
 def complete_text(
@@ -172,6 +160,13 @@ def complete_text(
 ) -> Completion:
     """Continue ``prompt`` as it is (no chat template): the legacy completions API."""
     entry, _ = service.prepare(model_id)
+    ctx = ctx or JobContext()
+    started = time.perf_counter()
+    if entry.remote:
+        events = service.remote(entry).stream(
+            entry.remote["model"], {"prompt": prompt}, sampling, ctx, started, stop=stop
+        )
+        return _run(entry.id, events, 0, stop, on_text, "", (), started)
     spec = service.spec_for(entry)
     add_bos = entry.metadata.get("tokenizer.ggml.add_bos_token", True) is not False
     tokens = service.lane.tokenize(prompt, add_bos)
@@ -179,53 +174,58 @@ def complete_text(
         raise ContextOverflow(
             f"the prompt is {len(tokens):,} tokens; {entry.id}'s context holds {spec.n_ctx:,}"
         )
-    return _run(service, entry.id, tokens, sampling, stop, ctx or JobContext(), on_text, "", ())
+    events = service.lane.stream(tokens, sampling, ctx, started)
+    return _run(entry.id, events, len(tokens), stop, on_text, "", (), started)
 
 
 def _run(
-    service: ChatService,
     model: str,
-    tokens: list[int],
-    sampling: SamplingParams,
+    events: Iterator[StreamEvent],
+    prompt_tokens: int,
     stop: Sequence[str],
-    ctx: JobContext,
     on_text: Callable[[str], None] | None,
     prefix: str,
     citations: tuple[Citation, ...],
+    started: float,
 ) -> Completion:
-    started = time.perf_counter()
     stops = StopFilter(stop)
     pieces = [prefix] if prefix else []
     if prefix and on_text is not None:
         on_text(prefix)
     done: GenerationDone | None = None
-    for event in service.lane.stream(tokens, sampling, ctx, started):
-        if isinstance(event, GenerationDone):
-            done = event
-            break
-        text = stops.feed(event.text)
-        if text:
-            pieces.append(text)
-            if on_text is not None:
-                on_text(text)
-        if stops.stopped:
-            break  # leaving the stream cancels the generation at its next token
+    produced = 0
+    try:
+        for event in events:
+            if isinstance(event, GenerationDone):
+                done = event
+                break
+            produced += 1
+            text = stops.feed(event.text)
+            if text:
+                pieces.append(text)
+                if on_text is not None:
+                    on_text(text)
+            if stops.stopped:
+                break  # leaving the stream cancels the generation at its next token
+    finally:
+        close = getattr(events, "close", None)
+        if close is not None:
+            close()
     tail = stops.flush()
     if tail:
         pieces.append(tail)
         if on_text is not None:
             on_text(tail)
     total = time.perf_counter() - started
-    if done is None:  # ended by a stop sequence
-        produced = max(1, len(service.lane.tokenize("".join(pieces[1 if prefix else 0 :]), False)))
+    if done is None:  # ended by a stop sequence: the pieces so far are its tokens
         return Completion(
-            "".join(pieces), model, len(tokens), produced, "stop", None, total, citations
+            "".join(pieces), model, prompt_tokens, produced, "stop", None, total, citations
         )
     reason = {"stop": "stop", "cancelled": "cancelled"}.get(done.stop_reason, "length")
     return Completion(
         "".join(pieces),
         model,
-        done.prompt_tokens,
+        done.prompt_tokens or prompt_tokens,
         done.completion_tokens,
         reason,
         done.ttft_s,

@@ -18,6 +18,10 @@ def load_spec_for(entry: ModelEntry) -> LoadSpec:
     """How to load ``entry`` here: its overrides where set, automatic choices otherwise."""
     s = entry.settings
     n_ctx = s.context or min(entry.context_length or DEFAULT_CONTEXT, DEFAULT_CONTEXT)
+    if entry.remote:  # served elsewhere: only its window matters here
+        return LoadSpec(
+            model_id=entry.id, path=entry.path, n_ctx=n_ctx, n_threads=1, n_gpu_layers=0
+        )
     if s.gpu_layers is not None:
         gpu_layers = s.gpu_layers
     elif hardware.gpu_offload_supported():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -20,13 +20,17 @@ from engine.errors import InvalidInput, ModelCrashed, OperationFailed
 from engine.jobs import JobContext
 from engine.models.lane import ModelLane
 from engine.models.registry import ModelEntry, ModelRegistry
-from engine.models.runtime import GenerationDone, LoadSpec, SamplingParams
+from engine.models.remote import RemoteClient
+from engine.models.runtime import GenerationDone, LoadSpec, SamplingParams, StreamEvent
 from engine.store.conversations import Conversation, ConversationStore, Message
 
 if TYPE_CHECKING:
     from engine.rag.grounding import Grounding
 
 log = logging.getLogger(__name__)
+
+# A remote model's tokens are counted on its server; here, roughly, by characters.
+CHARS_PER_TOKEN = 4
 
 # How often a streaming answer is written to the database, so that a crash or kill loses
 # at most this much of it.
@@ -60,8 +64,11 @@ class ChatService:
         store: ConversationStore,
         *,
         audit: AuditSink | None = None,
+        secret: Callable[[str], str | None] = lambda _name: None,
     ) -> None:
-        """``audit`` hears of every finished turn and decides whether to keep it."""
+        """``audit`` hears of every finished turn and decides whether to keep it;
+        ``secret`` gives a keyring secret by name (a remote model's API key)."""
+        self._secret = secret
         self._lane = lane
         self._models = models
         self._store = store
@@ -72,7 +79,34 @@ class ChatService:
     def prepare(self, model_id: str | None) -> tuple[ModelEntry, float]:
         """Load a model ahead of the first question. Returns it and the seconds spent."""
         entry = self._models.get(model_id or self._models.default_id())
+        if entry.remote:
+            return entry, 0.0  # served elsewhere: nothing to load here
         return entry, self._lane.load(self._specs.get(entry))
+
+    def remote(self, entry: ModelEntry) -> RemoteClient:
+        """The client of a remote model, with its API key from the keyring."""
+        assert entry.remote is not None
+        secret = entry.remote.get("key_secret")
+        return RemoteClient(entry.remote["url"], self._secret(secret) if secret else None, entry.id)
+
+    def events(
+        self,
+        entry: ModelEntry,
+        fitted: FittedPrompt,
+        sampling: SamplingParams,
+        ctx: JobContext,
+        started: float,
+        stop: Sequence[str] = (),
+    ) -> Iterator[StreamEvent]:
+        """The answer's events: from the model host, or from the remote model's server."""
+        if entry.remote:
+            payload = {
+                "messages": [{"role": m.role, "content": m.content} for m in fitted.messages]
+            }
+            return self.remote(entry).stream(
+                entry.remote["model"], payload, sampling, ctx, started, stop=stop
+            )
+        return self._lane.stream(fitted.tokens, sampling, ctx, started)
 
     @property
     def lane(self) -> ModelLane:
@@ -182,6 +216,8 @@ class ChatService:
         """The system prompt with as many sources as the context leaves room for."""
 
         def count(text: str) -> int:
+            if turn.entry.remote:
+                return len(text) // CHARS_PER_TOKEN + 1
             return len(self._lane.tokenize(text, False))
 
         n_ctx = turn.spec.n_ctx
@@ -202,7 +238,8 @@ class ChatService:
         sampling = turn.request.sampling
         first = turn.spec not in self._templates
         fitted = self._fit(turn.entry, turn.spec, system, history, turn.prompt, sampling)
-        notice = self._templates[turn.spec][0].notice
+        known = self._templates.get(turn.spec)  # none for a remote model
+        notice = known[0].notice if known else None
         if first and notice and on_notice is not None:
             on_notice(notice)
         if fitted.dropped and on_notice is not None:
@@ -246,9 +283,8 @@ class ChatService:
                 turn.on_text(prefix)
         sampling = turn.request.sampling
         try:
-            return self._stream(
-                row.id, fitted.tokens, sampling, turn.ctx, turn.started, turn.on_text, prefix
-            )
+            events = self.events(turn.entry, fitted, sampling, turn.ctx, turn.started)
+            return self._stream(row.id, events, turn.on_text, prefix)
         except ModelCrashed as exc:
             raise ModelCrashed(
                 f"{exc.message}; the partial answer is kept in conversation "
@@ -355,14 +391,21 @@ class ChatService:
         spec = self._specs.get(entry)
         sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, seed=0)
         fitted = self._fit(entry, spec, None, [], prompt, sampling)
-        pieces = [
-            event.text
-            for event in self._lane.stream(
-                fitted.tokens, sampling, ctx or JobContext(), time.perf_counter()
-            )
-            if not isinstance(event, GenerationDone)
-        ]
+        events = self.events(entry, fitted, sampling, ctx or JobContext(), time.perf_counter())
+        pieces = [event.text for event in events if not isinstance(event, GenerationDone)]
         return "".join(pieces).strip()
+
+    def fit(
+        self,
+        entry: ModelEntry,
+        spec: LoadSpec,
+        system_text: str | None,
+        history: list[ChatMessage],
+        prompt: str,
+        sampling: SamplingParams,
+    ) -> FittedPrompt:
+        """The prompt's messages (and tokens, for a local model) that fit the window."""
+        return self._fit(entry, spec, system_text, history, prompt, sampling)
 
     def _fit(
         self,
@@ -373,6 +416,19 @@ class ChatService:
         prompt: str,
         sampling: SamplingParams,
     ) -> FittedPrompt:
+        system = ChatMessage("system", system_text) if system_text else None
+        reserve = min(sampling.max_tokens, spec.n_ctx // 4)
+        if entry.remote:  # its tokenizer is on its server: count by characters
+            return fit_messages(
+                system,
+                history,
+                ChatMessage("user", prompt),
+                lambda kept: (
+                    [0] * (sum(len(m.content) for m in kept) // CHARS_PER_TOKEN + 8 * len(kept))
+                ),
+                spec.n_ctx,
+                reserve,
+            )
         template, add_bos = self._template(entry, spec)
 
         def encode(messages: list[ChatMessage]) -> list[int]:
@@ -380,8 +436,6 @@ class ChatService:
             skip_bos = bool(template.bos_token) and text.startswith(template.bos_token)
             return self._lane.tokenize(text, add_bos and not skip_bos)
 
-        system = ChatMessage("system", system_text) if system_text else None
-        reserve = min(sampling.max_tokens, spec.n_ctx // 4)
         return fit_messages(
             system, history, ChatMessage("user", prompt), encode, spec.n_ctx, reserve
         )
@@ -389,10 +443,7 @@ class ChatService:
     def _stream(
         self,
         answer_id: int,
-        tokens: list[int],
-        sampling: SamplingParams,
-        ctx: JobContext,
-        started: float,
+        events: Iterator[StreamEvent],
         on_text: Callable[[str], None] | None,
         prefix: str = "",
     ) -> tuple[str, GenerationDone]:
@@ -404,7 +455,7 @@ class ChatService:
         done: GenerationDone | None = None
         last_save = time.monotonic()
         try:
-            for event in self._lane.stream(tokens, sampling, ctx, started):
+            for event in events:
                 if isinstance(event, GenerationDone):
                     done = event
                     continue

@@ -215,3 +215,28 @@ def pull(spec: str, model_id: str | None, as_json: bool) -> None:
             f"Pulled {entry.id}: {entry.arch}, {human_count(entry.params)} parameters, "
             f"{entry.quant}, {human_size(entry.size_bytes)} ({entry.path})"
         )
+
+
+@models_group.command("add-remote")
+@click.argument("name")
+@click.option("--url", required=True, help="The server's OpenAI API, e.g. http://gpu:8000/v1.")
+@click.option("--model", "remote_model", help="Its model id (default: the first it lists).")
+@click.option(
+    "--api-key-from-keyring",
+    "secret",
+    metavar="SECRET",
+    help="The keyring secret holding its API key (`bastion secrets set SECRET`).",
+)
+@json_option
+def add_remote(
+    name: str, url: str, remote_model: str | None, secret: str | None, as_json: bool
+) -> None:
+    """Use a model of an OpenAI-compatible server (vLLM, llama-server, TGI, another Bastion)
+    as model NAME: chat, collections, the desktop and the server then use it like a local one.
+    The guard lets Bastion reach that server's host, and only it, during its calls."""
+    entry = get_engine().add_remote_model(name, url, remote_model, secret)
+    if as_json:
+        emit_json(entry.to_public())
+    else:
+        assert entry.remote is not None
+        click.echo(f"Added {entry.id}: {entry.remote['model']} at {entry.remote['url']}")

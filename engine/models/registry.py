@@ -62,6 +62,8 @@ class ModelEntry:
     settings: ModelSettings
     created_at: str
     metadata: dict[str, Any] = field(repr=False, default_factory=dict)
+    # A model served elsewhere: {"url", "model", "key_secret"} (engine.models.remote).
+    remote: dict[str, Any] | None = None
 
     def to_public(self) -> dict[str, Any]:
         """The contract's fields for ``models list --json``, plus a few more."""
@@ -78,6 +80,9 @@ class ModelEntry:
             "builtin": self.builtin,
             "has_chat_template": self.chat_template is not None,
             "settings": asdict(self.settings),
+            "remote": {"url": self.remote["url"], "model": self.remote["model"]}
+            if self.remote
+            else None,
         }
 
 
@@ -314,6 +319,26 @@ class ModelRegistry:
                 adapter.unlink(missing_ok=True)
             raise
 
+    def add_remote(
+        self,
+        model_id: str,
+        url: str,
+        remote_model: str,
+        key_secret: str | None,
+        context_length: int | None,
+    ) -> ModelEntry:
+        """Register a model that an OpenAI-compatible server at ``url`` serves."""
+        model_id = validate_id(model_id)
+        self._check_free(model_id, None)
+        remote = {"url": url, "model": remote_model, "key_secret": key_secret}
+        self._db.execute(
+            "INSERT INTO models (id, path, arch, quant, params, context_length, size_bytes, "
+            "metadata, settings, builtin, created_at, remote) "
+            "VALUES (?, ?, 'remote', '-', 0, ?, 0, '{}', '{}', 0, ?, ?)",
+            (model_id, url, context_length, _now(), json.dumps(remote)),
+        )
+        return self.get(model_id)
+
     def register_adapter_model(self, model_id: str, base_id: str, adapter_path: Path) -> ModelEntry:
         """Register a fine-tune: the base model's file plus a GGUF LoRA adapter."""
         base = self.get(base_id)
@@ -425,4 +450,5 @@ class ModelRegistry:
             settings=ModelSettings(**{k: settings.get(k) for k in _SETTINGS_KEYS}),
             created_at=row["created_at"],
             metadata=json.loads(row["metadata"] or "{}"),
+            remote=json.loads(row["remote"]) if row["remote"] else None,
         )

@@ -241,6 +241,12 @@ CREATE TABLE api_keys (
 CREATE INDEX api_keys_prefix ON api_keys(prefix);
 """
 
+# Models served elsewhere (engine.models.remote): {"url", "model", "key_secret"} as JSON;
+# NULL for the GGUF files of this machine.
+M010_REMOTE_MODELS: Final = """
+ALTER TABLE models ADD COLUMN remote TEXT;
+"""
+
 # Append only. See the module docstring.
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     ("m001_conversations", M001_CONVERSATIONS),
@@ -252,6 +258,7 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     ("m007_embedder_content_keys", M007_EMBEDDER_CONTENT_KEYS),
     ("m008_chunks_fts_stemmed", M008_CHUNKS_FTS_STEMMED),
     ("m009_api_keys", M009_API_KEYS),
+    ("m010_remote_models", M010_REMOTE_MODELS),
 )
 
 _CREATE_TABLE: Final = (
