@@ -1,4 +1,4 @@
-"""The main window: a sidebar of pages (Chat, Documents, Models, Fine-tune, Settings).
+"""The main window: a sidebar of pages (Chat, Documents, Models, Fine-tune, Server, Settings).
 
 ``bastion-desktop`` starts here. Start-up stays light: the engine facade opens the
 database and the registry only; torch, transformers, sentence-transformers and faiss are
@@ -78,7 +78,7 @@ class Notice(QWidget):
 
 
 class MainWindow(QMainWindow):
-    PAGES = ("Chat", "Documents", "Models", "Fine-tune", "Settings")
+    PAGES = ("Chat", "Documents", "Models", "Fine-tune", "Server", "Settings")
 
     def __init__(self, engine: Engine) -> None:
         super().__init__()
@@ -110,16 +110,18 @@ class MainWindow(QMainWindow):
         from desktop.pages.documents import DocumentsPage
         from desktop.pages.finetune import FinetunePage
         from desktop.pages.models import ModelsPage
+        from desktop.pages.server import ServerPage
         from desktop.pages.settings import SettingsPage
 
         self.chat = ChatPage(engine, self)
         self.documents = DocumentsPage(engine, self)
         self.models = ModelsPage(engine, self)
         self.finetune = FinetunePage(engine, self)
+        self.server = ServerPage(engine, self)
         self.settings = SettingsPage(engine, self)
         for title, page in zip(
             self.PAGES,
-            (self.chat, self.documents, self.models, self.finetune, self.settings),
+            (self.chat, self.documents, self.models, self.finetune, self.server, self.settings),
             strict=True,
         ):
             self.stack.addWidget(page)
@@ -158,6 +160,7 @@ class MainWindow(QMainWindow):
         checkpoint when it can, and otherwise its child notices the app is gone (its
         stdin closes), saves one and stops: ``--resume`` or Resume continues it.
         """
+        self.server.shutdown()
         running = list(ops.running())
         for op in running:
             op.cancel()

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from engine.rag.indexer import IndexReport
     from engine.rag.retrieval import SearchResult
     from engine.rag.service import Documents, SourceText
+    from engine.server.runner import ServerHandle, ServerStatus
     from engine.status import STORAGE_AREAS, PrivacyStatus, StorageUsage
     from engine.store.conversations import Conversation, Message
     from engine.store.search import SearchHit
@@ -121,6 +122,9 @@ _EXPORTS: dict[str, str] = {
     "RunRecord": "engine.train.runs",
     "Hyper": "engine.train.spec",
     "PRESETS": "engine.train.spec",
+    # the OpenAI-compatible server
+    "ServerHandle": "engine.server.runner",
+    "ServerStatus": "engine.server.runner",
     # settings and status
     "Config": "engine.config",
     "SettingInfo": "engine.config",
@@ -188,6 +192,8 @@ __all__ = [
     "SamplingParams",
     "SearchHit",
     "SearchResult",
+    "ServerHandle",
+    "ServerStatus",
     "SettingInfo",
     "SourceText",
     "StorageUsage",

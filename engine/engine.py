@@ -33,6 +33,7 @@ from engine.train.service import Training
 if TYPE_CHECKING:
     from engine.models.exports import Export
     from engine.models.hub import HubRepo
+    from engine.server.runner import ServerHandle
     from engine.status import PrivacyStatus, StorageUsage
 
 log = logging.getLogger(__name__)
@@ -281,7 +282,15 @@ class Engine:
         grounding = None
         if request.collection is not None:
             grounding = self.documents.ground(request.collection, request.prompt, request.k)
-        return self._chat.send(request, ctx, on_text, on_notice, grounding)
+        model_id = request.model_id
+        if model_id is None and request.conversation_id is not None:
+            model_id = self.conversations.get(request.conversation_id).model
+        # Beside a running server: wait while it generates with another model.
+        self._gate.enter(model_id or self.models.default_id())
+        try:
+            return self._chat.send(request, ctx, on_text, on_notice, grounding)
+        finally:
+            self._gate.leave()
 
     # -- serving: stateless answers, embeddings (the OpenAI-compatible server) --------
 
@@ -291,6 +300,29 @@ class Engine:
         if parallel < 1:
             raise InvalidInput(f"parallel must be at least 1, not {parallel}")
         self._chat.set_parallel(parallel)
+
+    def start_server(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 8765,
+        *,
+        auth: bool = True,
+        parallel: int = 8,
+        tls_cert: Path | None = None,
+        tls_key: Path | None = None,
+    ) -> ServerHandle:
+        """Start the OpenAI-compatible server on a background thread; ``stop()`` ends it.
+
+        Raises:
+            InvalidInput: not secure as asked (see ``server.runner.check_bind``);
+            EnvironmentFault: the port is taken.
+        """
+        from engine.server.runner import make_server
+
+        server = make_server(self, host, port, auth=auth, tls_cert=tls_cert, tls_key=tls_key)
+        self.set_parallel(parallel)
+        server.start()
+        return server
 
     def served_models(self) -> list[tuple[str, str]]:
         """``(id, kind)`` of everything the server offers: ``chat`` models (fine-tunes

@@ -2,22 +2,11 @@
 
 from __future__ import annotations
 
-import ipaddress
 from pathlib import Path
 
 import click
 
 from engine.cli.common import get_engine
-from engine.errors import InvalidInput
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @click.command("serve")
@@ -61,52 +50,25 @@ def serve(
 
     Every /v1 call needs an API key (`bastion keys create NAME`). The server only listens:
     it never connects out."""
-    import uvicorn
+    from engine.server.runner import make_server
 
-    from engine.server.app import ServerOptions, create_app
-
-    if no_auth and not is_loopback(host):
-        raise InvalidInput(
-            f"--no-auth is refused on {host}, which other machines can reach",
-            hint="serve on 127.0.0.1, or create keys with `bastion keys create NAME`",
-        )
-    if (tls_cert is None) != (tls_key is None):
-        raise InvalidInput("--tls-cert and --tls-key go together")
-    for path in (tls_cert, tls_key):
-        if path is not None and not path.is_file():
-            raise InvalidInput(f"no such file: {path}")
     engine = get_engine()
+    server = make_server(
+        engine,
+        host,
+        port,
+        auth=not no_auth,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        max_tokens_cap=max_tokens_cap,
+        concurrent=concurrent,
+    )
     engine.set_parallel(parallel)
-    if not no_auth and not engine.api_keys.list():
-        where = "other machines" if not is_loopback(host) else "clients"
-        raise InvalidInput(
-            f"the server needs API keys and none exists: {where} could not use it",
-            hint="create one with `bastion keys create NAME`"
-            + ("" if not is_loopback(host) else " (or use --no-auth on loopback)"),
-        )
     if no_auth:
         click.echo("warning: --no-auth: any program on this machine can use the server", err=True)
-    scheme = "https" if tls_cert else "http"
-    app = create_app(
-        engine,
-        ServerOptions(
-            auth=not no_auth, max_tokens_cap=max_tokens_cap, concurrent_per_key=concurrent
-        ),
-    )
-    config = uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        log_level="warning",
-        access_log=False,
-        ssl_certfile=str(tls_cert) if tls_cert else None,
-        ssl_keyfile=str(tls_key) if tls_key else None,
-        timeout_graceful_shutdown=5,
-    )
-    server = uvicorn.Server(config)
     click.echo(
-        f"Bastion serves {scheme}://{host}:{port}/v1 "
-        f"({'no auth' if no_auth else 'API keys required'}); Ctrl-C stops it",
+        f"Bastion serves {server.url} ({'no auth' if no_auth else 'API keys required'}); "
+        "Ctrl-C stops it",
         err=True,
     )
-    server.run()
+    server.run_here()
