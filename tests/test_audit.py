@@ -169,3 +169,42 @@ def test_cancelled_and_source_less_turns_are_audited_too(engine: Engine) -> None
     assert second["collection"] == "empty-notes"
     assert second["answer"] == unanswered.answer and "empty-notes" in second["answer"]
     assert second["message_id"] == unanswered.message_id
+
+
+def test_server_requests_are_recorded_without_text_unless_asked_and_rotated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from engine.privacy import audit as audit_module
+    from engine.privacy.audit import AuditLog, audit_log_path
+
+    log = AuditLog(tmp_path)
+    ask = {
+        "key": "alice",
+        "model": "m",
+        "endpoint": "/v1/chat/completions",
+        "status": 200,
+        "latency_ms": 12.3,
+        "prompt_tokens": 5,
+        "completion_tokens": 7,
+        "prompt": "the question",
+        "answer": "the answer",
+    }
+    assert not log.record_request(**ask)  # off by default: nothing written
+    assert not audit_log_path(tmp_path).exists()
+    update_config(tmp_path, audit_log=True)
+    assert log.record_request(**ask)
+    record = json.loads(audit_log_path(tmp_path).read_text().splitlines()[-1])
+    assert record["key"] == "alice" and record["completion_tokens"] == 7
+    assert "prompt" not in record and "answer" not in record
+    update_config(tmp_path, audit_server_text=True)
+    assert log.record_request(**ask)
+    record = json.loads(audit_log_path(tmp_path).read_text().splitlines()[-1])
+    assert record["prompt"] == "the question" and record["answer"] == "the answer"
+
+    monkeypatch.setattr(audit_module, "ROTATE_BYTES", 200)
+    for _ in range(12):
+        log.record_request(**ask)
+    rotated = sorted(p.name for p in audit_log_path(tmp_path).parent.iterdir())
+    assert rotated[:2] == ["audit.log", "audit.log.1"]
+    assert len(rotated) <= 1 + audit_module.KEEP_ROTATED
+    assert audit_log_path(tmp_path).stat().st_size <= 200 + 400
