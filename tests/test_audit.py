@@ -175,7 +175,6 @@ def test_server_requests_are_recorded_without_text_unless_asked_and_rotated(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from engine.privacy import audit as audit_module
-    from engine.privacy.audit import AuditLog, audit_log_path
 
     log = AuditLog(tmp_path)
     ask = {
