@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     from engine.models.hub import HubRepo
     from engine.server.runner import ServerHandle
     from engine.status import PrivacyStatus, StorageUsage
+    from engine.train.evalrun import EvalRun
+    from engine.train.golden import GoldenSet
 
 log = logging.getLogger(__name__)
 
@@ -345,22 +347,26 @@ class Engine:
         ctx: JobContext | None = None,
         on_text: Callable[[str], None] | None = None,
         k: int = 6,
+        collection: str | None = None,
     ) -> Completion:
         """Answer the last user message of ``messages``; nothing goes into the history.
 
         ``model`` is a model id or ``rag:<collection>`` (answered from that collection's
-        documents by the default model, with citations). Requests for the loaded model
-        run together; one for another model waits until they have ended.
+        documents by the default model, with citations); ``collection`` grounds a model's
+        answer the same way. Requests for the loaded model run together; one for another
+        model waits until they have ended.
         """
         from engine.chat.completion import complete_messages
 
-        grounding = None
         if model.startswith(RAG_PREFIX):
-            question = messages[-1].content if messages else ""
-            grounding = self.documents.ground(model.removeprefix(RAG_PREFIX), question, k)
+            collection = model.removeprefix(RAG_PREFIX)
             model_id = self.models.default_id()
         else:
             model_id = self.models.get(model).id
+        grounding = None
+        if collection is not None:
+            question = messages[-1].content if messages else ""
+            grounding = self.documents.ground(collection, question, k)
         self._gate.enter(model_id)
         try:
             return complete_messages(
@@ -397,6 +403,53 @@ class Engine:
             )
         finally:
             self._gate.leave()
+
+    def evaluate(
+        self,
+        set_path: Path,
+        models: list[str],
+        *,
+        collection: str | None = None,
+        out: Path | None = None,
+        ctx: JobContext | None = None,
+    ) -> EvalRun:
+        """Score ``models`` on a golden set (``engine.train.golden``) and write the report
+        (Markdown and HTML) into ``out``, or ``<home>/evals/<time>/``. Nothing goes into
+        the history. Raises InvalidInput for a set with bad lines (all listed by
+        ``check_golden_set``)."""
+        import time as clock
+
+        from engine.train.evalrun import run_eval, write_reports
+        from engine.train.golden import load_golden_set
+
+        for model in models:
+            self.models.get(model)
+        if collection is not None:
+            self.documents.get(collection)
+
+        def answer(
+            model: str, messages: list[ChatMessage], sampling: SamplingParams, job: JobContext
+        ) -> tuple[str, list[Any]]:
+            done = self.complete(model, messages, sampling, ctx=job, collection=collection)
+            return done.text.strip(), [c.to_public() for c in done.citations]
+
+        run = run_eval(
+            load_golden_set(set_path),
+            models,
+            answer,
+            ctx or JobContext(),
+            set_path=str(set_path),
+            collection=collection,
+        )
+        folder = out or self.home / "evals" / clock.strftime("%Y%m%d-%H%M%S")
+        write_reports(run, folder)
+        return run
+
+    def check_golden_set(self, set_path: Path) -> GoldenSet:
+        """A golden set's items and bad lines (with their numbers), without answering."""
+        from engine.train.golden import load_golden_set
+
+        return load_golden_set(set_path)
 
     def embed(self, texts: list[str], model: str | None = None) -> tuple[list[list[float]], int]:
         """Unit-length vectors of ``texts`` by an embedder (the default one if None), and

@@ -12,7 +12,7 @@ from engine.cli.output import emit_json, table
 
 @click.group("eval")
 def eval_group() -> None:
-    """Evaluate retrieval quality."""
+    """Evaluate models on golden sets, and retrieval quality."""
 
 
 @eval_group.command("retrieval")
@@ -41,3 +41,78 @@ def retrieval(collection: str, qa_path: Path, as_json: bool) -> None:
         ],
     )
     click.echo(f"{evaluation.questions} questions")
+
+
+@eval_group.command("run")
+@click.option(
+    "--set",
+    "set_path",
+    required=True,
+    type=click.Path(path_type=Path),
+    help='JSONL: {"prompt"|"messages", "reference"?, "must_include"?, "file"?, "page"?}',
+)
+@click.option(
+    "-m",
+    "--model",
+    "models",
+    multiple=True,
+    required=True,
+    help="A model to evaluate (repeat for several).",
+)
+@click.option("-c", "--collection", help="Answer from this collection's documents.")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Folder for report.md and report.html (default: <home>/evals/<time>).",
+)
+@json_option
+def run(
+    set_path: Path, models: tuple[str, ...], collection: str | None, out: Path | None, as_json: bool
+) -> None:
+    """Score models on a golden set: exact match, token F1, ROUGE-L, BLEU, required phrases
+    and citations, with 95 % bootstrap intervals; writes a Markdown and an HTML report."""
+    from engine.cli.common import cancel_on_signals
+    from engine.cli.progress import ProgressBar
+    from engine.errors import InvalidInput
+    from engine.jobs import JobContext
+    from engine.train.golden import METRICS
+
+    engine = get_engine()
+    golden = engine.check_golden_set(set_path)
+    if golden.bad_lines:
+        if as_json:
+            emit_json({"bad_lines": [{"line": b.line, "error": b.error} for b in golden.bad_lines]})
+            raise SystemExit(2)
+        first = golden.bad_lines[0]
+        raise InvalidInput(
+            f"{len(golden.bad_lines)} bad line(s) in {set_path}; line {first.line}: {first.error}"
+        )
+    bar = ProgressBar("answers")
+    job = JobContext(on_progress=bar)
+    with cancel_on_signals(job):
+        try:
+            result = engine.evaluate(
+                set_path, list(models), collection=collection, out=out, ctx=job
+            )
+        finally:
+            bar.close()
+    if as_json:
+        emit_json(result.to_public())
+        return
+    shown = [m for m in METRICS if any(result.summary[x][m] for x in result.models)]
+    table(
+        ["MODEL", *shown],
+        [
+            [
+                model,
+                *(
+                    f"{v['mean']:.3f} [{v['low']:.2f}-{v['high']:.2f}]"
+                    if (v := result.summary[model][m])
+                    else "-"
+                    for m in shown
+                ),
+            ]
+            for model in result.models
+        ],
+    )
+    click.echo(f"\nReport: {result.report_md}\n        {result.report_html}")
