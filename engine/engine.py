@@ -445,6 +445,34 @@ class Engine:
         write_reports(run, folder)
         return run
 
+    def perplexity(self, model_id: str, text_path: Path) -> dict[str, Any]:
+        """The model's perplexity on a text file: ``{"model", "tokens", "mean_nll",
+        "perplexity"}`` (natural log; every token scored but each window's first)."""
+        import math
+
+        from engine.train.golden import read_text_file
+
+        text = read_text_file(text_path)
+        entry, _ = self._chat.prepare(model_id)
+        if entry.remote:
+            raise InvalidInput(f"{entry.id} is a remote model: its server scores text, not Bastion")
+        self._gate.enter(entry.id)
+        try:
+            add_bos = entry.metadata.get("tokenizer.ggml.add_bos_token", True) is not False
+            tokens = self._lane.tokenize(text, add_bos)
+            if len(tokens) < 2:
+                raise InvalidInput(f"{text_path} is too short to score (under two tokens)")
+            scored, nll = self._lane.perplexity(tokens)
+        finally:
+            self._gate.leave()
+        return {
+            "model": entry.id,
+            "file": str(text_path),
+            "tokens": scored,
+            "mean_nll": nll,
+            "perplexity": math.exp(nll),
+        }
+
     def check_golden_set(self, set_path: Path) -> GoldenSet:
         """A golden set's items and bad lines (with their numbers), without answering."""
         from engine.train.golden import load_golden_set

@@ -52,6 +52,7 @@ class Op(StrEnum):
     UNLOAD = "unload"  # -> result null
     TOKENIZE = "tokenize"  # text, add_bos -> result [ids]
     SPECIAL_TOKENS = "special_tokens"  # -> result {"bos", "eos"} (their text)
+    PERPLEXITY = "perplexity"  # tokens -> result {"scored", "nll"} (mean, nats per token)
     GENERATE = "generate"  # tokens, sampling, started_offset_s -> token..., finished
     CANCEL = "cancel"  # target: the id of the generation to stop at its next token
     SHUTDOWN = "shutdown"  # unload and exit 0

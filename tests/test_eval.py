@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from pathlib import Path
 from typing import Any
@@ -168,3 +169,54 @@ def test_answers_from_a_collection_are_checked_for_their_citations(
     items = result.json()["items"]
     assert [i["answers"][DEFAULT_MODEL]["scores"]["citation"] for i in items] == [1.0, 0.0]
     assert result.json()["models"][DEFAULT_MODEL]["citation"] == 0.5
+
+
+# The mean NLL of a text as llama-cpp-python computes it with all logits kept (a check of
+# Bastion's batched scoring).
+REFERENCE_NLL = r"""
+import sys, numpy as np
+from llama_cpp import Llama
+llm = Llama(model_path=sys.argv[1], n_ctx=4096, logits_all=True, verbose=False)
+tokens = llm.tokenize(open(sys.argv[2], encoding="utf-8").read().encode(), add_bos=True,
+                      special=True)
+llm.eval(tokens)
+logits = np.array(llm.scores[: len(tokens) - 1], dtype=np.float64)
+top = logits.max(axis=1)
+lse = top + np.log(np.exp(logits - top[:, None]).sum(axis=1))
+print(float((lse - logits[np.arange(len(tokens) - 1), tokens[1:]]).mean()), len(tokens) - 1)
+"""
+
+
+def test_perplexity_matches_llama_cpp_with_every_logit(cli: Any, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    text = tmp_path / "manual.txt"
+    text.write_text(MANUAL * 3)
+    result = cli("eval", "perplexity", "-m", DEFAULT_MODEL, "--text", str(text), "--json")
+    assert result.code == 0, result.stderr
+    ours = result.json()
+    done = subprocess.run(
+        [sys.executable, "-c", REFERENCE_NLL, str(default_model_path()), str(text)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    nll, count = done.stdout.split()
+    assert ours["tokens"] == int(count)
+    assert ours["mean_nll"] == pytest.approx(float(nll), abs=0.02)
+    assert 1 < ours["perplexity"] < 100
+
+    noise = tmp_path / "noise.txt"
+    rng = random.Random(0)  # letters in no order: nothing to predict
+    noise.write_text(
+        " ".join("".join(rng.choice("bcdfghjklmnpqrstvwxz") for _ in range(5)) for _ in range(60))
+    )
+    noisy = cli("eval", "perplexity", "-m", DEFAULT_MODEL, "--text", str(noise), "--json")
+    assert noisy.json()["perplexity"] > ours["perplexity"]
+    assert_one_line_error(
+        cli("eval", "perplexity", "-m", DEFAULT_MODEL, "--text", str(tmp_path / "missing.txt")),
+        2,
+        "no such file",
+    )

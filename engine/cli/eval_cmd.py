@@ -116,3 +116,21 @@ def run(
         ],
     )
     click.echo(f"\nReport: {result.report_md}\n        {result.report_html}")
+
+
+@eval_group.command("perplexity")
+@click.option("-m", "--model", "model_id", required=True, help="The model to score with.")
+@click.option(
+    "--text", "text_path", required=True, type=click.Path(path_type=Path), help="A UTF-8 text file."
+)
+@json_option
+def perplexity(model_id: str, text_path: Path, as_json: bool) -> None:
+    """The model's perplexity on a text (lower: the text is less surprising to it)."""
+    result = get_engine().perplexity(model_id, text_path)
+    if as_json:
+        emit_json(result)
+        return
+    click.echo(
+        f"{result['model']}: perplexity {result['perplexity']:.2f} "
+        f"({result['mean_nll']:.3f} nats per token over {result['tokens']} tokens)"
+    )

@@ -121,7 +121,7 @@ class Host:
         """A load of another model, or an unload, waits for the running batch to end."""
         if self.batch is None or not self.batch.active:
             return False
-        if message.kind == Op.UNLOAD:
+        if message.kind in (Op.UNLOAD, Op.PERPLEXITY):
             return True
         if message.kind == Op.LOAD:
             from engine.models.runtime import LoadSpec
@@ -148,6 +148,9 @@ class Host:
         elif op == Op.TOKENIZE:
             tokens = self.loaded().tokenize(str(fields["text"]), bool(fields["add_bos"]))
             self.emit(Event.RESULT, id=rid, value=tokens)
+        elif op == Op.PERPLEXITY:
+            scored, nll = self.loaded().perplexity(list(fields["tokens"]))
+            self.emit(Event.RESULT, id=rid, value={"scored": scored, "nll": nll})
         elif op == Op.SPECIAL_TOKENS:
             bos, eos = self.loaded().special_tokens()
             self.emit(Event.RESULT, id=rid, value={"bos": bos, "eos": eos})

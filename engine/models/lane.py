@@ -246,6 +246,12 @@ class ModelLane:
     def tokenize(self, text: str, add_bos: bool) -> list[int]:
         return list(self._call(Op.TOKENIZE, text=text, add_bos=add_bos))
 
+    def perplexity(self, tokens: list[int]) -> tuple[int, float]:
+        """How many of ``tokens`` the loaded model scored, and their mean negative
+        log-likelihood (nats per token)."""
+        value = self._call(Op.PERPLEXITY, tokens=tokens)
+        return int(value["scored"]), float(value["nll"])
+
     def special_tokens(self) -> tuple[str, str]:
         """The text of the loaded model's BOS and EOS tokens."""
         value = self._call(Op.SPECIAL_TOKENS)

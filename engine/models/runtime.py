@@ -279,6 +279,54 @@ class LoadedModel:
             )
         )
 
+    def perplexity(self, tokens: list[int]) -> tuple[int, float]:
+        """Mean negative log-likelihood of each token given those before it.
+
+        The text is cut into windows of the context's length, each evaluated from an
+        empty cache (as llama.cpp's own perplexity tool does, without its overlap), in
+        batches with the logits of every position; every token but a window's first is
+        scored. Returns (tokens scored, mean NLL in nats).
+        """
+        import llama_cpp as ll
+        import numpy as np
+
+        lctx = self.llm._ctx.ctx
+        n_vocab = self.llm.n_vocab()
+        n_batch = int(ll.llama_n_batch(lctx))
+        memory = ll.llama_get_memory(lctx)
+        batch = ll.llama_batch_init(n_batch, 0, 1)
+        total, scored = 0.0, 0
+        try:
+            for start in range(0, len(tokens), self.n_ctx):
+                window = tokens[start : start + self.n_ctx]
+                if len(window) < 2:
+                    break
+                ll.llama_memory_clear(memory, True)
+                for first in range(0, len(window), n_batch):
+                    part = window[first : first + n_batch]
+                    for i, token in enumerate(part):
+                        batch.token[i], batch.pos[i] = token, first + i
+                        batch.n_seq_id[i], batch.seq_id[i][0], batch.logits[i] = 1, 0, True
+                    batch.n_tokens = len(part)
+                    if ll.llama_decode(lctx, batch) != 0:
+                        raise ModelLoadError("llama.cpp could not evaluate the text")
+                    rows = len(window[first + 1 : first + 1 + len(part)])
+                    if rows == 0:
+                        continue
+                    logits = np.ctypeslib.as_array(
+                        ll.llama_get_logits(lctx), shape=(len(part), n_vocab)
+                    )[:rows]
+                    targets = np.array(window[first + 1 : first + 1 + rows])
+                    top = logits.max(axis=1)
+                    lse = top + np.log(np.exp(logits - top[:, None]).sum(axis=1))
+                    total += float((lse - logits[np.arange(rows), targets]).sum())
+                    scored += rows
+        finally:
+            ll.llama_batch_free(batch)
+            self.llm.reset()  # type: ignore[no-untyped-call]
+            ll.llama_memory_clear(memory, True)
+        return scored, (total / scored if scored else float("nan"))
+
     def close(self) -> None:
         close = getattr(self.llm, "close", None)
         if close is not None:

@@ -126,6 +126,18 @@ def load_golden_set(path: Path) -> GoldenSet:
     return found
 
 
+def read_text_file(path: Path) -> str:
+    """A UTF-8 text file's content, or a one-line error."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise NotFound(f"no such file: {path}") from None
+    except IsADirectoryError:
+        raise InvalidInput(f"{path} is a folder, not a text file") from None
+    except UnicodeDecodeError:
+        raise InvalidInput(f"{path} is not UTF-8 text") from None
+
+
 # -- scores --------------------------------------------------------------------------------
 
 
