@@ -26,6 +26,12 @@ from engine.errors import InvalidInput, OperationFailed
 from engine.models.registry import ModelRegistry
 
 BACKENDS = ("cpu", "cuda", "metal")
+# Runs the installer (a script, not a module) in a child: ``python -c _RUN_INSTALLER
+# SCRIPT ARGS...``. It is the one Python child of Bastion without the privacy guard, by
+# design: it downloads what the user asked for (tests/test_hardening_privacy.py lists it).
+_RUN_INSTALLER = (
+    "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+)
 LLAMA_BUILDS = ("portable", "native")
 
 
@@ -48,8 +54,12 @@ def model_files(registry: ModelRegistry, ids: list[str]) -> list[dict[str, Any]]
         chain = [registry.get(entry.base), entry] if entry.base else [entry]
         for item in chain:
             if item.id not in listed:
-                listed[item.id] = {"id": item.id, "path": item.path, "base": item.base,
-                                   "adapter": item.adapter}  # fmt: skip
+                listed[item.id] = {
+                    "id": item.id,
+                    "path": item.path,
+                    "base": item.base,
+                    "adapter": item.adapter,
+                }
     return list(listed.values())
 
 
@@ -90,8 +100,20 @@ def create(
     with tempfile.TemporaryDirectory(prefix="bastion-bundle-") as tmp:
         listing = Path(tmp) / "models.json"
         listing.write_text(json.dumps(models), encoding="utf-8")
-        cmd = [sys.executable, str(script), "bundle", str(out), "--backend", backend,
-               "--llama-build", llama_build, "--models-json", str(listing)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-c",
+            _RUN_INSTALLER,
+            str(script),
+            "bundle",
+            str(out),
+            "--backend",
+            backend,
+            "--llama-build",
+            llama_build,
+            "--models-json",
+            str(listing),
+        ]
         if archive:
             cmd.append("--archive")
         with subprocess.Popen(

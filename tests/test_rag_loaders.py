@@ -346,7 +346,9 @@ def test_keyword_index_of_an_older_database_is_rebuilt_stemmed() -> None:
     from engine.store.migrations import MIGRATIONS, apply_migrations
 
     conn = sqlite3.connect(":memory:", isolation_level=None)
-    apply_migrations(conn, MIGRATIONS[:-1])  # a database as the previous version left it
+    names = [name for name, _sql in MIGRATIONS]
+    before = MIGRATIONS[: names.index("m008_chunks_fts_stemmed")]
+    apply_migrations(conn, before)  # a database as the version before m008 left it
     conn.execute("INSERT INTO collections (name, embedder, created_at) VALUES ('c', 'e', 'now')")
     conn.execute(
         "INSERT INTO documents (collection_id, path, state, updated_at) "
