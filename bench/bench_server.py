@@ -163,7 +163,6 @@ def one_client(
             "model": model,
             "stream": True,
             "max_tokens": max_tokens,
-            "seed": index * 10 + r,
             "messages": [
                 {
                     "role": "user",

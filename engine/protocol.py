@@ -126,12 +126,30 @@ class EventWriter:
         self._out: IO[str] = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
         os.dup2(2, 1)
         self._lock = threading.Lock()
+        self._held: list[str] | None = None  # lines of the holding thread, not yet written
+        self._holder: threading.Thread | None = None
 
     def __call__(self, event: Event, **fields: Any) -> None:
         line = encode("event", event, fields)
         with self._lock:
+            if self._held is not None and threading.current_thread() is self._holder:
+                self._held.append(line)
+                return
             self._out.write(line)
             self._out.flush()
+
+    def hold(self) -> None:
+        """Keep this thread's events until ``release``: one write for a batch step's tokens
+        instead of one per sequence (other threads' events still go out at once)."""
+        with self._lock:
+            self._held, self._holder = [], threading.current_thread()
+
+    def release(self) -> None:
+        with self._lock:
+            lines, self._held, self._holder = self._held, None, None
+            if lines:
+                self._out.write("".join(lines))
+                self._out.flush()
 
 
 def describe_exit(code: int, what: str, inside: str = "native code") -> str:

@@ -16,7 +16,15 @@ size (long prompts over several steps, so they never stall the others), decodes 
 and samples each generating sequence from its own logits with its own sampler chain
 (penalties, top-k, top-p, min-p, temperature, seeded draw; a grammar for a JSON schema).
 A sequence joins at any step and leaves as soon as it ends, is cancelled or hits its
-limit; its cache cells are freed at once. Requests beyond ``parallel`` wait their turn.
+limit. Requests beyond ``parallel`` wait their turn.
+
+Prompts share their common beginnings: an ended sequence's cache cells stay with its slot,
+and a new prompt takes the free slot whose cells match its longest prefix, or copies the
+longest matching prefix from any slot (``llama_memory_seq_cp``: the cells are shared, not
+duplicated), so a chat template's system prompt and a conversation's earlier turns are
+computed once. A seeded request starts from an empty slot instead, and from an empty
+cache when it runs alone: reused cells were computed in another batch shape, whose last
+bits differ, and a seed promises the same answer every time.
 """
 
 from __future__ import annotations
@@ -39,6 +47,15 @@ log = logging.getLogger(__name__)
 
 # Tokens the repetition penalty looks back over (llama.cpp's default).
 PENALTY_LAST_N = 64
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    """The length of the common beginning of two token lists."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
 
 
 @dataclass
@@ -79,6 +96,8 @@ class BatchEngine:
         self._n_batch = int(llama_cpp.llama_n_batch(self._ctx))
         self._batch = llama_cpp.llama_batch_init(self._n_batch, 0, parallel)
         self._free = list(range(parallel))
+        self._cached: dict[int, list[int]] = {}  # a free slot's tokens still in the cache
+        self.reused = 0  # prompt tokens taken from the cache instead of computed
         self._running: list[_Sequence] = []
         self._waiting: deque[_Sequence] = deque()
 
@@ -114,12 +133,46 @@ class BatchEngine:
         sequence.sampler = self._sampler(params)  # a bad schema fails here, before queueing
         self._waiting.append(sequence)
 
+    def _in_cache(self, sequence: _Sequence) -> list[int]:
+        """The tokens of ``sequence`` whose cells are in the cache now."""
+        held = sequence.fed if sequence.next_token is None else len(sequence.tokens) - 1
+        return sequence.tokens[:held]
+
+    def _admit(self, sequence: _Sequence) -> None:
+        """Give ``sequence`` a slot, with as much of its prompt as the cache holds already."""
+        prompt = sequence.tokens
+        reuse = sequence.params.seed is None
+        if not reuse and not self._running:
+            # Alone, a seeded answer is computed on an empty cache: the same cells, the same
+            # shapes, the same answer every time (beside others, their batch decides).
+            self.forget()
+        seq = max(self._free, key=lambda s: _common(self._cached.get(s, []), prompt) * reuse)
+        self._free.remove(seq)
+        best, source = (_common(self._cached.get(seq, []), prompt), seq) if reuse else (0, seq)
+        if reuse:
+            for other in self._running:
+                found = _common(self._in_cache(other), prompt)
+                if found > best:
+                    best, source = found, other.seq
+        best = min(best, len(prompt) - 1)  # the last prompt token goes in again: its logits
+        ll, memory = self._ll, self._memory
+        if source == seq and best > 0 and ll.llama_memory_seq_rm(memory, seq, best, -1):
+            pass
+        else:
+            ll.llama_memory_seq_rm(memory, seq, -1, -1)
+            if source != seq and best > 0:
+                ll.llama_memory_seq_cp(memory, source, seq, 0, best)
+            else:
+                best = 0
+        self._cached.pop(seq, None)
+        sequence.seq, sequence.fed = seq, best
+        self.reused += best
+        self._running.append(sequence)
+
     def step(self) -> None:
         """Admit waiting sequences, decode one batch, sample, and end what has ended."""
         while self._waiting and self._free:
-            sequence = self._waiting.popleft()
-            sequence.seq = self._free.pop(0)
-            self._running.append(sequence)
+            self._admit(self._waiting.popleft())
         for sequence in list(self._running):
             if sequence.ctx.cancelled:
                 self._end(sequence, "cancelled")
@@ -206,7 +259,8 @@ class BatchEngine:
         if sequence in self._running:
             self._running.remove(sequence)
         if sequence.seq >= 0:
-            self._ll.llama_memory_seq_rm(self._memory, sequence.seq, -1, -1)
+            # Its cells stay: the next prompt that begins the same way starts from them.
+            self._cached[sequence.seq] = self._in_cache(sequence)
             self._free.append(sequence.seq)
             sequence.seq = -1
 
@@ -216,12 +270,20 @@ class BatchEngine:
             fail(sequence)
             self._release(sequence)
         self._waiting.clear()
+        self._ll.llama_memory_clear(self._memory, True)  # whatever it held is suspect now
+        self._cached.clear()
 
     def close(self) -> None:
         self.fail_all(lambda s: s.emit_error("the model was unloaded"))
         if self._batch is not None:
             self._ll.llama_batch_free(self._batch)
             self._batch = None
+
+    def forget(self) -> None:
+        """Drop the cells the free slots keep (another user of the cache needs it empty)."""
+        for seq in list(self._cached):
+            self._ll.llama_memory_seq_rm(self._memory, seq, -1, -1)
+        self._cached.clear()
 
     def _sampler(self, params: SamplingParams) -> Any:
         ll = self._ll

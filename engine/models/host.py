@@ -46,6 +46,9 @@ class Host:
         self.model: Any = None  # engine.models.runtime.LoadedModel, imported lazily
         self.batch: Any = None  # engine.models.batching.BatchEngine when parallel > 1
         self._deferred: list[Message] = []  # a load of another model, until the batch ends
+        # Held while the model is swapped; a batched host tokenizes on the reader thread
+        # under it, without waiting for the batch step in progress.
+        self._model_lock = threading.Lock()
         self.requests: queue.SimpleQueue[Message | None] = queue.SimpleQueue()
         self._generations: dict[int, JobContext] = {}
         self._lock = threading.Lock()
@@ -66,6 +69,8 @@ class Host:
                 if ctx is not None:
                     ctx.cancel("cancelled by the caller")
                 continue
+            if message.kind == Op.TOKENIZE and self._tokenize_now(message):
+                continue
             self.requests.put(message)
             if message.kind == Op.SHUTDOWN:
                 return
@@ -74,6 +79,17 @@ class Host:
             for ctx in self._generations.values():
                 ctx.cancel("the parent process ended")
         self.requests.put(None)
+
+    def _tokenize_now(self, message: Message) -> bool:
+        """Answer a tokenize request here when a batched model is loaded (the vocabulary is
+        read-only: safe beside a decode); False to leave it to the main thread."""
+        with self._model_lock:
+            if self.batch is None or self.model is None:
+                return False
+            fields = message.fields
+            tokens = self.model.tokenize(str(fields["text"]), bool(fields["add_bos"]))
+        self.emit(Event.RESULT, id=message.id, value=tokens)
+        return True
 
     # -- the work -----------------------------------------------------------------------
 
@@ -131,12 +147,15 @@ class Host:
 
     def step(self) -> None:
         """One batch step; a failure ends every generation in it with the error."""
+        self.emit.hold()
         try:
             self.batch.step()
         except Exception as exc:  # llama.cpp refused the batch: every answer in it fails
             log.exception("batch step failed")
             text = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
             self.batch.fail_all(lambda s: s.emit_error(text))
+        finally:
+            self.emit.release()
 
     def handle(self, message: Message) -> None:
         op, fields, rid = message.kind, message.fields, message.id
@@ -149,6 +168,8 @@ class Host:
             tokens = self.loaded().tokenize(str(fields["text"]), bool(fields["add_bos"]))
             self.emit(Event.RESULT, id=rid, value=tokens)
         elif op == Op.PERPLEXITY:
+            if self.batch is not None:
+                self.batch.forget()  # scoring clears the cache the free slots keep
             scored, nll = self.loaded().perplexity(list(fields["tokens"]))
             self.emit(Event.RESULT, id=rid, value={"scored": scored, "nll": nll})
         elif op == Op.SPECIAL_TOKENS:
@@ -172,16 +193,22 @@ class Host:
             return {"load_s": 0.0, "n_ctx": self.model.n_ctx}
         self.unload()
         started = time.perf_counter()
-        self.model = LoadedModel(spec, self.config)
-        if spec.parallel > 1:
-            from engine.models.batching import BatchEngine
+        model = LoadedModel(spec, self.config)
+        with self._model_lock:
+            self.model = model
+            if spec.parallel > 1:
+                from engine.models.batching import BatchEngine
 
-            self.batch = BatchEngine(self.model, spec.parallel)
+                self.batch = BatchEngine(self.model, spec.parallel)
         elapsed = time.perf_counter() - started
         log.info("loaded %s in %.2f s (%s)", spec.model_id, elapsed, self.config)
         return {"load_s": elapsed, "n_ctx": self.model.n_ctx}
 
     def unload(self) -> None:
+        with self._model_lock:
+            self._unload()
+
+    def _unload(self) -> None:
         if self.batch is not None:
             self.batch.close()
             self.batch = None
