@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import sys
@@ -172,6 +173,16 @@ def builtin_models_dirs() -> list[Path]:
 def resources_dir() -> Path:
     """The repository's ``resources/`` folder (Bastion runs from its checkout)."""
     return Path(__file__).resolve().parent.parent / "resources"
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (where the platform can open folders)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

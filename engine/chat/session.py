@@ -237,7 +237,7 @@ class ChatService:
         and, at a model's first turn, when ChatML stands in for a template it lacks."""
         sampling = turn.request.sampling
         first = turn.spec not in self._templates
-        fitted = self._fit(turn.entry, turn.spec, system, history, turn.prompt, sampling)
+        fitted = self.fit(turn.entry, turn.spec, system, history, turn.prompt, sampling)
         known = self._templates.get(turn.spec)  # none for a remote model
         notice = known[0].notice if known else None
         if first and notice and on_notice is not None:
@@ -390,7 +390,7 @@ class ChatService:
         entry, _ = self.prepare(model_id)
         spec = self._specs.get(entry)
         sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, seed=0)
-        fitted = self._fit(entry, spec, None, [], prompt, sampling)
+        fitted = self.fit(entry, spec, None, [], prompt, sampling)
         events = self.events(entry, fitted, sampling, ctx or JobContext(), time.perf_counter())
         pieces = [event.text for event in events if not isinstance(event, GenerationDone)]
         return "".join(pieces).strip()
@@ -405,17 +405,6 @@ class ChatService:
         sampling: SamplingParams,
     ) -> FittedPrompt:
         """The prompt's messages (and tokens, for a local model) that fit the window."""
-        return self._fit(entry, spec, system_text, history, prompt, sampling)
-
-    def _fit(
-        self,
-        entry: ModelEntry,
-        spec: LoadSpec,
-        system_text: str | None,
-        history: list[ChatMessage],
-        prompt: str,
-        sampling: SamplingParams,
-    ) -> FittedPrompt:
         system = ChatMessage("system", system_text) if system_text else None
         reserve = min(sampling.max_tokens, spec.n_ctx // 4)
         if entry.remote:  # its tokenizer is on its server: count by characters

@@ -23,7 +23,6 @@ F32, never the whole model (a 7B model's largest adapted weight is about 90 MB i
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import shutil
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.errors import EnvironmentFault, InvalidModelFile, OperationFailed
+from engine.paths import fsync_folder
 from engine.units import human_size
 
 if TYPE_CHECKING:
@@ -117,7 +117,7 @@ def merge_lora(
             os.fsync(fh.fileno())
         os.replace(tmp, out)
         tmp = None
-        _fsync_folder(out.parent)
+        fsync_folder(out.parent)
     except OSError as exc:
         raise _write_fault(exc, out) from exc
     finally:
@@ -317,16 +317,6 @@ def _check_space(folder: Path, base: gguf.GGUFReader, base_path: Path, tensor_by
             f"not enough disk space for the merged model ({human_size(needed)}) in {folder}",
             hint="free some space, or export with --out to another disk",
         )
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make the rename durable (where the platform can open folders)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _write_fault(exc: OSError, out: Path) -> EnvironmentFault:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import logging
@@ -25,7 +24,7 @@ from engine.errors import (
     NotFound,
 )
 from engine.models.gguf_info import GGUFInfo, read_gguf_info
-from engine.paths import builtin_models_dirs, resources_dir
+from engine.paths import builtin_models_dirs, fsync_folder, resources_dir
 from engine.store.db import Database
 from engine.units import human_size
 
@@ -140,23 +139,13 @@ def _copy_into(source: Path, folder: Path) -> Path:
             if target.exists():  # a file system without hard links (FAT, some mounts)
                 raise taken from exc
             tmp.replace(target)
-        _fsync_folder(folder)
+        fsync_folder(folder)
     except OSError as exc:
         raise _copy_fault(exc, source, folder, size) from exc
     finally:
         if tmp is not None:
             tmp.unlink(missing_ok=True)  # after the link, the copy lives on as ``target``
     return target
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (where the platform can open folders)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _copy_fault(exc: OSError, source: Path, folder: Path, size: int) -> EnvironmentFault:
