@@ -78,7 +78,7 @@ class Notice(QWidget):
 
 
 class MainWindow(QMainWindow):
-    PAGES = ("Chat", "Documents", "Models", "Fine-tune", "Server", "Settings")
+    PAGES = ("Chat", "Documents", "Models", "Fine-tune", "Compare", "Server", "Settings")
 
     def __init__(self, engine: Engine) -> None:
         super().__init__()
@@ -107,6 +107,7 @@ class MainWindow(QMainWindow):
         self.setCentralWidget(central)
 
         from desktop.pages.chat import ChatPage
+        from desktop.pages.compare import ComparePage
         from desktop.pages.documents import DocumentsPage
         from desktop.pages.finetune import FinetunePage
         from desktop.pages.models import ModelsPage
@@ -117,11 +118,20 @@ class MainWindow(QMainWindow):
         self.documents = DocumentsPage(engine, self)
         self.models = ModelsPage(engine, self)
         self.finetune = FinetunePage(engine, self)
+        self.compare = ComparePage(engine, self)
         self.server = ServerPage(engine, self)
         self.settings = SettingsPage(engine, self)
         for title, page in zip(
             self.PAGES,
-            (self.chat, self.documents, self.models, self.finetune, self.server, self.settings),
+            (
+                self.chat,
+                self.documents,
+                self.models,
+                self.finetune,
+                self.compare,
+                self.server,
+                self.settings,
+            ),
             strict=True,
         ):
             self.stack.addWidget(page)
@@ -174,6 +184,11 @@ class MainWindow(QMainWindow):
         """Start a new chat with ``model_id`` (e.g. a fine-tune that just finished)."""
         self.chat.new_chat(model_id)
         self.show_page("Chat")
+
+    def open_compare_with(self, model_id: str, against: str) -> None:
+        """Compare ``model_id`` blind with ``against`` (a fine-tune and what it improves on)."""
+        self.compare.choose(against, model_id)
+        self.show_page("Compare")
 
 
 def install_crash_handler(app: QApplication) -> Callable[..., None]:

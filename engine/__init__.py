@@ -32,6 +32,7 @@ if TYPE_CHECKING:
         NotFound,
         OperationFailed,
     )
+    from engine.improving import AnswerPair
     from engine.jobs import JobContext, Progress
     from engine.models.hardware import GPU, Fit, Hardware
     from engine.models.hub import HubFile, HubRepo
@@ -47,8 +48,10 @@ if TYPE_CHECKING:
     from engine.server.runner import ServerHandle, ServerStatus
     from engine.status import STORAGE_AREAS, PrivacyStatus, StorageUsage
     from engine.store.conversations import Conversation, Message
+    from engine.store.feedback import Vote, WinRate
     from engine.store.search import SearchHit
     from engine.train.datasets import BadLine
+    from engine.train.feedback import FeedbackDataset
     from engine.train.finetune import FinetuneRequest
     from engine.train.prepare import PrepareReport, RedactionSample
     from engine.train.results import DatasetCheck, DatasetPreview, FinetuneResult, LossCurve
@@ -122,6 +125,11 @@ _EXPORTS: dict[str, str] = {
     "RunRecord": "engine.train.runs",
     "Hyper": "engine.train.spec",
     "PRESETS": "engine.train.spec",
+    # evaluate and improve: blind A/B, feedback as data
+    "AnswerPair": "engine.improving",
+    "Vote": "engine.store.feedback",
+    "WinRate": "engine.store.feedback",
+    "FeedbackDataset": "engine.train.feedback",
     # the OpenAI-compatible server
     "ServerHandle": "engine.server.runner",
     "ServerStatus": "engine.server.runner",
@@ -144,6 +152,7 @@ __all__ = [
     "STORAGE_AREAS",
     "THEMES",
     "AlreadyExists",
+    "AnswerPair",
     "BadLine",
     "BastionError",
     "Cancelled",
@@ -161,6 +170,7 @@ __all__ = [
     "Engine",
     "EnvironmentFault",
     "Event",
+    "FeedbackDataset",
     "FinetuneRequest",
     "FinetuneResult",
     "Fit",
@@ -198,6 +208,8 @@ __all__ = [
     "SourceText",
     "StorageUsage",
     "Training",
+    "Vote",
+    "WinRate",
     "human_count",
     "human_size",
 ]

@@ -12,6 +12,7 @@ from engine.chat.completion import ModelGate
 from engine.chat.session import ChatRequest, ChatResult, ChatService, load_spec_for
 from engine.config import Config, SettingInfo, SettingsListener, SettingsStore, describe
 from engine.errors import BastionError, InvalidInput
+from engine.improving import Improving
 from engine.jobs import JobContext
 from engine.logs import log_to_file
 from engine.models import hardware
@@ -28,6 +29,7 @@ from engine.serving import RAG_PREFIX as RAG_PREFIX  # noqa: PLC0414 (re-exporte
 from engine.serving import Serving
 from engine.store.conversations import Conversation, ConversationStore, Message, SearchHit
 from engine.store.db import Database
+from engine.store.feedback import FeedbackStore
 from engine.train.service import Training
 
 if TYPE_CHECKING:
@@ -38,7 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class Engine(Serving):
+class Engine(Serving, Improving):
     """Bastion's headless core. Methods are synchronous and return typed results.
 
     Long calls take a ``JobContext`` for progress and cancel. The engine never prints,
@@ -74,6 +76,7 @@ class Engine(Serving):
         self.settings = SettingsStore(self.home)
         self.models = ModelRegistry(self.db)
         self.conversations = ConversationStore(self.db)
+        self.feedback = FeedbackStore(self.db)
         self.secrets = SecretStore(self.home)
         self._lane = ModelLane(self.home / "logs" / "model-host.log", self._keep_alive)
         self._chat = ChatService(
@@ -86,7 +89,13 @@ class Engine(Serving):
         self.documents = Documents(
             self.db, self.home, embedder_export_in_child=embedder_export_in_child
         )
-        self.training = Training(self.models, self.db, self.home, self._chat.complete)
+        self.training = Training(
+            self.models,
+            self.db,
+            self.home,
+            self._chat.complete,
+            lambda golden, models, out: self.evaluate(golden, models, out=out),
+        )
         self.api_keys = KeyStore(self.db)
         self._gate = ModelGate()
 

@@ -158,17 +158,19 @@ class Serving:
         collection: str | None = None,
         out: Path | None = None,
         ctx: JobContext | None = None,
+        judge: str | None = None,
     ) -> EvalRun:
         """Score ``models`` on a golden set (``engine.train.golden``) and write the report
         (Markdown and HTML) into ``out``, or ``<home>/evals/<time>/``. Nothing goes into
         the history. Raises InvalidInput for a set with bad lines (all listed by
-        ``check_golden_set``)."""
+        ``check_golden_set``). With ``judge`` (a model id), that model also compares each
+        model after the first with the first, pairwise (``engine.train.judge``)."""
         import time as clock
 
         from engine.train.evalrun import run_eval, write_reports
         from engine.train.golden import load_golden_set
 
-        for model in models:
+        for model in [*models, *([judge] if judge else [])]:
             self.models.get(model)
         if collection is not None:
             self.documents.get(collection)
@@ -179,6 +181,11 @@ class Serving:
             done = self.complete(model, messages, sampling, ctx=job, collection=collection)
             return done.text.strip(), [c.to_public() for c in done.citations]
 
+        def ask_judge(prompt: str) -> str:
+            assert judge is not None
+            greedy = SamplingParams(max_tokens=8, temperature=0.0, seed=0)
+            return self.complete(judge, [ChatMessage("user", prompt)], greedy, ctx=ctx).text
+
         run = run_eval(
             load_golden_set(set_path),
             models,
@@ -186,6 +193,8 @@ class Serving:
             ctx or JobContext(),
             set_path=str(set_path),
             collection=collection,
+            judge=ask_judge if judge else None,
+            judge_model=judge,
         )
         folder = out or self.home / "evals" / clock.strftime("%Y%m%d-%H%M%S")
         write_reports(run, folder)

@@ -9,6 +9,7 @@ conversation, nor, for the most part, with the length of the answer.
 
 from __future__ import annotations
 
+import html
 import math
 from collections.abc import Sequence
 
@@ -102,6 +103,7 @@ class MessageWidget(QFrame):
     """A user question or a model's answer, as one block of the transcript."""
 
     rated = Signal(int, int)  # message id, rating (1, -1, or 0 when cleared)
+    correct_requested = Signal(int)  # message id: the user wants to write a better answer
     regenerate_requested = Signal()
     citation_opened = Signal(object)  # a Citation whose chip was clicked
 
@@ -112,6 +114,7 @@ class MessageWidget(QFrame):
         self.role = role
         self.message_id: int | None = None
         self.rating = 0
+        self.correction: str | None = None
         self.interrupted = False
         self.streaming = streaming
         self.batches = 0  # text batches received while streaming (tests count them)
@@ -142,6 +145,14 @@ class MessageWidget(QFrame):
         self._chips_slot = QVBoxLayout()
         self._chips_slot.setContentsMargins(0, 0, 0, 0)
         layout.addLayout(self._chips_slot)
+        self.correction_label = QLabel()
+        self.correction_label.setObjectName("messageCorrection")
+        self.correction_label.setWordWrap(True)
+        self.correction_label.setTextInteractionFlags(
+            self.correction_label.textInteractionFlags().TextSelectableByMouse
+        )
+        self.correction_label.hide()
+        layout.addWidget(self.correction_label)
 
         self.action_bar = QWidget()
         row = QHBoxLayout(self.action_bar)
@@ -157,7 +168,17 @@ class MessageWidget(QFrame):
         for button, value in ((self.up_button, 1), (self.down_button, -1)):
             button.setCheckable(True)
             button.clicked.connect(lambda _=False, v=value: self._on_thumb_clicked(v))
-        for button in (self.copy_button, self.regenerate_button, self.up_button, self.down_button):
+        self.correct_button = self._tool(
+            "Correct…", "Write a better answer (both are kept; used for fine-tuning data)"
+        )
+        self.correct_button.clicked.connect(self._on_correct_clicked)
+        for button in (
+            self.copy_button,
+            self.regenerate_button,
+            self.up_button,
+            self.down_button,
+            self.correct_button,
+        ):
             row.addWidget(button)
         row.addStretch(1)
         layout.addWidget(self.action_bar)
@@ -221,6 +242,7 @@ class MessageWidget(QFrame):
         status: str = "",
         interrupted: bool = False,
         rating: int = 0,
+        correction: str | None = None,
     ) -> None:
         """Make the answer final: its stored text as Markdown, sources, figures, actions."""
         self._markdown_timer.stop()
@@ -239,6 +261,7 @@ class MessageWidget(QFrame):
             self.chips.opened.connect(self.citation_opened)
             self._chips_slot.addWidget(self.chips)
         self.set_rating(rating)
+        self.set_correction(correction)
         self.action_bar.setVisible(message_id is not None)
 
     def fail(self, reason: str) -> None:
@@ -259,6 +282,17 @@ class MessageWidget(QFrame):
         self.rating = rating
         self.up_button.setChecked(rating == 1)
         self.down_button.setChecked(rating == -1)
+
+    def set_correction(self, text: str | None) -> None:
+        """Show the user's corrected answer under the model's own (None: there is none)."""
+        self.correction = text
+        self.correction_label.setVisible(bool(text))
+        self.correction_label.setText(f"<b>Your correction:</b> {html.escape(text or '')}")
+        self.correct_button.setText("Edit correction…" if text else "Correct…")
+
+    def _on_correct_clicked(self) -> None:
+        if self.message_id is not None:
+            self.correct_requested.emit(self.message_id)
 
     def set_regenerate_visible(self, visible: bool) -> None:
         self.regenerate_button.setVisible(visible)

@@ -15,9 +15,11 @@ def _loss(value: object) -> str:
 
 
 class ResultView(QWidget):
-    """Shows a ``FinetuneResult``; ``chat_requested(model_id)`` on the button."""
+    """Shows a ``FinetuneResult``; ``chat_requested(model_id)`` and
+    ``compare_requested(model_id, against)`` (blind A/B with the model it improves on)."""
 
     chat_requested = Signal(str)
+    compare_requested = Signal(str, str)
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -29,9 +31,14 @@ class ResultView(QWidget):
         self.chat_button = QPushButton("Chat with this model")
         self.chat_button.setEnabled(False)
         self.chat_button.clicked.connect(self._on_chat_button_clicked)
+        self.compare_button = QPushButton("Compare blind (A/B)")
+        self.compare_button.setToolTip("Ask this model and the one it improves on, blind")
+        self.compare_button.setEnabled(False)
+        self.compare_button.clicked.connect(self._on_compare_button_clicked)
         row = QHBoxLayout()
         row.addWidget(self.numbers, 1)
         row.addWidget(self.chat_button)
+        row.addWidget(self.compare_button)
         self.report = QTextBrowser()
         self.report.setAccessibleName("Fine-tune report")
         self.report.setOpenLinks(False)  # the report links nowhere; never leave the page
@@ -53,6 +60,7 @@ class ResultView(QWidget):
             f" · {result.tokens_per_second or 0:,.0f} tokens/s"
         )
         self.chat_button.setEnabled(True)
+        self.compare_button.setEnabled(bool(result.continued_from or result.base))
         report = Path(result.report)
         if report.is_file():
             # setSource resolves "loss.svg" next to report.md (Qt's SVG image plugin draws
@@ -67,8 +75,15 @@ class ResultView(QWidget):
         self.heading.setText("When a fine-tune finishes, its evaluation report shows here.")
         self.numbers.clear()
         self.chat_button.setEnabled(False)
+        self.compare_button.setEnabled(False)
         self.report.clear()
 
     def _on_chat_button_clicked(self) -> None:
         if self.result is not None:
             self.chat_requested.emit(self.result.model)
+
+    def _on_compare_button_clicked(self) -> None:
+        result = self.result
+        against = result and (result.continued_from or result.base)
+        if result is not None and against:
+            self.compare_requested.emit(result.model, against)

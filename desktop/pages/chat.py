@@ -27,6 +27,7 @@ from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QKeySequence, QShortcut, QShowEvent
 from PySide6.QtWidgets import (
     QHBoxLayout,
+    QInputDialog,
     QLabel,
     QPushButton,
     QSizePolicy,
@@ -303,6 +304,7 @@ class ChatPage(QWidget):
                     status=status,
                     interrupted=message.interrupted,
                     rating=message.rating,
+                    correction=message.correction,
                 )
         if conversation.model:
             self.select_model(conversation.model)
@@ -391,6 +393,7 @@ class ChatPage(QWidget):
         answer = MessageWidget("assistant", author=author, streaming=streaming)
         answer.rated.connect(lambda message_id, rating: self.rate(answer, message_id, rating))
         answer.regenerate_requested.connect(self.regenerate)
+        answer.correct_requested.connect(lambda message_id: self.correct(answer, message_id))
         answer.citation_opened.connect(self.open_citation)
         return self.transcript.add(answer)
 
@@ -406,6 +409,29 @@ class ChatPage(QWidget):
             on_success=lambda _: answer.set_rating(rating),
             parent=answer,  # a message no longer shown is not updated
             name="rate-message",
+            native=False,
+        )
+
+    def correct(self, answer: MessageWidget, message_id: int) -> None:
+        """Ask for a better answer; kept beside the model's own (see ``save_correction``)."""
+        text, ok = QInputDialog.getMultiLineText(
+            self,
+            "Correct the answer",
+            "A better answer. The model's own is kept too; corrected answers become "
+            "fine-tuning data (Fine-tune page, Use feedback). Leave empty to remove.",
+            answer.correction or answer.text(),
+        )
+        if ok:
+            self.save_correction(answer, message_id, text)
+
+    def save_correction(self, answer: MessageWidget, message_id: int, text: str) -> None:
+        engine = self.engine
+        value = text if text.strip() else None
+        ops.run(
+            lambda _: engine.correct_message(message_id, value),
+            on_success=lambda _: answer.set_correction(value),
+            parent=answer,
+            name="correct-message",
             native=False,
         )
 

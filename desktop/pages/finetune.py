@@ -14,6 +14,7 @@ together; another reads a run's record and its ``metrics.jsonl`` for the chart.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -45,6 +46,7 @@ from desktop.finetune.settings import TrainingSettings
 from engine import (
     BastionError,
     DatasetPreview,
+    FeedbackDataset,
     FinetuneRequest,
     FinetuneResult,
     JobContext,
@@ -57,8 +59,10 @@ if TYPE_CHECKING:
     from desktop.app import MainWindow
     from engine import Engine
 
-# (the base models' ids, the default model's id, every name taken, the past runs)
-Catalog = tuple[list[str], str | None, set[str], list[RunRecord]]
+# (the base models' ids, the default model's id, every name taken, the past runs, the
+# fine-tunes that a run can continue from)
+Catalog = tuple[list[str], str | None, set[str], list[RunRecord], list[str]]
+NEW_ADAPTER = "(a new adapter on the base model)"
 # (a run's record, or None when there is no such run; its training and validation losses)
 RunPoints = tuple[RunRecord | None, LossCurve]
 
@@ -101,15 +105,27 @@ class FinetunePage(QWidget):
         self.base = QComboBox()
         self.base.setAccessibleName("Base model")
         form.addRow("Base model", self.base)
+        self.continue_from = QComboBox()
+        self.continue_from.setAccessibleName("Continue from")
+        self.continue_from.setToolTip(
+            "Train further from an earlier fine-tune (its base, LoRA shape and weights)"
+        )
+        self.continue_from.addItem(NEW_ADAPTER)
+        form.addRow("Continue from", self.continue_from)
         self.dataset = QLineEdit()
         self.dataset.setReadOnly(True)
         self.dataset.setPlaceholderText("a JSONL file: chat, sharegpt, alpaca or text")
         self.choose = QPushButton("Choose…")
+        self.feedback_button = QPushButton("Use feedback")
+        self.feedback_button.setToolTip(
+            "Make a dataset of the answers you rated good or corrected and your A/B picks"
+        )
         self.preview_button = QPushButton("Preview")
         self.preview_button.setToolTip("Check the file again (after editing it)")
         row = QHBoxLayout()
         row.addWidget(self.dataset, 1)
         row.addWidget(self.choose)
+        row.addWidget(self.feedback_button)
         row.addWidget(self.preview_button)
         form.addRow("Dataset", row)
         self.name = QLineEdit()
@@ -165,6 +181,8 @@ class FinetunePage(QWidget):
         QVBoxLayout(self).addWidget(splitter)
 
         self.choose.clicked.connect(self._on_choose_clicked)
+        self.feedback_button.clicked.connect(self.use_feedback)
+        self.continue_from.currentIndexChanged.connect(self._on_continue_from_changed)
         self.preview_button.clicked.connect(self.run_preview)
         self.base.currentIndexChanged.connect(self._on_base_current_index_changed)
         self.name.textEdited.connect(self._on_name_text_edited)
@@ -174,6 +192,7 @@ class FinetunePage(QWidget):
         self.resume_button.clicked.connect(self.resume)
         self.runs.itemSelectionChanged.connect(self._on_runs_item_selection_changed)
         self.results.chat_requested.connect(self.window_.open_chat_with)
+        self.results.compare_requested.connect(self.window_.open_compare_with)
 
     def showEvent(self, event: QShowEvent) -> None:
         # Models may have been imported or removed on the Models page meanwhile.
@@ -202,7 +221,9 @@ class FinetunePage(QWidget):
             runs = engine.training.list_runs()
             default = engine.default_model_id() if models else None
             taken = {m.id for m in models} | {r.name for r in runs}
-            return [m.id for m in models if not m.adapter], default, taken, runs
+            trained = {r.name for r in runs if r.status == "done"}
+            tuned = [m.id for m in models if m.adapter and m.id in trained]
+            return [m.id for m in models if not m.adapter], default, taken, runs, tuned
 
         return read
 
@@ -212,7 +233,15 @@ class FinetunePage(QWidget):
         Architectures the trainer cannot handle are listed too: starting one shows the
         engine's refusal, which says what is supported, rather than hiding the model.
         """
-        ids, default_id, self._taken, runs = catalog
+        ids, default_id, self._taken, runs, tuned = catalog
+        chosen = self.continue_from.currentText()
+        self.continue_from.blockSignals(True)
+        self.continue_from.clear()
+        self.continue_from.addItems([NEW_ADAPTER, *tuned])
+        if chosen in tuned:
+            self.continue_from.setCurrentText(chosen)
+        self.continue_from.blockSignals(False)
+        self._on_continue_from_changed()
         current = self.base.currentText()
         self.base.blockSignals(True)
         self.base.clear()
@@ -294,6 +323,40 @@ class FinetunePage(QWidget):
             return False
         return True
 
+    def from_model(self) -> str | None:
+        """The fine-tune a new run continues from, or None for a new adapter."""
+        chosen = self.continue_from.currentText()
+        return chosen if chosen and chosen != NEW_ADAPTER else None
+
+    def _on_continue_from_changed(self) -> None:
+        self.base.setEnabled(self.from_model() is None)  # --from brings its own base
+
+    def use_feedback(self) -> None:
+        """Write the feedback given so far as a dataset in the home, then preview it."""
+        out = self.engine.home / "feedback" / f"feedback-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+        engine = self.engine
+        ops.run(
+            lambda _ctx: engine.feedback_dataset(out),
+            on_success=self._show_feedback,
+            parent=self,
+            name="feedback-dataset",
+            native=False,
+        )
+
+    def _show_feedback(self, made: FeedbackDataset) -> None:
+        if not made.examples:
+            self.window_.notify(
+                "No usable feedback yet: rate or correct answers in Chat, or vote on the "
+                "Compare page."
+            )
+            return
+        self.window_.notify(
+            f"{made.examples} examples from feedback ({made.from_ratings} rated good, "
+            f"{made.from_corrections} corrected, {made.from_ab} A/B picks): review the "
+            "preview before training."
+        )
+        self.set_dataset(made.out)
+
     # -- training ------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -303,9 +366,11 @@ class FinetunePage(QWidget):
         except BastionError as exc:
             self.window_.show_error(exc)
             return
+        from_model = self.from_model()
         request = FinetuneRequest(
             name=self.name.text().strip(),
-            base=self.base.currentText(),
+            base=None if from_model else self.base.currentText(),
+            from_model=from_model,
             data=Path(self.dataset.text()),
             hyper=hyper,
             backend=self.settings.backend.currentText(),

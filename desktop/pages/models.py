@@ -43,9 +43,18 @@ from engine import BastionError, Hardware, JobContext, human_count, human_size
 
 if TYPE_CHECKING:
     from desktop.app import MainWindow
-    from engine import Engine, ModelEntry, ModelInfo
+    from engine import Engine, ModelEntry, ModelInfo, WinRate
 
-COLUMNS = ("Model", "Architecture", "Parameters", "Quantization", "Size", "Context", "Kind")
+COLUMNS = (
+    "Model",
+    "Architecture",
+    "Parameters",
+    "Quantization",
+    "Size",
+    "Context",
+    "Kind",
+    "A/B win rate",
+)
 AUTO = -2  # the spin boxes' value for "decide automatically" (None in the registry)
 
 
@@ -79,6 +88,13 @@ class SettingSpin(QSpinBox):
 
     def set_setting(self, value: int | None) -> None:
         self.setValue(AUTO if value is None else value)
+
+
+def _win_rate(rate: WinRate | None) -> str:
+    """A model's record in blind A/B votes (the Compare page), a tie counting half."""
+    if rate is None:
+        return "–"
+    return f"{rate.rate:.0%} ({rate.low:.0%}–{rate.high:.0%}) of {rate.votes}"
 
 
 class ModelsPage(QWidget):
@@ -196,11 +212,14 @@ class ModelsPage(QWidget):
         """
         self._table_reader.refresh(then)
 
-    def _models_job(self) -> Callable[[JobContext], list[ModelEntry]]:
+    def _models_job(
+        self,
+    ) -> Callable[[JobContext], tuple[list[ModelEntry], dict[str, WinRate]]]:
         engine = self.engine
-        return lambda _: engine.list_models()
+        return lambda _: (engine.list_models(), {r.model: r for r in engine.win_rates()})
 
-    def _show_models(self, entries: list[ModelEntry]) -> None:
+    def _show_models(self, found: tuple[list[ModelEntry], dict[str, WinRate]]) -> None:
+        entries, rates = found
         keep = self.selected_id()
         self._entries = {e.id: e for e in entries}
         self.table.blockSignals(True)  # one selection update below, not one per row
@@ -215,6 +234,7 @@ class ModelsPage(QWidget):
                 human_size(entry.size_bytes),
                 str(entry.context_length or "-"),
                 _kind(entry),
+                _win_rate(rates.get(entry.id)),
             )
             for column, text in enumerate(cells):
                 item = QTableWidgetItem(text)

@@ -81,3 +81,29 @@ def prepare(
     click.echo(f"wrote {out}")
     if report.bad_lines:
         note(f"{len(report.bad_lines)} bad lines were left out (see: bastion dataset check)")
+
+
+@dataset_group.command("from-feedback")
+@click.option(
+    "--out", required=True, type=click.Path(path_type=Path), help="Where to write the JSONL."
+)
+@click.option("--since", help="Only feedback given on or after this date (YYYY-MM-DD).")
+@json_option
+def from_feedback(out: Path, since: str | None, as_json: bool) -> None:
+    """Thumbs-up answers, corrected answers and A/B picks as a chat training set."""
+    result = get_engine().feedback_dataset(out, since)
+    if as_json:
+        emit_json(result.to_public())
+        return
+    skipped = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(result.skipped.items()))
+    click.echo(
+        f"{result.examples} examples: {result.from_ratings} rated good, "
+        f"{result.from_corrections} corrected, {result.from_ab} A/B picks"
+        + (f"; not used: {skipped}" if skipped else "")
+    )
+    pii = ", ".join(f"{k} {v}" for k, v in sorted(result.pii.items()))
+    if pii:
+        note(f"personal data found ({pii}): `bastion finetune` redacts it unless --no-redact")
+    click.echo(f"wrote {out}; review it with `bastion dataset check {out}`")
+    if not result.examples:
+        note("no usable feedback yet: rate or correct answers in chat, or vote in A/B")

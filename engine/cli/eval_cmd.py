@@ -61,16 +61,26 @@ def retrieval(collection: str, qa_path: Path, as_json: bool) -> None:
 )
 @click.option("-c", "--collection", help="Answer from this collection's documents.")
 @click.option(
+    "--judge",
+    help="A model that compares each model after the first with the first, pairwise.",
+)
+@click.option(
     "--out",
     type=click.Path(path_type=Path, file_okay=False),
     help="Folder for report.md and report.html (default: <home>/evals/<time>).",
 )
 @json_option
 def run(
-    set_path: Path, models: tuple[str, ...], collection: str | None, out: Path | None, as_json: bool
+    set_path: Path,
+    models: tuple[str, ...],
+    collection: str | None,
+    judge: str | None,
+    out: Path | None,
+    as_json: bool,
 ) -> None:
     """Score models on a golden set: exact match, token F1, ROUGE-L, BLEU, required phrases
-    and citations, with 95 % bootstrap intervals; writes a Markdown and an HTML report."""
+    and citations, with 95 % bootstrap intervals, and optionally a pairwise judge; writes
+    a Markdown and an HTML report."""
     from engine.cli.common import cancel_on_signals
     from engine.cli.progress import ProgressBar
     from engine.errors import InvalidInput
@@ -92,7 +102,7 @@ def run(
     with cancel_on_signals(job):
         try:
             result = engine.evaluate(
-                set_path, list(models), collection=collection, out=out, ctx=job
+                set_path, list(models), collection=collection, out=out, ctx=job, judge=judge
             )
         finally:
             bar.close()
@@ -115,6 +125,13 @@ def run(
             for model in result.models
         ],
     )
+    if result.judge is not None:
+        click.echo(f"\nJudge {result.judge['model']} against {result.judge['baseline']}:")
+        for model, rec in result.judge["records"].items():
+            click.echo(
+                f"  {model}: {rec['wins']} wins, {rec['losses']} losses, {rec['ties']} ties; "
+                f"win rate {rec['rate']:.2f} [{rec['low']:.2f}-{rec['high']:.2f}]"
+            )
     click.echo(f"\nReport: {result.report_md}\n        {result.report_html}")
 
 
@@ -133,4 +150,24 @@ def perplexity(model_id: str, text_path: Path, as_json: bool) -> None:
     click.echo(
         f"{result['model']}: perplexity {result['perplexity']:.2f} "
         f"({result['mean_nll']:.3f} nats per token over {result['tokens']} tokens)"
+    )
+
+
+@eval_group.command("votes")
+@json_option
+def votes(as_json: bool) -> None:
+    """Win rates of models in blind A/B votes (a tie counts half), with 95 % intervals."""
+    rates = get_engine().win_rates()
+    if as_json:
+        emit_json([r.to_public() for r in rates])
+        return
+    if not rates:
+        click.echo("No A/B votes yet: compare two models on the desktop's Compare page.")
+        return
+    table(
+        ["MODEL", "VOTES", "WINS", "LOSSES", "TIES", "WIN RATE"],
+        [
+            [r.model, r.votes, r.wins, r.losses, r.ties, f"{r.rate:.2f} [{r.low:.2f}-{r.high:.2f}]"]
+            for r in rates
+        ],
     )

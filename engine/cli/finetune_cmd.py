@@ -50,6 +50,16 @@ class _TrainingProgress:
 @click.option("--name", required=True, help="Id of the new model (base + adapter).")
 @click.option("--base", help="Registered GGUF model id, Hugging Face folder, or cached hub id.")
 @click.option("--data", type=click.Path(path_type=Path), help="Training JSONL (any format).")
+@click.option(
+    "--from",
+    "from_model",
+    help="Continue from this fine-tune: its base, LoRA shape and trained weights.",
+)
+@click.option(
+    "--golden",
+    type=click.Path(path_type=Path),
+    help="A golden set (eval run format): afterwards, score this model and the one it improves on.",
+)
 @click.option("--resume", is_flag=True, help="Continue the stopped or failed run NAME.")
 @click.option(
     "--preset",
@@ -86,6 +96,8 @@ def finetune(
     name: str,
     base: str | None,
     data: Path | None,
+    from_model: str | None,
+    golden: Path | None,
     resume: bool,
     preset: str,
     backend: str,
@@ -114,6 +126,8 @@ def finetune(
         merged=merged,
         resume=resume,
         gguf=gguf,
+        from_model=from_model,
+        golden=golden,
     )
     progress = _TrainingProgress()
     job = JobContext(on_progress=progress)
@@ -138,3 +152,8 @@ def finetune(
         + f"; {result.tokens_per_second:.0f} tokens/s\n"
         f"report: {result.report}"
     )
+    if result.golden:
+        click.echo(f"golden set ({result.golden['set']}):")
+        for model, scores in result.golden["models"].items():
+            shown = ", ".join(f"{k} {v:.3f}" for k, v in scores.items() if v is not None)
+            click.echo(f"  {model}: {shown}")

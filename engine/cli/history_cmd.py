@@ -57,7 +57,10 @@ def show(conversation_id: int, as_json: bool) -> None:
         click.echo(f"system: {conversation.system_prompt}")
     for m in messages:
         mark = " [interrupted]" if m.interrupted else ""
-        click.echo(f"\n{m.role}{mark}:\n{m.content}")
+        mark += {1: " [good]", -1: " [bad]"}.get(m.rating, "")
+        click.echo(f"\n{m.role} (message {m.id}){mark}:\n{m.content}")
+        if m.correction:
+            click.echo(f"corrected by you:\n{m.correction}")
 
 
 @history_group.command("search")
@@ -104,3 +107,34 @@ def delete(conversation_id: int) -> None:
     engine.conversations.get(conversation_id)  # NotFound before anything changes
     engine.conversations.delete(conversation_id)
     click.echo(f"Deleted conversation {conversation_id}", err=True)
+
+
+@history_group.command("rate")
+@click.argument("message_id", type=int)
+@click.argument("rating", type=click.Choice(["up", "down", "clear"]))
+def rate(message_id: int, rating: str) -> None:
+    """Thumbs up or down on an answer (kept as fine-tuning feedback)."""
+    get_engine().rate_message(message_id, {"up": 1, "down": -1, "clear": 0}[rating])
+    click.echo(f"Rated message {message_id}: {rating}", err=True)
+
+
+@history_group.command("correct")
+@click.argument("message_id", type=int)
+@click.argument("text", required=False)
+@click.option("--file", "path", type=click.Path(path_type=Path), help="Read the text from a file.")
+@click.option("--clear", is_flag=True, help="Remove the correction.")
+def correct(message_id: int, text: str | None, path: Path | None, clear: bool) -> None:
+    """Keep a better answer beside the model's own (both are kept; the corrected one
+    becomes training data with `bastion dataset from-feedback`)."""
+    from engine.errors import InvalidInput
+
+    if (text is not None) + (path is not None) + clear != 1:
+        raise InvalidInput("give the corrected TEXT, or --file, or --clear")
+    if path is not None:
+        from engine.train.golden import read_text_file
+
+        text = read_text_file(path)
+    if not clear and not (text or "").strip():
+        raise InvalidInput("the corrected answer is empty", hint="use --clear to remove one")
+    get_engine().correct_message(message_id, None if clear else text)
+    click.echo(f"{'Cleared' if clear else 'Kept'} the correction of message {message_id}", err=True)

@@ -89,6 +89,7 @@ class Message:
     created_at: str
     citations: tuple[Citation, ...] = ()  # sources of an answer from documents
     rating: int = 0  # the user's thumbs on an answer: 1 up, -1 down, 0 not rated
+    correction: str | None = None  # the user's better text for an answer (content stays)
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a JSON-ready dict."""
@@ -103,7 +104,8 @@ FROM conversations c
 
 _MESSAGE_COLUMNS: Final = (
     "id, conversation_id, role, content, model, prompt_tokens, completion_tokens, "
-    "ttft_ms, duration_ms, tokens_per_second, interrupted, created_at, citations, rating"
+    "ttft_ms, duration_ms, tokens_per_second, interrupted, created_at, citations, rating, "
+    "correction"
 )
 RATINGS: Final = (-1, 0, 1)
 
@@ -367,7 +369,31 @@ class ConversationStore:
                     f"message {message_id} is a {row[0]} message", hint="only answers are rated"
                 )
             conn.execute(
-                "UPDATE messages SET rating = ? WHERE id = ?", (rating or None, message_id)
+                "UPDATE messages SET rating = ?, feedback_at = ? WHERE id = ?",
+                (rating or None, self._now(), message_id),
+            )
+
+    def set_correction(self, message_id: int, text: str | None) -> None:
+        """Keep the user's corrected text of an answer beside the model's own; ``None`` or
+        blank text removes it. A corrected answer is training data (``dataset
+        from-feedback``) whatever its thumbs.
+
+        Raises:
+            InvalidInput: the message is not an answer.
+            NotFound: No message has this id.
+        """
+        value = text if text is not None and text.strip() else None
+        with self._db.transaction() as conn:
+            row = conn.execute("SELECT role FROM messages WHERE id = ?", (message_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"no message {message_id}")
+            if row[0] != "assistant":
+                raise InvalidInput(
+                    f"message {message_id} is a {row[0]} message", hint="only answers are corrected"
+                )
+            conn.execute(
+                "UPDATE messages SET correction = ?, feedback_at = ? WHERE id = ?",
+                (value, self._now(), message_id),
             )
 
     def rename(self, conversation_id: int, title: str) -> None:
@@ -447,4 +473,6 @@ def _markdown(conversation: Conversation, messages: builtins.list[Message]) -> s
         if notes:
             lines += [" ".join(notes), ""]
         lines += [message.content, ""]
+        if message.correction:
+            lines += ["*Corrected by the user:*", "", message.correction, ""]
     return "\n".join(lines)

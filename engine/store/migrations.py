@@ -247,6 +247,25 @@ M010_REMOTE_MODELS: Final = """
 ALTER TABLE models ADD COLUMN remote TEXT;
 """
 
+# Feedback that becomes training data (engine.store.feedback): an answer's correction
+# (the user's better text; the model's own stays in ``content``) and when the answer was
+# last rated or corrected; and the user's picks between two unlabelled answers.
+M011_FEEDBACK: Final = """
+ALTER TABLE messages ADD COLUMN correction TEXT;
+ALTER TABLE messages ADD COLUMN feedback_at TEXT;
+CREATE TABLE ab_votes (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    created_at TEXT NOT NULL,
+    messages TEXT NOT NULL,
+    model_a TEXT NOT NULL,
+    answer_a TEXT NOT NULL,
+    model_b TEXT NOT NULL,
+    answer_b TEXT NOT NULL,
+    winner TEXT NOT NULL CHECK (winner IN ('a', 'b', 'tie'))
+);
+CREATE INDEX ab_votes_created ON ab_votes(created_at);
+"""
+
 # Append only. See the module docstring.
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     ("m001_conversations", M001_CONVERSATIONS),
@@ -259,6 +278,7 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     ("m008_chunks_fts_stemmed", M008_CHUNKS_FTS_STEMMED),
     ("m009_api_keys", M009_API_KEYS),
     ("m010_remote_models", M010_REMOTE_MODELS),
+    ("m011_feedback", M011_FEEDBACK),
 )
 
 _CREATE_TABLE: Final = (

@@ -4,7 +4,8 @@ Every model answers every item greedily (temperature 0, seed 0: the same answers
 rerun), through the same stateless path as the server, grounded in a collection when one
 is named. The report (Markdown, and HTML with a bar chart of each metric's mean and 95 %
 interval per model) lists every item's answers and, for two or more models, where the
-first two differ most.
+first two differ most. With a judge model, each model after the first is also compared
+with the first by that model, pairwise (``engine.train.judge``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from engine.jobs import JobContext
 from engine.models.runtime import SamplingParams
 from engine.paths import atomic_write_bytes
 from engine.train.golden import METRICS, GoldenSet, mean_with_interval, score
+from engine.train.judge import Judge, compare, record
 
 MAX_TOKENS = 256
 Answer = Callable[[str, list[ChatMessage], SamplingParams, JobContext], tuple[str, list[Any]]]
@@ -37,6 +39,8 @@ class EvalRun:
     summary: dict[str, dict[str, dict[str, float] | None]] = field(default_factory=dict)
     report_md: str | None = None
     report_html: str | None = None
+    # {"model", "baseline", "records": {model: {"wins", "losses", "ties", "rate", ...}}}
+    judge: dict[str, Any] | None = None
 
     def to_public(self) -> dict[str, Any]:
         return {
@@ -48,6 +52,7 @@ class EvalRun:
                 for m in self.models
             },
             "items": self.items,
+            "judge": self.judge,
             "report": {"markdown": self.report_md, "html": self.report_html},
         }
 
@@ -60,8 +65,11 @@ def run_eval(
     *,
     set_path: str,
     collection: str | None = None,
+    judge: Judge | None = None,
+    judge_model: str | None = None,
 ) -> EvalRun:
-    """Ask every model every item (``answer`` gives the text and its citations)."""
+    """Ask every model every item (``answer`` gives the text and its citations); with
+    ``judge``, compare each model after the first with the first, pairwise."""
     if golden.bad_lines:
         first = golden.bad_lines[0]
         raise InvalidInput(
@@ -72,7 +80,10 @@ def run_eval(
         raise InvalidInput("name at least one model with -m")
     run = EvalRun(set_path, collection, list(models))
     sampling = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, seed=0)
-    total, done = len(models) * len(golden.items), 0
+    if judge is not None and len(models) < 2:
+        raise InvalidInput("a judge compares models: name at least two with -m")
+    comparisons = (len(models) - 1) * len(golden.items) if judge is not None else 0
+    total, done = len(models) * len(golden.items) + comparisons, 0
     rows: dict[int, dict[str, Any]] = {}
     for model in models:
         for item in golden.items:
@@ -96,6 +107,29 @@ def run_eval(
             done += 1
             ctx.report(done, total, "answers")
     run.items = [rows[item.line] for item in golden.items]
+    if judge is not None:
+        baseline = models[0]
+        verdicts: dict[str, list[str]] = {}
+        for model in models[1:]:
+            verdicts[model] = []
+            for row in run.items:
+                ctx.check_cancelled()
+                found = compare(
+                    judge,
+                    row["question"],
+                    row["reference"],
+                    row["answers"][baseline]["text"],
+                    row["answers"][model]["text"],
+                )
+                row.setdefault("judge", {})[model] = found
+                verdicts[model].append(found["verdict"])
+                done += 1
+                ctx.report(done, total, "judging")
+        run.judge = {
+            "model": judge_model,
+            "baseline": baseline,
+            "records": {m: record(v) for m, v in verdicts.items()},
+        }
     for model in models:
         run.summary[model] = {
             metric: mean_with_interval(
@@ -146,6 +180,22 @@ def markdown(run: EvalRun) -> str:
         lines.append(
             f"| {model} | " + " | ".join(_cell(run.summary[model][m]) for m in METRICS) + " |"
         )
+    if run.judge is not None:
+        lines += [
+            "",
+            f"## Pairwise judge: {run.judge['model']}",
+            "",
+            f"Each model against {run.judge['baseline']}, both orders asked; a side wins only "
+            "when both orders pick it, a tie counts half.",
+            "",
+            "| model | wins | losses | ties | win rate [95 % interval] |",
+            "|---|---|---|---|---|",
+        ]
+        for model, rec in run.judge["records"].items():
+            lines.append(
+                f"| {model} | {rec['wins']} | {rec['losses']} | {rec['ties']} | "
+                f"{rec['rate']:.3f} [{rec['low']:.3f}, {rec['high']:.3f}] |"
+            )
     diffs = _differences(run)
     if diffs:
         a, b = run.models[:2]

@@ -12,6 +12,12 @@ no GGUF to chat with), the data (bad lines, nothing left to learn), the settings
 3. the GGUF adapter is registered as model ``name`` (base + adapter), held-out prompts are
    answered by base and fine-tune through llama.cpp, and ``report.md`` is written.
 
+``from_model`` continues from an earlier fine-tune: its base, its LoRA shape (rank,
+alpha) and its trained adapter weights as the starting point (the adapter is copied into
+the new run's folder, so the run can resume even if the earlier model is removed). With a
+golden set (``golden``), the new model and the one it improves on (the earlier fine-tune,
+else the base) both answer it after training, and the report compares them.
+
 A fine-tune needs a GGUF of its base to be chatted with. For a registry model that is the
 model itself; for a Hugging Face folder or cache id it is the registered GGUF with the
 same architecture and shapes (or the one named with ``gguf``).
@@ -48,9 +54,13 @@ from engine.train.spec import Hyper, RunSpec
 
 if TYPE_CHECKING:
     from engine.train.datasets import DatasetReport
+    from engine.train.evalrun import EvalRun
 
 Complete = Callable[[str, str], str]
 """Answers one prompt with a registered model, without saving it: (model id, prompt)."""
+
+Evaluate = Callable[[Path, list[str], Path], "EvalRun"]
+"""Scores models on a golden set, writing the report into a folder (``Engine.evaluate``)."""
 
 COMPARISONS = 3
 # Names of later runs' folders: ``name@2``. Model names cannot hold "@", so such a folder
@@ -71,6 +81,20 @@ class FinetuneRequest:
     merged: bool = False
     resume: bool = False
     gguf: str | None = None  # the registered GGUF to pair a Hugging Face base with
+    from_model: str | None = None  # an earlier fine-tune to continue from
+    golden: Path | None = None  # a golden set to compare the result with what it improves on
+
+
+@dataclass(frozen=True)
+class _Previous:
+    """An earlier fine-tune that a new run continues from."""
+
+    model: str
+    adapter_dir: Path  # its PEFT adapter (adapter_config.json, adapter_model.safetensors)
+    base_source: str
+    gguf: str | None
+    rank: int
+    alpha: float
 
 
 @dataclass(frozen=True)
@@ -84,12 +108,18 @@ class _Base:
 
 class FineTuner:
     def __init__(
-        self, models: ModelRegistry, runs: RunStore, home: Path, complete: Complete | None
+        self,
+        models: ModelRegistry,
+        runs: RunStore,
+        home: Path,
+        complete: Complete | None,
+        evaluate: Evaluate | None = None,
     ) -> None:
         self._models = models
         self._runs = runs
         self._home = home
         self._complete = complete
+        self._evaluate = evaluate
 
     def run(self, request: FinetuneRequest, ctx: JobContext | None = None) -> FinetuneResult:
         ctx = ctx or JobContext()
@@ -177,11 +207,21 @@ class FineTuner:
         from engine.models.tokenizer import token_counter
         from engine.train.datasets import read_dataset
 
-        if request.base is None or request.data is None:
-            raise InvalidInput("--base and --data are needed (or --resume with --name)")
+        if request.data is None or (request.base is None and request.from_model is None):
+            raise InvalidInput("--base (or --from) and --data are needed (or --resume with --name)")
         self._check_name(name)
-        base = self._resolve_base(request.base, request.gguf)
-        hyper = request.hyper.check()
+        previous = None
+        hyper = request.hyper
+        if request.from_model is not None:
+            previous = self._previous(request.from_model, request.base)
+            base = self._resolve_base(previous.base_source, previous.gguf)
+            hyper = replace(hyper, rank=previous.rank, alpha=previous.alpha)
+        else:
+            assert request.base is not None
+            base = self._resolve_base(request.base, request.gguf)
+        hyper = hyper.check()
+        if request.golden is not None:
+            self._check_golden(Path(request.golden))
         ctx.report(0, None, "checking the data")
         report = read_dataset(
             Path(request.data), request.fmt, token_counter(base.entry.path), hyper.max_length
@@ -197,7 +237,9 @@ class FineTuner:
             raise InvalidInput(f"{request.data} has no examples")
         run_dir = claim_run_dir(self._home / "adapters", name)
         try:
-            return self._prepare_run(name, request, ctx, base, hyper, report, run_dir)
+            if previous is not None:
+                shutil.copytree(previous.adapter_dir, run_dir / "init_adapter")
+            return self._prepare_run(name, request, ctx, base, hyper, report, run_dir, previous)
         except BaseException:
             # Refused before the run was recorded: the folder is this call's alone.
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -212,6 +254,7 @@ class FineTuner:
         hyper: Hyper,
         report: DatasetReport,
         run_dir: Path,
+        previous: _Previous | None,
     ) -> tuple[RunSpec, dict[str, Any]]:
         from engine.models.tokenizer import Vocabulary
         from engine.train.datasets import read_dataset
@@ -276,6 +319,7 @@ class FineTuner:
             backend=request.backend,
             merged=request.merged,
             hyper=hyper,
+            init_adapter=str(run_dir / "init_adapter") if previous is not None else None,
         )
         spec.save()
         data = {
@@ -291,6 +335,10 @@ class FineTuner:
             "dropped_too_long": train_stats.dropped + val_stats.dropped,
             "train_tokens": train_stats.tokens,
         }
+        if previous is not None:
+            data["continued_from"] = previous.model
+        if request.golden is not None:
+            data["golden_set"] = str(Path(request.golden).resolve())
         (run_dir / "data.json").write_text(json.dumps(data))
         # Preparing took a while: a run of this name may have been recorded meanwhile by
         # another process. Its record must not be taken over.
@@ -320,6 +368,7 @@ class FineTuner:
         assert run is not None
         entry = self._models.register_adapter_model(spec.name, run.base, Path(done["gguf"]))
         comparisons, note = self._compare(spec, run.base, entry.id)
+        golden = self._golden(spec, data, run.base, entry.id)
         result = FinetuneResult(
             model=entry.id,
             adapter=done["gguf"],
@@ -339,6 +388,8 @@ class FineTuner:
             hyperparameters=asdict(spec.hyper),
             comparisons=comparisons,
             comparisons_note=note,
+            golden=golden,
+            continued_from=data.get("continued_from"),
             created=datetime.now(UTC).isoformat(timespec="seconds"),
         )
         from engine.train.report import write_report
@@ -346,6 +397,76 @@ class FineTuner:
         result = replace(result, report=str(write_report(spec.folder, result.to_public())))
         self._runs.update(spec.name, status="done", result=result.to_public())
         return result
+
+    def _previous(self, model_id: str, base: str | None) -> _Previous:
+        """The fine-tune ``model_id`` as a starting point, or InvalidInput saying why not."""
+        entry = self._models.get(model_id)
+        if not entry.adapter:
+            raise InvalidInput(
+                f"{model_id!r} is not a fine-tune",
+                hint=f"--from continues a fine-tune; train {model_id!r} itself with --base",
+            )
+        run = self._runs.get(entry.id)
+        folder = run.run_dir / "adapter" if run is not None else None
+        if run is None or folder is None or not (folder / "adapter_config.json").is_file():
+            raise InvalidInput(
+                f"the trained weights of {model_id!r} are not on this machine (only its "
+                "llama.cpp adapter is), so training cannot continue from them",
+                hint=f"train a new fine-tune from its base {entry.base!r} with all the data",
+            )
+        if base is not None and base not in (run.base, run.base_source):
+            raise InvalidInput(
+                f"--base {base!r} is not the base of {model_id!r} ({run.base_source})",
+                hint="leave --base out with --from",
+            )
+        config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+        source = run.base_source
+        return _Previous(
+            model=entry.id,
+            adapter_dir=folder,
+            base_source=source,
+            # A Hugging Face base is paired again with the GGUF the earlier run chatted with.
+            gguf=run.base if source != run.base else None,
+            rank=int(config["r"]),
+            alpha=float(config["lora_alpha"]),
+        )
+
+    def _check_golden(self, path: Path) -> None:
+        from engine.train.golden import load_golden_set
+
+        if self._evaluate is None:
+            raise InvalidInput("a golden set comparison is not available here")
+        golden = load_golden_set(path)
+        if golden.bad_lines:
+            first = golden.bad_lines[0]
+            raise InvalidInput(
+                f"{len(golden.bad_lines)} bad line(s) in {path}; line {first.line}: {first.error}",
+                hint=f"`bastion eval run --set {path} -m MODEL --json` lists them all",
+            )
+        if not golden.items:
+            raise InvalidInput(f"the golden set {path} has no items")
+
+    def _golden(
+        self, spec: RunSpec, data: dict[str, Any], base_id: str, tuned_id: str
+    ) -> dict[str, Any] | None:
+        """The new model and the one it improves on, scored on the run's golden set."""
+        path = data.get("golden_set")
+        if path is None or self._evaluate is None:
+            return None
+        against = data.get("continued_from") or base_id
+        if not any(m.id == against for m in self._models.list()):
+            against = base_id  # the earlier fine-tune was removed meanwhile
+        run = self._evaluate(Path(path), [against, tuned_id], spec.path("golden"))
+        return {
+            "set": path,
+            "against": against,
+            "models": {
+                m: {k: (v["mean"] if v else None) for k, v in run.summary[m].items()}
+                for m in run.models
+            },
+            "intervals": run.summary,
+            "report": run.report_md,
+        }
 
     def _compare(
         self, spec: RunSpec, base_id: str, tuned_id: str

@@ -107,7 +107,13 @@ def write_report(folder: Path, summary: dict[str, Any]) -> Path:
     lines = [
         f"# Fine-tune `{summary['model']}`",
         "",
-        f"Base `{summary['base']}` · backend {summary['backend']} on {summary.get('device')} "
+        f"Base `{summary['base']}`"
+        + (
+            f" · continued from `{summary['continued_from']}`"
+            if summary.get("continued_from")
+            else ""
+        )
+        + f" · backend {summary['backend']} on {summary.get('device')} "
         f"({summary.get('backend_reason', '')}) · {summary.get('created', '')}",
         "",
         "## Results",
@@ -141,6 +147,26 @@ def write_report(folder: Path, summary: dict[str, Any]) -> Path:
         ]
     else:
         lines.append(summary.get("comparisons_note") or "No held-out chat prompts.")
+    golden = summary.get("golden")
+    if golden:
+        metrics = [
+            k
+            for k in ("exact_match", "f1", "rouge_l", "bleu", "must_include", "citation")
+            if any(golden["models"][m].get(k) is not None for m in golden["models"])
+        ]
+        lines += [
+            "",
+            f"## Golden set: `{golden['against']}` and this fine-tune",
+            "",
+            f"Set `{golden['set']}`; greedy answers. Full report: `{golden.get('report')}`.",
+            "",
+            "| model | " + " | ".join(metrics) + " |",
+            "|---|" + "---|" * len(metrics),
+        ]
+        lines += [
+            f"| {model} | " + " | ".join(_number(scores.get(k)) for k in metrics) + " |"
+            for model, scores in golden["models"].items()
+        ]
     lines += [
         "",
         "## Files",

@@ -103,6 +103,9 @@ class FinetuneResult:
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     comparisons: list[dict[str, Any]] = field(default_factory=list)  # base vs tuned answers
     comparisons_note: str | None = None
+    # The golden set answered by the new model and the one it improves on (see finetune).
+    golden: dict[str, Any] | None = None
+    continued_from: str | None = None  # the fine-tune this one continued
     created: str | None = None
 
     @property

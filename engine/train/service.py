@@ -10,7 +10,7 @@ from engine.jobs import JobContext
 from engine.models.registry import ModelRegistry
 from engine.models.tokenizer import token_counter
 from engine.store.db import Database
-from engine.train.finetune import Complete, FineTuner, FinetuneRequest
+from engine.train.finetune import Complete, Evaluate, FineTuner, FinetuneRequest
 from engine.train.prepare import PrepareReport
 from engine.train.results import DatasetCheck, DatasetPreview, FinetuneResult, LossCurve
 from engine.train.runs import RunRecord, RunStore
@@ -22,11 +22,16 @@ class Training:
     """Dataset checks and preparation, and fine-tuning runs."""
 
     def __init__(
-        self, models: ModelRegistry, db: Database, home: Path, complete: Complete | None = None
+        self,
+        models: ModelRegistry,
+        db: Database,
+        home: Path,
+        complete: Complete | None = None,
+        evaluate: Evaluate | None = None,
     ) -> None:
         self._models = models
         self.runs = RunStore(db)
-        self._tuner = FineTuner(models, self.runs, home, complete)
+        self._tuner = FineTuner(models, self.runs, home, complete, evaluate)
 
     def finetune(self, request: FinetuneRequest, ctx: JobContext | None = None) -> FinetuneResult:
         """Train a LoRA adapter in a child process, export it for llama.cpp and register it.

@@ -94,6 +94,7 @@ class RunSpec:
     backend: str = "auto"
     merged: bool = False
     hyper: Hyper = field(default_factory=Hyper)
+    init_adapter: str | None = None  # a PEFT adapter folder to start from (``--from``)
 
     @property
     def folder(self) -> Path:

@@ -164,12 +164,29 @@ class Trainer:
             seed=self.hp.seed,
             gradient_checkpointing=self.hp.gradient_checkpointing,
         )
+        if self.spec.init_adapter:
+            self._start_from(Path(self.spec.init_adapter))
         base = self.model.get_base_model()
         self.decoder = base.get_decoder()
         self.head = base.get_output_embeddings()
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = _adamw(params, self.hp.lr, self.hp.weight_decay, self.choice.device)
         _limit_memory()
+
+    def _start_from(self, folder: Path) -> None:
+        """Load an earlier fine-tune's LoRA weights as the starting point (``--from``)."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        self.emit(Event.STATUS, message="starting from the earlier fine-tune's adapter")
+        weights = load_file(str(folder / "adapter_model.safetensors"), device=self.choice.device)
+        loaded = set_peft_model_state_dict(self.model, weights)
+        unexpected = list(getattr(loaded, "unexpected_keys", []) or [])
+        if unexpected:
+            raise InvalidInput(
+                f"the earlier adapter does not fit this model ({len(unexpected)} of its "
+                f"weights have no place, e.g. {unexpected[0]})"
+            )
 
     def loss_sum(self, batch: Any) -> tuple[Any, int]:
         """Summed cross-entropy over the batch's targets, and their number."""

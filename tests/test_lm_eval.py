@@ -1,0 +1,140 @@
+"""lm-evaluation-harness against `bastion serve`, as the README tells users to run it.
+
+The real `lm_eval` command line with its `local-completions` model (and, for instruct
+models, `local-chat-completions` with the chat template), over loopback, with a real key,
+on a small task written here (a YAML file and a JSONL dataset): nothing is downloaded.
+It runs in a process with Bastion's network guard on, which refuses and records any
+connection that is not loopback (a tokenizer fetched from the Hub would be one). The
+server's audit log, with the request text on, shows that every prompt came through
+Bastion and that lm-eval scored exactly the answers Bastion gave.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine.config import update_config
+from tests.conftest import DEFAULT_MODEL
+from tests.test_server import bastion, start_server
+
+TASK = "bastion_tiny"
+# Continuations even a 135M model may get right; the test does not depend on it.
+DOCS = [
+    {"question": "1, 2, 3, 4, 5, 6, 7,", "answer": "8"},
+    {"question": "Monday, Tuesday, Wednesday,", "answer": "Thursday"},
+    {"question": "The capital of France is", "answer": "Paris"},
+    {"question": "A, B, C, D, E,", "answer": "F"},
+    {"question": "red, red, red, red,", "answer": "red"},
+]
+# A generate_until task over a local JSON-lines file (`DATA` is replaced by its path).
+TASK_YAML = """\
+task: bastion_tiny
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: DATA
+test_split: test
+output_type: generate_until
+doc_to_text: "{{question}}"
+doc_to_target: "{{answer}}"
+generation_kwargs:
+  until: ["\\n", ",", "."]
+  max_gen_toks: 8
+  do_sample: false
+  temperature: 0
+filter_list:
+  - name: strip
+    filter:
+      - function: remove_whitespace
+      - function: take_first
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+# `lm_eval ARGS` with Bastion's network guard installed first; exit 3 if it refused anything.
+GUARDED_LM_EVAL = """\
+import sys
+from engine.privacy import guard
+guard.activate()
+from lm_eval.__main__ import cli_evaluate
+sys.argv = ["lm_eval", *sys.argv[1:]]
+try:
+    cli_evaluate()
+finally:
+    refused = guard.blocked_attempts()
+    if refused:
+        print("refused connections:", refused, file=sys.stderr)
+        sys.exit(3)
+"""
+
+
+# lm-eval's model, Bastion's route, and the rest of the command line. tokenizer_backend=None
+# keeps local-completions from loading a tokenizer named like the model from the Hub.
+MODELS = {
+    "local-completions": (
+        "/v1/completions", "tokenizer_backend=None,tokenized_requests=False", []),
+    "local-chat-completions": ("/v1/chat/completions", "", ["--apply_chat_template"]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("lm_eval_model", MODELS)
+def test_lm_eval_scores_a_local_task_through_the_server(lm_eval_model: str, tmp_path: Path) -> None:
+    endpoint, extra_args, extra_flags = MODELS[lm_eval_model]
+    home = tmp_path / "home"
+    made = bastion(home, "keys", "create", "lm-eval", "--json")
+    assert made.returncode == 0, made.stderr
+    key = json.loads(made.stdout)["key"]
+    update_config(home, audit_log=True, audit_server_text=True)
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    data = tasks / "tiny.jsonl"
+    data.write_text("".join(json.dumps(doc) + "\n" for doc in DOCS))
+    (tasks / f"{TASK}.yaml").write_text(TASK_YAML.replace("DATA", str(data)))
+    out = tmp_path / "results"
+
+    url, server = start_server(home)
+    try:
+        model_args = ",".join(filter(None, [f"model={DEFAULT_MODEL}",
+                                            f"base_url={url}{endpoint}", extra_args]))  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-c", GUARDED_LM_EVAL, "--model", lm_eval_model,
+             "--model_args", model_args, *extra_flags, "--tasks", TASK,
+             "--include_path", str(tasks), "--output_path", str(out), "--log_samples"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False,
+            # The key as lm-eval's OpenAI-style models read it; datasets' cache in tmp_path.
+            env={**os.environ, "OPENAI_API_KEY": key, "HF_HOME": str(tmp_path / "hf")},
+        )  # fmt: skip
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+    (results_file,) = out.rglob("results_*.json")
+    score = json.loads(results_file.read_text())["results"][TASK]["exact_match,strip"]
+    assert isinstance(score, float) and 0.0 <= score <= 1.0
+    (samples_file,) = out.rglob(f"samples_{TASK}_*.jsonl")
+    samples = [json.loads(line) for line in samples_file.read_text().splitlines()]
+    assert sorted(s["doc"]["question"] for s in samples) == sorted(d["question"] for d in DOCS)
+
+    audit = [json.loads(line) for line in (home / "logs" / "audit.log").read_text().splitlines()]
+    requests = [r for r in audit if r["event"] == "request"]
+    assert {(r["key"], r["endpoint"], r["status"], r["model"]) for r in requests} == {
+        ("lm-eval", endpoint, 200, DEFAULT_MODEL)}  # fmt: skip
+    answers = {r["prompt"]: r["answer"] for r in requests}  # chat: the last user message
+    assert len(requests) == len(answers) == len(DOCS)  # one request per document, no retries
+    assert all(r["completion_tokens"] > 0 for r in requests)
+    for sample in samples:
+        # lm-eval scored the very text Bastion answered (stop sequences already cut off).
+        assert sample["resps"] == [[answers[sample["doc"]["question"]]]]
+        assert not {"\n", ",", "."} & set(sample["resps"][0][0])
+    right = [answers[d["question"]].strip() == d["answer"] for d in DOCS]
+    assert score == pytest.approx(sum(right) / len(DOCS))
