@@ -41,3 +41,12 @@ def append_report(name: str, report: str) -> Path:
     with out.open("a", encoding="utf-8") as fh:
         fh.write(report.rstrip("\n") + "\n\n")
     return out
+
+
+def prepend_report(name: str, report: str) -> Path:
+    """Put a Markdown report at the top of ``bench/results/<name>.md`` (newest first)."""
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"{name}.md"
+    before = out.read_text(encoding="utf-8") if out.exists() else ""
+    out.write_text(report.rstrip("\n") + "\n\n" + before, encoding="utf-8")
+    return out
