@@ -123,11 +123,12 @@ class FinetunePage(QWidget):
         self.preview_button = QPushButton("Preview")
         self.preview_button.setToolTip("Check the file again (after editing it)")
         row = QHBoxLayout()
-        row.addWidget(self.dataset, 1)
         row.addWidget(self.choose)
         row.addWidget(self.feedback_button)
         row.addWidget(self.preview_button)
-        form.addRow("Dataset", row)
+        row.addStretch(1)
+        form.addRow("Dataset", self.dataset)
+        form.addRow("", row)
         self.name = QLineEdit()
         self.name.setAccessibleName("New model name")
         self.name.setPlaceholderText("the new model's id")
@@ -350,8 +351,9 @@ class FinetunePage(QWidget):
                 "Compare page."
             )
             return
+        noun = "example" if made.examples == 1 else "examples"
         self.window_.notify(
-            f"{made.examples} examples from feedback ({made.from_ratings} rated good, "
+            f"{made.examples} {noun} from feedback ({made.from_ratings} rated good, "
             f"{made.from_corrections} corrected, {made.from_ab} A/B picks): review the "
             "preview before training."
         )

@@ -12,7 +12,7 @@ from desktop.app import MainWindow
 def test_window_title_and_pages(window: MainWindow) -> None:
     assert window.windowTitle() == "Bastion"
     titles = [window.sidebar.item(i).text() for i in range(window.sidebar.count())]
-    assert titles == ["Chat", "Documents", "Models", "Fine-tune", "Server", "Settings"]
+    assert titles == ["Chat", "Documents", "Models", "Fine-tune", "Compare", "Server", "Settings"]
     window.show_page("Models")
     assert window.stack.currentWidget() is window.models
 

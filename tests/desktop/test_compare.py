@@ -6,7 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 from PySide6.QtCore import Qt
+from PySide6.QtWidgets import QInputDialog
 
 from tests.conftest import DEFAULT_MODEL
 
@@ -58,7 +60,9 @@ def test_blind_pick_then_names_and_win_rates(
     assert cells[shown_first].startswith("100% (") and cells[shown_first].endswith("of 1")
 
 
-def test_correct_an_answer_then_train_on_feedback(window: Any, qtbot: Any) -> None:
+def test_correct_an_answer_then_train_on_feedback(
+    window: Any, qtbot: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     engine = window.engine
     conversation = engine.conversations.create(DEFAULT_MODEL)
     engine.conversations.add_message(conversation.id, "user", "What is 2+2?")
@@ -71,12 +75,20 @@ def test_correct_an_answer_then_train_on_feedback(window: Any, qtbot: Any) -> No
         chat.open_conversation(conversation.id)
     answer = next(m for m in chat.transcript.messages() if m.role == "assistant")
     assert answer.correct_button.text() == "Correct…"
+    offered: list[str] = []
+
+    def dialog(*args: Any) -> tuple[str, bool]:  # the user edits the offered text
+        offered.append(args[3])
+        return "2+2 is 4.", True
+
+    monkeypatch.setattr(QInputDialog, "getMultiLineText", dialog)
     with qtbot.waitSignal(answer.correct_requested, timeout=WAIT_MS) as asked:
         answer.correct_button.click()
-    assert asked.args == [answer_id]
-    chat.save_correction(answer, answer_id, "2+2 is 4.")
+    assert asked.args == [answer_id] and offered == ["5"]
     qtbot.waitUntil(lambda: answer.correction == "2+2 is 4.", timeout=WAIT_MS)
     assert answer.correction_label.isVisible() and "2+2 is 4." in answer.correction_label.text()
+    assert answer.correct_button.text() == "Edit correction…"
+    window.grab().save(str(tmp_path / "chat-corrected.png"))
     stored = engine.get_conversation(conversation.id)[1][1]
     assert (stored.content, stored.correction) == ("5", "2+2 is 4.")
 
@@ -92,3 +104,4 @@ def test_correct_an_answer_then_train_on_feedback(window: Any, qtbot: Any) -> No
     assert line["messages"][-1]["content"] == "2+2 is 4."
     qtbot.waitUntil(lambda: page.preview_op is None, timeout=WAIT_MS)
     assert page.preview.result is not None and page.preview.result.check.examples == 1
+    window.grab().save(str(tmp_path / "finetune-feedback.png"))
