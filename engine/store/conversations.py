@@ -360,18 +360,7 @@ class ConversationStore:
         """
         if isinstance(rating, bool) or rating not in RATINGS:
             raise InvalidInput(f"invalid rating {rating!r}", hint="use 1 (up), -1 (down) or 0")
-        with self._db.transaction() as conn:
-            row = conn.execute("SELECT role FROM messages WHERE id = ?", (message_id,)).fetchone()
-            if row is None:
-                raise NotFound(f"no message {message_id}")
-            if row[0] != "assistant":
-                raise InvalidInput(
-                    f"message {message_id} is a {row[0]} message", hint="only answers are rated"
-                )
-            conn.execute(
-                "UPDATE messages SET rating = ?, feedback_at = ? WHERE id = ?",
-                (rating or None, self._now(), message_id),
-            )
+        self._set_feedback(message_id, "rating", rating or None, "rated")
 
     def set_correction(self, message_id: int, text: str | None) -> None:
         """Keep the user's corrected text of an answer beside the model's own; ``None`` or
@@ -383,16 +372,20 @@ class ConversationStore:
             NotFound: No message has this id.
         """
         value = text if text is not None and text.strip() else None
+        self._set_feedback(message_id, "correction", value, "corrected")
+
+    def _set_feedback(self, message_id: int, column: str, value: object, verb: str) -> None:
+        """Set ``column`` (rating or correction) of an answer and when it was given."""
         with self._db.transaction() as conn:
             row = conn.execute("SELECT role FROM messages WHERE id = ?", (message_id,)).fetchone()
             if row is None:
                 raise NotFound(f"no message {message_id}")
             if row[0] != "assistant":
                 raise InvalidInput(
-                    f"message {message_id} is a {row[0]} message", hint="only answers are corrected"
+                    f"message {message_id} is a {row[0]} message", hint=f"only answers are {verb}"
                 )
             conn.execute(
-                "UPDATE messages SET correction = ?, feedback_at = ? WHERE id = ?",
+                f"UPDATE messages SET {column} = ?, feedback_at = ? WHERE id = ?",
                 (value, self._now(), message_id),
             )
 
