@@ -53,6 +53,9 @@ class Op(StrEnum):
     TOKENIZE = "tokenize"  # text, add_bos -> result [ids]
     SPECIAL_TOKENS = "special_tokens"  # -> result {"bos", "eos"} (their text)
     PERPLEXITY = "perplexity"  # tokens -> result {"scored", "nll"} (mean, nats per token)
+    # tokens, top -> result {"pieces", "logprobs", "top"} (LoadedModel.score)
+    SCORE = "score"
+    DETOKENIZE = "detokenize"  # tokens -> result text
     GENERATE = "generate"  # tokens, sampling, started_offset_s -> token..., finished
     CANCEL = "cancel"  # target: the id of the generation to stop at its next token
     SHUTDOWN = "shutdown"  # unload and exit 0

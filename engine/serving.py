@@ -7,7 +7,8 @@ same registry, chat service, model lane and documents as the rest of the facade.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -18,6 +19,7 @@ from engine.jobs import JobContext
 from engine.models.runtime import SamplingParams
 
 if TYPE_CHECKING:
+    from engine.chat.scoring import ScoredPrompt, TokenizerInfo
     from engine.chat.session import ChatService
     from engine.engine import Engine
     from engine.models.lane import ModelLane
@@ -131,14 +133,15 @@ class Serving:
     def complete_text(
         self,
         model: str,
-        prompt: str,
+        prompt: str | list[int],
         sampling: SamplingParams,
         *,
         stop: list[str] | None = None,
         ctx: JobContext | None = None,
         on_text: Callable[[str], None] | None = None,
     ) -> Completion:
-        """Continue ``prompt`` as it is, without a chat template; nothing is kept."""
+        """Continue ``prompt`` (text, or token ids used as they are) as it is, without a
+        chat template; nothing is kept."""
         from engine.chat.completion import complete_text
 
         model_id = self.models.get(model).id
@@ -147,6 +150,51 @@ class Serving:
             return complete_text(
                 self._chat, model_id, prompt, sampling, stop=stop or (), ctx=ctx, on_text=on_text
             )
+        finally:
+            self._gate.leave()
+
+    def score(
+        self, model: str, prompts: list[str | list[int]], *, top: int = 1
+    ) -> list[ScoredPrompt]:
+        """The log-probability of every token of each prompt (text, or token ids used as
+        they are), with the ``top`` likeliest tokens at each place (``engine.chat.scoring``).
+        Each prompt must fit in the model's context (ContextOverflow otherwise)."""
+        from engine.chat.scoring import score_prompt
+
+        with self._using(model) as model_id:
+            return [score_prompt(self._chat, model_id, p, top) for p in prompts]
+
+    def tokenize(self, model: str, text: str, *, add_special: bool = True) -> list[int]:
+        """``text``'s token ids in ``model``'s vocabulary (special tokens written in the text
+        are read as such); with ``add_special``, BOS first where the model adds one."""
+        from engine.chat.scoring import adds_bos, local_entry
+
+        with self._using(model) as model_id:
+            entry = local_entry(self._chat, model_id)
+            return self._lane.tokenize(text, add_special and adds_bos(entry))
+
+    def detokenize(self, model: str, tokens: list[int]) -> str:
+        """The text of ``tokens`` in ``model``'s vocabulary (special tokens written out)."""
+        from engine.chat.scoring import local_entry
+
+        with self._using(model) as model_id:
+            local_entry(self._chat, model_id)
+            return self._lane.detokenize(tokens)
+
+    def tokenizer_info(self, model: str) -> TokenizerInfo:
+        """``model``'s special tokens, whether it adds BOS, and its context length."""
+        from engine.chat.scoring import tokenizer_info
+
+        with self._using(model) as model_id:
+            return tokenizer_info(self._chat, model_id)
+
+    @contextlib.contextmanager
+    def _using(self, model: str) -> Iterator[str]:
+        """Hold ``model`` (its id) loaded in the host while inside (see ``ModelGate``)."""
+        model_id = self.models.get(model).id
+        self._gate.enter(model_id)
+        try:
+            yield model_id
         finally:
             self._gate.leave()
 

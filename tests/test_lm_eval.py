@@ -77,18 +77,22 @@ finally:
 """
 
 
-# lm-eval's model, Bastion's route, and the rest of the command line. tokenizer_backend=None
-# keeps local-completions from loading a tokenizer named like the model from the Hub.
+# lm-eval's model, Bastion's route, and the rest of the command line (KEY: the key).
+# tokenizer_backend=None keeps local-completions from loading a tokenizer named like the
+# model from the Hub; =remote uses the server's, and sends the prompts as token ids.
 MODELS = {
-    "local-completions": (
+    "local-completions": ("local-completions",
         "/v1/completions", "tokenizer_backend=None,tokenized_requests=False", []),
-    "local-chat-completions": ("/v1/chat/completions", "", ["--apply_chat_template"]),
+    "local-completions-remote-tokenizer": ("local-completions",
+        "/v1/completions", "tokenizer_backend=remote,auth_token=KEY", []),
+    "local-chat-completions": ("local-chat-completions",
+        "/v1/chat/completions", "", ["--apply_chat_template"]),
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("lm_eval_model", MODELS)
-def test_lm_eval_scores_a_local_task_through_the_server(lm_eval_model: str, tmp_path: Path) -> None:
-    endpoint, extra_args, extra_flags = MODELS[lm_eval_model]
+@pytest.mark.parametrize("case", MODELS)
+def test_lm_eval_scores_a_local_task_through_the_server(case: str, tmp_path: Path) -> None:
+    lm_eval_model, endpoint, extra_args, extra_flags = MODELS[case]
     home = tmp_path / "home"
     made = bastion(home, "keys", "create", "lm-eval", "--json")
     assert made.returncode == 0, made.stderr
@@ -104,7 +108,8 @@ def test_lm_eval_scores_a_local_task_through_the_server(lm_eval_model: str, tmp_
     url, server = start_server(home)
     try:
         model_args = ",".join(filter(None, [f"model={DEFAULT_MODEL}",
-                                            f"base_url={url}{endpoint}", extra_args]))  # fmt: skip
+                                            f"base_url={url}{endpoint}",
+                                            extra_args.replace("KEY", key)]))  # fmt: skip
         done = subprocess.run(
             [sys.executable, "-c", GUARDED_LM_EVAL, "--model", lm_eval_model,
              "--model_args", model_args, *extra_flags, "--tasks", TASK,
@@ -126,9 +131,10 @@ def test_lm_eval_scores_a_local_task_through_the_server(lm_eval_model: str, tmp_
     assert sorted(s["doc"]["question"] for s in samples) == sorted(d["question"] for d in DOCS)
 
     audit = [json.loads(line) for line in (home / "logs" / "audit.log").read_text().splitlines()]
-    requests = [r for r in audit if r["event"] == "request"]
-    assert {(r["key"], r["endpoint"], r["status"], r["model"]) for r in requests} == {
-        ("lm-eval", endpoint, 200, DEFAULT_MODEL)}  # fmt: skip
+    everything = [r for r in audit if r["event"] == "request"]
+    assert {(r["key"], r["status"], r["model"]) for r in everything} == {
+        ("lm-eval", 200, DEFAULT_MODEL)}  # fmt: skip
+    requests = [r for r in everything if r["endpoint"] == endpoint]  # not the tokenizer's
     answers = {r["prompt"]: r["answer"] for r in requests}  # chat: the last user message
     assert len(requests) == len(answers) == len(DOCS)  # one request per document, no retries
     assert all(r["completion_tokens"] > 0 for r in requests)
@@ -138,3 +144,113 @@ def test_lm_eval_scores_a_local_task_through_the_server(lm_eval_model: str, tmp_
         assert not {"\n", ",", "."} & set(sample["resps"][0][0])
     right = [answers[d["question"]].strip() == d["answer"] for d in DOCS]
     assert score == pytest.approx(sum(right) / len(DOCS))
+
+
+# Log-likelihood tasks: a multiple_choice one (as arc_easy, hellaswag, mmlu are) and a
+# loglikelihood_rolling one (as wikitext is), each over a local JSON-lines file.
+# lm-eval puts a space between the question and each choice (target_delimiter).
+CHOICE_DOCS = [
+    {"question": "The capital of France is", "choices": ["Paris", "banana", "seven"], "answer": 0},
+    {"question": "1, 2, 3, 4,", "choices": ["purple", "5", "dog"], "answer": 1},
+    {"question": "Monday, Tuesday,", "choices": ["Wednesday", "June", "cat"], "answer": 0},
+    {"question": "The opposite of hot is", "choices": ["table", "cold"], "answer": 1},
+]
+ROLLING_DOCS = [
+    {"text": "The quick brown fox jumps over the lazy dog. It was a sunny day in the park."},
+    {"text": "Water boils at one hundred degrees Celsius at sea level."},
+]
+CHOICE_YAML = """\
+task: bastion_choice
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: DATA
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{question}}"
+doc_to_choice: choices
+doc_to_target: answer
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+ROLLING_YAML = """\
+task: bastion_rolling
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: DATA
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{text}}"
+metric_list:
+  - metric: word_perplexity
+  - metric: byte_perplexity
+  - metric: bits_per_byte
+metadata:
+  version: 1.0
+"""
+
+
+def test_lm_eval_scores_log_likelihood_tasks_with_the_servers_tokenizer(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    made = bastion(home, "keys", "create", "lm-eval", "--json")
+    assert made.returncode == 0, made.stderr
+    key = json.loads(made.stdout)["key"]
+    update_config(home, audit_log=True)
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    for name, yaml, docs in (("bastion_choice", CHOICE_YAML, CHOICE_DOCS),
+                             ("bastion_rolling", ROLLING_YAML, ROLLING_DOCS)):  # fmt: skip
+        data = tasks / f"{name}.jsonl"
+        data.write_text("".join(json.dumps(doc) + "\n" for doc in docs))
+        (tasks / f"{name}.yaml").write_text(yaml.replace("DATA", str(data)))
+    out = tmp_path / "results"
+
+    url, server = start_server(home)
+    try:
+        # As the README says: the server's tokenizer (vLLM's routes), reached with the key.
+        model_args = (f"model={DEFAULT_MODEL},base_url={url}/v1/completions,"
+                      f"tokenizer_backend=remote,auth_token={key},num_concurrent=2")  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-c", GUARDED_LM_EVAL, "--model", "local-completions",
+             "--model_args", model_args, "--tasks", "bastion_choice,bastion_rolling",
+             "--include_path", str(tasks), "--output_path", str(out), "--log_samples"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False,
+            env={**os.environ, "OPENAI_API_KEY": key, "HF_HOME": str(tmp_path / "hf")},
+        )  # fmt: skip
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+    (results_file,) = out.rglob("results_*.json")
+    results = json.loads(results_file.read_text())["results"]
+    acc = results["bastion_choice"]["acc,none"]
+    assert isinstance(acc, float) and 0.0 <= acc <= 1.0
+    perplexity = results["bastion_rolling"]["word_perplexity,none"]
+    assert isinstance(perplexity, float) and 1.0 < perplexity < 1e6
+
+    (choices_file,) = out.rglob("samples_bastion_choice_*.jsonl")
+    samples = [json.loads(line) for line in choices_file.read_text().splitlines()]
+    assert len(samples) == len(CHOICE_DOCS)
+    for sample in samples:
+        # One (log-likelihood, is_greedy) per choice: real numbers, not placeholders.
+        scores = [float(resp[0][0]) for resp in sample["resps"]]
+        assert len(scores) == len(sample["doc"]["choices"])
+        assert all(isinstance(s, float) and s < 0 for s in scores)
+        assert sample["acc"] == float(max(range(len(scores)), key=scores.__getitem__)
+                                      == sample["doc"]["answer"])  # fmt: skip
+
+    audit = [json.loads(line) for line in (home / "logs" / "audit.log").read_text().splitlines()]
+    requests = [r for r in audit if r["event"] == "request"]
+    assert {r["key"] for r in requests} == {"lm-eval"} and {r["status"] for r in requests} == {200}
+    endpoints = {r["endpoint"] for r in requests}
+    assert {"/tokenizer_info", "/tokenize", "/v1/completions"} <= endpoints
+    scored = [r for r in requests if r["endpoint"] == "/v1/completions"]
+    # Each choice and each rolling window scored once (lm-eval sends one prompt a request).
+    assert len(scored) == sum(len(d["choices"]) for d in CHOICE_DOCS) + len(ROLLING_DOCS)

@@ -150,6 +150,94 @@ def test_stop_json_schema_and_legacy_completions(server: Server) -> None:
     assert isinstance(person["name"], str) and isinstance(person["age"], int)
 
 
+def test_echo_scores_each_prompt_token_as_llama_cpp_does(server: Server) -> None:
+    import llama_cpp
+    import numpy as np
+
+    from tests.conftest import default_model_path
+
+    text = "The quick brown fox jumps over the lazy dog, and the dog sleeps."
+    tokenized = server.post("/tokenize", {"prompt": text, "add_special_tokens": False})
+    tokens = tokenized.json()["tokens"]
+    assert tokenized.status_code == 200 and len(tokens) > 10
+    done = server.client().completions.create(model=DEFAULT_MODEL, prompt=tokens, echo=True,
+                                              logprobs=1, max_tokens=1, temperature=0)  # fmt: skip
+    choice = done.choices[0]
+    assert choice.logprobs is not None and done.usage is not None
+    assert (done.usage.prompt_tokens, done.usage.completion_tokens) == (len(tokens), 1)
+    got = choice.logprobs.token_logprobs
+    assert got is not None and len(got) == len(tokens) + 1 and got[0] is None
+
+    # llama-cpp-python's own logits for the same tokens, in this process.
+    llm = llama_cpp.Llama(str(default_model_path()), n_ctx=256, logits_all=True, verbose=False)
+    llm.eval(tokens)
+    logits = np.array(llm.scores[: len(tokens)], dtype=np.float64)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    logsoftmax = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    want = [logsoftmax[i - 1, tokens[i]] for i in range(1, len(tokens))]
+    assert got[1:-1] == pytest.approx(want, abs=0.02)
+    assert sum(got[1:-1]) == pytest.approx(sum(want), abs=0.05)
+    # The one token after the prompt is the likeliest, and the top-1 of every place is it or
+    # better; a token that is the top-1 has the very same number there (lm-eval's is_greedy).
+    greedy = int(logsoftmax[-1].argmax())
+    assert choice.logprobs.tokens[-1] == llm.detokenize([greedy]).decode()
+    llm.close()
+    tops = choice.logprobs.top_logprobs
+    assert tops is not None and tops[0] is None
+    for i in range(1, len(tokens) + 1):
+        (best,) = tops[i].values()
+        assert best >= got[i]
+        if i < len(tokens) and int(logsoftmax[i - 1].argmax()) == tokens[i]:
+            assert best == got[i]
+    offsets = choice.logprobs.text_offset
+    assert choice.text.startswith(text) and offsets is not None
+    pieces = choice.logprobs.tokens
+    assert [choice.text[o : o + len(t)] for o, t in zip(offsets, pieces, strict=True)] == pieces
+
+
+def test_tokenizer_routes_and_scoring_need_a_key_and_refuse_what_they_cant_do(
+    server: Server,
+) -> None:
+    assert httpx.get(server.url + "/tokenizer_info", timeout=30).status_code == 401
+    assert server.post("/tokenize", {"prompt": "x"}, key="").status_code == 401
+    alice = {"Authorization": f"Bearer {server.keys['alice']}"}
+    info = httpx.get(server.url + "/tokenizer_info", headers=alice, timeout=30).json()
+    assert info["model"] == DEFAULT_MODEL and info["eos_token"] == "<|im_end|>"
+    tokens = server.post("/tokenize", {"prompt": "Valve torque: 42 Nm", "model": DEFAULT_MODEL})
+    back = server.post("/detokenize", {"tokens": tokens.json()["tokens"]})
+    assert back.json()["prompt"] == "Valve torque: 42 Nm"
+    # A key limited to the embedder may not use the chat model's tokenizer either.
+    narrow = server.post("/tokenize", {"prompt": "x"}, key="narrow")
+    assert narrow.status_code == 403 and narrow.json()["error"]["code"] == "model_not_allowed"
+    before = len(server.audit())
+    base = {"model": DEFAULT_MODEL, "echo": True, "logprobs": 1}
+    for body, param in (
+        ({**base, "prompt": "x", "max_tokens": 5}, "max_tokens"),
+        ({**base, "prompt": "x", "stream": True}, "stream"),
+        ({**base, "prompt": [True, 2]}, "prompt"),
+        ({**base, "prompt": "x", "logprobs": 9}, "logprobs"),
+        ({"model": DEFAULT_MODEL, "prompt": "x", "logprobs": 1}, "logprobs"),
+        ({**base, "prompt": "x", "model": "rag:manual"}, "model"),
+    ):
+        refused = server.post("/v1/completions", body)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == param, body
+    too_long = server.post("/v1/completions", {**base, "prompt": [42] * 5000})
+    assert too_long.status_code == 400
+    assert too_long.json()["error"]["code"] == "context_length_exceeded"
+    unknown = server.post("/v1/completions", {**base, "prompt": [10**9]})
+    assert unknown.status_code == 400 and "vocabulary" in unknown.json()["error"]["message"]
+    # Scoring two prompts in one request, each a choice; then the model still generates.
+    both = server.post("/v1/completions", {**base, "prompt": ["Hi there", [42, 43]],
+                                            "max_tokens": 0})  # fmt: skip
+    assert [len(c["logprobs"]["tokens"]) for c in both.json()["choices"]] == [
+        len(server.post("/tokenize", {"prompt": "Hi there"}).json()["tokens"]), 2]  # fmt: skip
+    after = server.client().completions.create(model=DEFAULT_MODEL, prompt=[42, 43],
+                                               max_tokens=3, temperature=0)  # fmt: skip
+    assert after.usage is not None and after.usage.prompt_tokens == 2
+    recorded = {(r["endpoint"], r["status"]) for r in server.audit()[before:]}
+    assert {("/v1/completions", 400), ("/v1/completions", 200), ("/tokenize", 200)} <= recorded
+
+
 def test_embeddings_are_unit_vectors_of_the_embedder(server: Server) -> None:
     result = server.client().embeddings.create(model=EMBEDDER, input=["a valve", "a valve", "cats"])
     vectors = [item.embedding for item in result.data]

@@ -151,25 +151,30 @@ def complete_messages(
 def complete_text(
     service: ChatService,
     model_id: str,
-    prompt: str,
+    prompt: str | list[int],
     sampling: SamplingParams,
     *,
     stop: Sequence[str] = (),
     ctx: JobContext | None = None,
     on_text: Callable[[str], None] | None = None,
 ) -> Completion:
-    """Continue ``prompt`` as it is (no chat template): the legacy completions API."""
+    """Continue ``prompt`` as it is (no chat template): the legacy completions API. Token
+    ids are used as they are (no BOS added); text is tokenized as the model does."""
     entry, _ = service.prepare(model_id)
     ctx = ctx or JobContext()
     started = time.perf_counter()
     if entry.remote:
+        if not isinstance(prompt, str):
+            raise InvalidInput(f"{entry.id} is a remote model: send its prompt as text")
         events = service.remote(entry).stream(
             entry.remote["model"], {"prompt": prompt}, sampling, ctx, started, stop=stop
         )
         return _run(entry.id, events, 0, stop, on_text, "", (), started)
     spec = service.spec_for(entry)
     add_bos = entry.metadata.get("tokenizer.ggml.add_bos_token", True) is not False
-    tokens = service.lane.tokenize(prompt, add_bos)
+    tokens = service.lane.tokenize(prompt, add_bos) if isinstance(prompt, str) else prompt
+    if not tokens:
+        raise InvalidInput("the prompt has no tokens")
     if len(tokens) >= spec.n_ctx:
         raise ContextOverflow(
             f"the prompt is {len(tokens):,} tokens; {entry.id}'s context holds {spec.n_ctx:,}"

@@ -69,7 +69,7 @@ class Host:
                 if ctx is not None:
                     ctx.cancel("cancelled by the caller")
                 continue
-            if message.kind == Op.TOKENIZE and self._tokenize_now(message):
+            if message.kind in (Op.TOKENIZE, Op.DETOKENIZE) and self._tokenize_now(message):
                 continue
             self.requests.put(message)
             if message.kind == Op.SHUTDOWN:
@@ -81,15 +81,28 @@ class Host:
         self.requests.put(None)
 
     def _tokenize_now(self, message: Message) -> bool:
-        """Answer a tokenize request here when a batched model is loaded (the vocabulary is
-        read-only: safe beside a decode); False to leave it to the main thread."""
+        """Answer a (de)tokenize request here when a batched model is loaded (the vocabulary
+        is read-only: safe beside a decode); False to leave it to the main thread."""
         with self._model_lock:
             if self.batch is None or self.model is None:
                 return False
-            fields = message.fields
-            tokens = self.model.tokenize(str(fields["text"]), bool(fields["add_bos"]))
-        self.emit(Event.RESULT, id=message.id, value=tokens)
+            try:
+                value = self._vocabulary(self.model, message)
+            except BastionError as exc:
+                self.emit(Event.ERROR, id=message.id, kind=error_kind(exc), message=exc.message)
+                return True
+        self.emit(Event.RESULT, id=message.id, value=value)
         return True
+
+    @staticmethod
+    def _vocabulary(model: Any, message: Message) -> Any:
+        """The answer to a tokenize or detokenize request."""
+        fields = message.fields
+        if message.kind == Op.TOKENIZE:
+            return model.tokenize(str(fields["text"]), bool(fields["add_bos"]))
+        tokens = [int(t) for t in fields["tokens"]]
+        model.check_tokens(tokens)
+        return "".join(model.pieces(tokens))
 
     # -- the work -----------------------------------------------------------------------
 
@@ -137,7 +150,7 @@ class Host:
         """A load of another model, or an unload, waits for the running batch to end."""
         if self.batch is None or not self.batch.active:
             return False
-        if message.kind in (Op.UNLOAD, Op.PERPLEXITY):
+        if message.kind in (Op.UNLOAD, Op.PERPLEXITY, Op.SCORE):
             return True
         if message.kind == Op.LOAD:
             from engine.models.runtime import LoadSpec
@@ -164,14 +177,19 @@ class Host:
         elif op == Op.UNLOAD:
             self.unload()
             self.emit(Event.RESULT, id=rid, value=None)
-        elif op == Op.TOKENIZE:
-            tokens = self.loaded().tokenize(str(fields["text"]), bool(fields["add_bos"]))
-            self.emit(Event.RESULT, id=rid, value=tokens)
+        elif op in (Op.TOKENIZE, Op.DETOKENIZE):
+            self.emit(Event.RESULT, id=rid, value=self._vocabulary(self.loaded(), message))
         elif op == Op.PERPLEXITY:
             if self.batch is not None:
                 self.batch.forget()  # scoring clears the cache the free slots keep
             scored, nll = self.loaded().perplexity(list(fields["tokens"]))
             self.emit(Event.RESULT, id=rid, value={"scored": scored, "nll": nll})
+        elif op == Op.SCORE:
+            model = self.loaded()
+            if self.batch is not None:
+                self.batch.forget()  # as for perplexity
+            value = model.score([int(t) for t in fields["tokens"]], int(fields["top"]))
+            self.emit(Event.RESULT, id=rid, value=value)
         elif op == Op.SPECIAL_TOKENS:
             bos, eos = self.loaded().special_tokens()
             self.emit(Event.RESULT, id=rid, value={"bos": bos, "eos": eos})
@@ -221,6 +239,7 @@ class Host:
 
         model = self.loaded()
         assert rid is not None
+        model.check_tokens(list(fields["tokens"]))  # ids may come from an API client
         ctx = JobContext()
         with self._lock:
             self._generations[rid] = ctx

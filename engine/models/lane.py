@@ -252,6 +252,15 @@ class ModelLane:
         value = self._call(Op.PERPLEXITY, tokens=tokens)
         return int(value["scored"]), float(value["nll"])
 
+    def detokenize(self, tokens: list[int]) -> str:
+        """The text of ``tokens`` (special tokens written out)."""
+        return str(self._call(Op.DETOKENIZE, tokens=tokens))
+
+    def score(self, tokens: list[int], top: int) -> dict[str, Any]:
+        """Each token's log-probability given those before it, with the ``top`` most likely
+        tokens at each position (``LoadedModel.score``); one context window at most."""
+        return dict(self._call(Op.SCORE, tokens=tokens, top=top))
+
     def special_tokens(self) -> tuple[str, str]:
         """The text of the loaded model's BOS and EOS tokens."""
         value = self._call(Op.SPECIAL_TOKENS)

@@ -279,14 +279,26 @@ class LoadedModel:
             )
         )
 
-    def perplexity(self, tokens: list[int]) -> tuple[int, float]:
-        """Mean negative log-likelihood of each token given those before it.
+    def check_tokens(self, tokens: list[int]) -> None:
+        """Refuse ids outside the vocabulary (llama.cpp would abort on them, not fail)."""
+        n_vocab = self.llm.n_vocab()
+        bad = next((t for t in tokens if not 0 <= t < n_vocab), None)
+        if bad is not None:
+            raise InvalidInput(f"token id {bad} is not in the vocabulary (0 to {n_vocab - 1})")
 
-        The text is cut into windows of the context's length, each evaluated from an
-        empty cache (as llama.cpp's own perplexity tool does, without its overlap), in
-        batches with the logits of every position; every token but a window's first is
-        scored. Returns (tokens scored, mean NLL in nats).
-        """
+    def pieces(self, tokens: list[int]) -> list[str]:
+        """The text each token adds, decoded as a stream: a character split over several
+        tokens comes with the token that completes it, so the pieces join into the text."""
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        pieces = [decoder.decode(self.llm.detokenize([t], special=True)) for t in tokens]
+        if pieces:
+            pieces[-1] += decoder.decode(b"", final=True)
+        return pieces
+
+    def _evaluate(self, window: list[int]) -> Iterator[tuple[int, Any]]:
+        """Evaluate ``window`` from an empty cache, in batches with the logits of every
+        position; yields (offset of the batch in ``window``, its logits: one row per
+        token, valid until the next step). The cache is left empty."""
         import llama_cpp as ll
         import numpy as np
 
@@ -295,37 +307,89 @@ class LoadedModel:
         n_batch = int(ll.llama_n_batch(lctx))
         memory = ll.llama_get_memory(lctx)
         batch = ll.llama_batch_init(n_batch, 0, 1)
-        total, scored = 0.0, 0
         try:
-            for start in range(0, len(tokens), self.n_ctx):
-                window = tokens[start : start + self.n_ctx]
-                if len(window) < 2:
-                    break
-                ll.llama_memory_clear(memory, True)
-                for first in range(0, len(window), n_batch):
-                    part = window[first : first + n_batch]
-                    for i, token in enumerate(part):
-                        batch.token[i], batch.pos[i] = token, first + i
-                        batch.n_seq_id[i], batch.seq_id[i][0], batch.logits[i] = 1, 0, True
-                    batch.n_tokens = len(part)
-                    if ll.llama_decode(lctx, batch) != 0:
-                        raise ModelLoadError("llama.cpp could not evaluate the text")
-                    rows = len(window[first + 1 : first + 1 + len(part)])
-                    if rows == 0:
-                        continue
-                    logits = np.ctypeslib.as_array(
-                        ll.llama_get_logits(lctx), shape=(len(part), n_vocab)
-                    )[:rows]
-                    targets = np.array(window[first + 1 : first + 1 + rows])
-                    top = logits.max(axis=1)
-                    lse = top + np.log(np.exp(logits - top[:, None]).sum(axis=1))
-                    total += float((lse - logits[np.arange(rows), targets]).sum())
-                    scored += rows
+            ll.llama_memory_clear(memory, True)
+            for first in range(0, len(window), n_batch):
+                part = window[first : first + n_batch]
+                for i, token in enumerate(part):
+                    batch.token[i], batch.pos[i] = token, first + i
+                    batch.n_seq_id[i], batch.seq_id[i][0], batch.logits[i] = 1, 0, True
+                batch.n_tokens = len(part)
+                if ll.llama_decode(lctx, batch) != 0:
+                    raise ModelLoadError("llama.cpp could not evaluate the text")
+                yield (
+                    first,
+                    np.ctypeslib.as_array(ll.llama_get_logits(lctx), shape=(len(part), n_vocab)),
+                )
         finally:
             ll.llama_batch_free(batch)
             self.llm.reset()  # type: ignore[no-untyped-call]
             ll.llama_memory_clear(memory, True)
+
+    def perplexity(self, tokens: list[int]) -> tuple[int, float]:
+        """Mean negative log-likelihood of each token given those before it.
+
+        The text is cut into windows of the context's length, each evaluated from an
+        empty cache (as llama.cpp's own perplexity tool does, without its overlap), in
+        batches with the logits of every position; every token but a window's first is
+        scored. Returns (tokens scored, mean NLL in nats).
+        """
+        import numpy as np
+
+        total, scored = 0.0, 0
+        for start in range(0, len(tokens), self.n_ctx):
+            window = tokens[start : start + self.n_ctx]
+            if len(window) < 2:
+                break
+            for first, logits in self._evaluate(window):
+                targets = np.array(window[first + 1 : first + 1 + len(logits)])
+                rows = len(targets)
+                if rows == 0:
+                    continue
+                part = logits[:rows]
+                top = part.max(axis=1)
+                lse = top + np.log(np.exp(part - top[:, None]).sum(axis=1))
+                total += float((lse - part[np.arange(rows), targets]).sum())
+                scored += rows
         return scored, (total / scored if scored else float("nan"))
+
+    def score(self, tokens: list[int], top: int) -> dict[str, Any]:
+        """The log-probability of each token given those before it, in one window.
+
+        Returns ``pieces`` (each token's text, as ``pieces`` makes it), ``logprobs`` (one
+        per token but the first, in nats) and ``top``: at each position, the ``top`` most
+        likely next tokens (at least one) as ``[id, text, logprob]``, best first -- the
+        last position's are the tokens that would follow the prompt. A token's logprob and
+        its entry among the top ones are the same number, so a greedy token compares equal.
+        """
+        import numpy as np
+
+        if not tokens:
+            raise InvalidInput("there are no tokens to score")
+        if len(tokens) > self.n_ctx:
+            raise InvalidInput(f"{len(tokens)} tokens do not fit in the {self.n_ctx}-token context")
+        self.check_tokens(tokens)
+        k = max(1, top)
+        logprobs: list[float] = []
+        best: list[list[list[Any]]] = []
+        for first, logits in self._evaluate(tokens):
+            peak = logits.max(axis=1)
+            lse = peak + np.log(np.exp(logits - peak[:, None]).sum(axis=1))
+            lp = logits - lse[:, None]
+            targets = np.array(tokens[first + 1 : first + 1 + len(lp)], dtype=np.int64)
+            logprobs += lp[np.arange(len(targets)), targets].tolist()
+            if k == 1:
+                ids = lp.argmax(axis=1)[:, None]
+            else:
+                ids = np.argpartition(-lp, k - 1, axis=1)[:, :k]
+                order = np.argsort(-np.take_along_axis(lp, ids, axis=1), axis=1)
+                ids = np.take_along_axis(ids, order, axis=1)
+            values = np.take_along_axis(lp, ids, axis=1)
+            best += [
+                [[i, self.token_text(i), v] for i, v in zip(row_ids, row_values, strict=True)]
+                for row_ids, row_values in zip(ids.tolist(), values.tolist(), strict=True)
+            ]
+        return {"pieces": self.pieces(tokens), "logprobs": logprobs, "top": best}
 
     def close(self) -> None:
         close = getattr(self.llm, "close", None)

@@ -1,10 +1,13 @@
 """The OpenAI-compatible HTTP API over one ``Engine`` (FastAPI; ``bastion serve`` runs it).
 
 Routes: ``GET /health`` (no key), ``GET /v1/models``, ``POST /v1/chat/completions``
-(streamed as server-sent events or not), ``POST /v1/completions``, ``POST /v1/embeddings``.
-Every ``/v1`` call needs ``Authorization: Bearer <key>`` unless the server runs with
-``--no-auth`` on loopback. Errors are OpenAI's shape, ``{"error": {"message", "type",
-"param", "code"}}``, with the status that fits the engine's exception.
+(streamed as server-sent events or not), ``POST /v1/completions`` (with ``echo`` and
+``logprobs``: the prompt's tokens scored), ``POST /v1/embeddings``, and vLLM's tokenizer
+routes ``GET /tokenizer_info``, ``POST /tokenize``, ``POST /detokenize`` (what
+lm-evaluation-harness's log-likelihood tasks need). Every call but ``/health`` needs
+``Authorization: Bearer <key>`` unless the server runs with ``--no-auth`` on loopback.
+Errors are OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, with the
+status that fits the engine's exception.
 
 Engine calls block, so each runs on a worker thread; a client that goes away (a closed
 stream, a dropped connection while waiting) cancels its generation at once. Models of the
@@ -34,10 +37,13 @@ from engine.server.keys import ApiKey
 from engine.server.limits import Limiter
 from engine.server.shapes import (
     ApiError,
+    echo_of,
     events,
     from_engine_error,
     messages_of,
+    prompts_of,
     sampling_of,
+    scored_answer,
     stops_of,
     whole_answer,
 )
@@ -249,21 +255,27 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> FastAPI:
     async def generate(request: Request, endpoint: str, chat: bool) -> Response:
         key = authorize(request)
         body = await body_of(request)
+        if not chat and (echo := echo_of(body)) is not None:
+            return await score(request, key, body, *echo)
         model = check_model(key, body.get("model"), ("chat", "rag"))
         sampling = sampling_of(body, options.max_tokens_cap)
         stop = stops_of(body)
+        # The prompt as the audit log keeps it; token ids are decoded in ``work``.
+        audit_prompt: list[str | None] = [None]
         if chat:
             messages = messages_of(body)
-            prompt_text = messages[-1].content
+            audit_prompt[0] = messages[-1].content
         else:
-            prompt = body.get("prompt")
-            if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-                prompt = prompt[0]
-            if not isinstance(prompt, str) or (model.startswith("rag:")):
+            prompts = prompts_of(body)
+            if len(prompts) != 1 or model.startswith("rag:"):
                 raise ApiError(
-                    400, "prompt must be a string (and the model not a collection)", param="prompt"
+                    400,
+                    "a generation takes one prompt (lm-eval: batch_size=1), and the model "
+                    "can't be a collection",
+                    param="prompt",
                 )
-            prompt_text = prompt
+            prompt = prompts[0]
+            audit_prompt[0] = prompt if isinstance(prompt, str) else None
         name = admit(key)
         started = time.perf_counter()
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
@@ -273,8 +285,10 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> FastAPI:
                 return engine.complete(
                     model, messages, sampling, stop=stop, ctx=job, on_text=on_text
                 )
+            if not isinstance(prompt, str):
+                audit_prompt[0] = engine.detokenize(model, prompt)
             return engine.complete_text(
-                model, prompt_text, sampling, stop=stop, ctx=job, on_text=on_text
+                model, prompt, sampling, stop=stop, ctx=job, on_text=on_text
             )
 
         if not body.get("stream"):
@@ -282,10 +296,10 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> FastAPI:
                 done = await run_blocking(request, work)
             except BastionError as exc:
                 error = from_engine_error(exc)
-                finish(name, endpoint, model, error.status, started, prompt=prompt_text)
+                finish(name, endpoint, model, error.status, started, prompt=audit_prompt[0])
                 raise error from None
             status = 499 if done.finish_reason == "cancelled" else 200
-            finish(name, endpoint, model, status, started, done, prompt_text)
+            finish(name, endpoint, model, status, started, done, audit_prompt[0])
             return JSONResponse(whole_answer(rid, done, chat))
         return StreamingResponse(
             events(
@@ -294,12 +308,108 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> FastAPI:
                 model,
                 chat,
                 lambda status, done: finish(
-                    name, endpoint, model, status, started, done, prompt_text
+                    name, endpoint, model, status, started, done, audit_prompt[0]
                 ),
             ),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache"},
         )
+
+    async def score(
+        request: Request, key: ApiKey | None, body: dict[str, Any], after: int, top: int | None
+    ) -> Response:
+        """``/v1/completions`` with ``echo``: the prompts' tokens with their log-probabilities
+        (``engine.chat.scoring``), as lm-eval's log-likelihood tasks ask."""
+        endpoint = "/v1/completions"
+        if str(body.get("model", "")).startswith("rag:"):
+            raise ApiError(400, "a collection can't score a prompt; name a model", param="model")
+        model = check_model(key, body.get("model"), ("chat",))
+        prompts = prompts_of(body)
+        name = admit(key)
+        started = time.perf_counter()
+        try:
+            scored = await run_blocking(
+                request, lambda _job: engine.score(model, prompts, top=top or 0)
+            )
+        except BastionError as exc:
+            error = from_engine_error(exc)
+            texts = [p for p in prompts if isinstance(p, str)]
+            finish(name, endpoint, model, error.status, started, prompt="\n".join(texts) or None)
+            raise error from None
+        answer = scored_answer("cmpl-" + uuid.uuid4().hex[:24], model, scored, after, top)
+        usage = answer["usage"]
+        finish(name, endpoint, model, 200, started, prompt="\n".join(p.text for p in scored),
+               usage=(usage["prompt_tokens"], usage["completion_tokens"]))  # fmt: skip
+        return JSONResponse(answer)
+
+    # -- the tokenizer, as vLLM serves it (lm-eval's tokenizer_backend=remote reads it) -------
+
+    def tokenizer_model(key: ApiKey | None, model: Any) -> str:
+        """The model named, else the only chat model the key may use, else the default."""
+        if model is None:
+            allowed = [m for m, kind in engine.served_models()
+                       if kind == "chat" and (key is None or key.allows(m))]  # fmt: skip
+            model = allowed[0] if len(allowed) == 1 else engine.models.default_id()
+        return check_model(key, model, ("chat",))
+
+    async def vocabulary(
+        key: ApiKey | None, endpoint: str, model: str, call: Callable[[], Any], text: str | None
+    ) -> Any:
+        name = admit(key)
+        started = time.perf_counter()
+        try:
+            value = await asyncio.get_running_loop().run_in_executor(workers, call)
+        except BastionError as exc:
+            error = from_engine_error(exc)
+            finish(name, endpoint, model, error.status, started, prompt=text)
+            raise error from None
+        finish(name, endpoint, model, 200, started, prompt=text)
+        return value
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(request: Request, model: str | None = None) -> dict[str, Any]:
+        key = authorize(request)
+        model = tokenizer_model(key, model)
+        info = await vocabulary(key, "/tokenizer_info", model,
+                                lambda: engine.tokenizer_info(model), None)  # fmt: skip
+        return {
+            "model": info.model,
+            "bos_token": info.bos_token,
+            "eos_token": info.eos_token,
+            "pad_token": None,
+            "add_bos_token": info.add_bos_token,
+            "model_max_length": info.context_length,
+        }
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict[str, Any]:
+        key = authorize(request)
+        body = await body_of(request)
+        text = body.get("prompt")
+        if not isinstance(text, str):
+            raise ApiError(400, "prompt must be a string", param="prompt")
+        special = body.get("add_special_tokens", True)
+        if not isinstance(special, bool):
+            raise ApiError(
+                400, "add_special_tokens must be true or false", param="add_special_tokens"
+            )
+        model = tokenizer_model(key, body.get("model"))
+        tokens = await vocabulary(
+            key, "/tokenize", model, lambda: engine.tokenize(model, text, add_special=special), text
+        )
+        return {"model": model, "count": len(tokens), "tokens": tokens}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict[str, Any]:
+        key = authorize(request)
+        body = await body_of(request)
+        tokens = body.get("tokens")
+        if not isinstance(tokens, list) or not all(type(t) is int and t >= 0 for t in tokens):
+            raise ApiError(400, "tokens must be a list of token ids", param="tokens")
+        model = tokenizer_model(key, body.get("model"))
+        text = await vocabulary(key, "/detokenize", model,
+                                lambda: engine.detokenize(model, tokens), None)  # fmt: skip
+        return {"model": model, "prompt": text}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:

@@ -26,6 +26,7 @@ from engine.models.runtime import SamplingParams
 
 if TYPE_CHECKING:
     from engine.chat.completion import Completion
+    from engine.chat.scoring import ScoredPrompt, TokenScore
 
 
 class ApiError(Exception):
@@ -144,6 +145,69 @@ def stops_of(body: dict[str, Any]) -> list[str]:
     return [s for s in stops if s]
 
 
+# Prompts one /v1/completions request may score together (lm-eval's batch_size).
+MAX_PROMPTS = 64
+
+
+def _token_ids(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(type(t) is int and t >= 0 for t in value)  # not bool, which is an int too
+    )
+
+
+def prompts_of(body: dict[str, Any]) -> list[str | list[int]]:
+    """The prompts of a legacy completions body: a string, a list of token ids, or a list
+    of either (a batch), as OpenAI takes them."""
+    prompt: Any = body.get("prompt")
+    if isinstance(prompt, str) or _token_ids(prompt):
+        return [prompt]
+    if (
+        isinstance(prompt, list)
+        and 0 < len(prompt) <= MAX_PROMPTS
+        and all(isinstance(p, str) or _token_ids(p) for p in prompt)
+    ):
+        return list(prompt)
+    raise ApiError(
+        400,
+        f"prompt must be a string, a list of token ids, or a list of up to {MAX_PROMPTS} of either",
+        param="prompt",
+    )
+
+
+def echo_of(body: dict[str, Any]) -> tuple[int, int | None] | None:
+    """For ``echo: true``, the tokens to add after the prompt (0 or 1) and how many
+    alternatives ``logprobs`` asks for at each place (None: no logprobs); else None.
+
+    Bastion echoes to score a prompt (``engine.chat.scoring``): it does not generate after
+    it, so ``max_tokens`` may be 0 or 1, and the one token is the likeliest (greedy).
+    """
+    from engine.chat.scoring import MAX_TOP
+
+    logprobs = _number(body, "logprobs", int, 0, MAX_TOP, None)
+    if body.get("echo") is not True:
+        if logprobs is not None:
+            raise ApiError(
+                400,
+                "logprobs is supported with echo: true (the prompt's own tokens) only",
+                param="logprobs",
+            )
+        return None
+    if body.get("stream"):
+        raise ApiError(400, "echo can't be streamed", param="stream")
+    wanted = body.get("max_completion_tokens", body.get("max_tokens"))
+    after = _number({"max_tokens": wanted}, "max_tokens", int, 0, 1 << 30, 0)
+    if after > 1:
+        raise ApiError(
+            400,
+            "with echo, max_tokens must be 0 or 1: Bastion scores the prompt and adds at "
+            "most its likeliest next token",
+            param="max_tokens",
+        )
+    return after, logprobs
+
+
 def _content(value: Any) -> str:
     """A message's content: a string, or the text parts of a list of parts."""
     if isinstance(value, str):
@@ -216,6 +280,50 @@ def whole_answer(rid: str, done: Completion, chat: bool) -> dict[str, Any]:
     if done.citations:
         result["citations"] = [c.to_public() for c in done.citations]
     return result
+
+
+def scored_answer(
+    rid: str, model: str, scored: list[ScoredPrompt], after: int, logprobs: int | None
+) -> dict[str, Any]:
+    """The legacy completions answer to ``echo``: each prompt (and its likeliest next
+    token, with ``after`` 1) in a choice, with OpenAI's ``logprobs`` object if asked."""
+    choices = []
+    for index, prompt in enumerate(scored):
+        tokens: list[TokenScore] = [*prompt.tokens, *([prompt.next_token] if after else [])]
+        choice: dict[str, Any] = {
+            "index": index,
+            "text": "".join(t.text for t in tokens),
+            "finish_reason": "length",
+            "logprobs": None,
+        }
+        if logprobs is not None:
+            offsets, at = [], 0
+            for t in tokens:
+                offsets.append(at)
+                at += len(t.text)
+            choice["logprobs"] = {
+                "tokens": [t.text for t in tokens],
+                "token_logprobs": [t.logprob for t in tokens],
+                "top_logprobs": [
+                    None if t.logprob is None else dict(t.top[:logprobs]) for t in tokens
+                ],
+                "text_offset": offsets,
+            }
+        choices.append(choice)
+    prompt_tokens = sum(len(p.tokens) for p in scored)
+    completion_tokens = after * len(scored)
+    return {
+        "id": rid,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }
 
 
 async def events(
