@@ -16,10 +16,14 @@ down, seed 0, 8 examples per optimizer step, Bastion's learning-rate schedule
 (``worker.lr_at``: peak 2e-4), fused AdamW, gradients clipped to a norm of 1.0,
 torch's default thread count (checked equal).
 
-* Bastion: ``engine.train.worker.Trainer.run`` itself (peft backend) in-process; only the
-  work after the step loop (evaluation, checkpoint, export) is skipped. The worker does
-  not clip gradients, so the bench wraps its optimizer's ``step`` with
-  ``clip_grad_norm_(1.0)``, the call ``Trainer`` makes for ``max_grad_norm``.
+* Bastion: ``engine.train.worker.Trainer.run`` itself (peft backend) in-process, which
+  trains with ``transformers.Trainer`` (``engine.train.hf_trainer.StepTrainer``: packed
+  forward passes, logits at target positions only, ``max_grad_norm=1.0``); only the
+  validation loss before and after and the export are skipped (its one checkpoint is
+  written after the last timed step).
+* Bastion, all logits (the ``ablation`` side; ``--no-ablation`` skips it): the same,
+  with the output layer applied at every position and the targets picked from its
+  logits, to see what the target-only logits are worth.
 * baseline: ``transformers.Trainer`` with ``DataCollatorWithFlattening`` (each step's
   examples concatenated into one row with no padding, position ids restarting per
   example, which transformers turns into a block-diagonal causal mask on sdpa/eager),
@@ -29,7 +33,7 @@ Before timing, the parent checks on this CPU that flattening keeps examples apar
 hidden states of an example placed second in a flattened row must equal those of the
 example alone (and, as a control, must not without the position ids).
 
-Each side runs in a fresh process of its own, the two alternating, ``--repeats`` times.
+Each side runs in a fresh process of its own, the sides taking turns, ``--repeats`` times.
 Model loading and the first (warm-up) step are not timed; throughput is real (non-padding)
 tokens of the timed steps per second, the same tokens on both sides. Peak memory is the
 child's peak resident set (``ru_maxrss``) from the end of model loading (Linux: reset
@@ -68,7 +72,7 @@ from benchlib import machine, prepend_report, stamp  # noqa: E402 -- after the p
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 N_EXAMPLES, N_VALIDATION, SEED = 100, 4, 0  # 96 to train on: 12 steps an epoch
 MARK = "BENCH-RESULT "
-MAX_GRAD_NORM = 1.0
+SIDES = ["bastion", "baseline", "ablation"]
 _WORD_TEXT = (
     "the river model data light keeper harbour lamp lens signal stone tower night storm "
     "ship coast wave engine test value method small large early later because when while "
@@ -180,15 +184,16 @@ def measured(
             "peak_rss_mib": max(train_peak, peaks["load"])}  # fmt: skip
 
 
-def run_bastion(run_dir: Path) -> dict[str, Any]:
-    """Bastion's own ``Trainer.run``; its progress events (one per step) are the clock."""
-    import torch
+def run_bastion(run_dir: Path, all_logits: bool = False) -> dict[str, Any]:
+    """Bastion's own ``Trainer.run``; its progress events (one per step) are the clock.
+    With ``all_logits``, the output layer runs at every position (the ablation)."""
+    import torch.nn.functional as F
 
-    from engine.train import backends, worker
+    from engine.train import backends, hf_trainer, worker
     from engine.train.spec import RunSpec
 
     spec = RunSpec.load(run_dir / "spec.json")
-    worker._PROGRESS_EVERY_S = 0.0  # a progress event after every step, not every 0.25 s
+    hf_trainer.PROGRESS_EVERY_S = 0.0  # a progress event after every step, not every 0.25 s
     backends.choose = lambda requested: backends.BackendChoice("peft", "cpu", "benchmark")
     stamps: dict[int, float] = {}
     losses: dict[int, float] = {}
@@ -199,26 +204,25 @@ def run_bastion(run_dir: Path) -> dict[str, Any]:
             stamps[fields["step"]] = time.perf_counter()
             losses[fields["step"]] = fields["loss"]
 
-    class BenchTrainer(worker.Trainer):  # evaluation and saving: outside the step loop
-        def load_model(self) -> None:
-            super().load_model()
-            # The worker does not clip gradients; the baseline does (max_grad_norm), so
-            # clip here too, with the call Trainer makes, just before each optimizer step.
-            params = [p for p in self.model.parameters() if p.requires_grad]
-            step = self.optimizer.step
+    class BenchTrainer(worker.Trainer):  # evaluation and export: outside the step loop
+        def make_loop(self) -> Any:
+            loop = super().make_loop()
+            start_training_peak(peaks)  # as the baseline: once Trainer is set up
+            return loop
 
-            def clipped_step(*args: Any, **kwargs: Any) -> Any:
-                torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-                return step(*args, **kwargs)
-
-            self.optimizer.step = clipped_step  # type: ignore[method-assign]
-            start_training_peak(peaks)
+        def loss_sum(self, batch: Any) -> tuple[Any, int]:
+            if not all_logits:
+                return super().loss_sum(batch)
+            batch = batch.to(self.choice.device)
+            hidden = self.decoder(
+                input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False
+            ).last_hidden_state
+            logits = self.head(hidden).float()
+            picked = logits.reshape(-1, logits.shape[-1]).index_select(0, batch.source)
+            return F.cross_entropy(picked, batch.targets, reduction="sum"), len(batch.targets)
 
         def evaluate(self) -> float | None:
             return None
-
-        def save_checkpoint(self, step: int, state: dict[str, Any]) -> None:
-            pass
 
         def export(self) -> dict[str, Any]:
             return {}
@@ -255,6 +259,7 @@ def run_baseline(run_dir: Path) -> dict[str, Any]:
     )
 
     from engine.train.arch import TARGET_MODULES
+    from engine.train.hf_trainer import MAX_GRAD_NORM
     from engine.train.spec import RunSpec
     from engine.train.worker import Trainer as BastionTrainer
     from engine.train.worker import lr_at
@@ -407,11 +412,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=9, help="optimizer steps (first untimed)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--side", choices=["bastion", "baseline"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--no-ablation", action="store_true", help="skip Bastion with logits at every position"
+    )
+    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
-        result = (run_bastion if args.side == "bastion" else run_baseline)(args.run_dir)
+        if args.side == "baseline":
+            result = run_baseline(args.run_dir)
+        else:
+            result = run_bastion(args.run_dir, all_logits=args.side == "ablation")
         sys.stdout.write(MARK + json.dumps(result) + "\n")
         return 0
     if args.steps < 2:
@@ -419,7 +430,10 @@ def main() -> int:
 
     cache_dir = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bastion-bench"
     print(f"machine: {machine()}", file=sys.stderr)
-    results: dict[str, list[dict[str, Any]]] = {"bastion": [], "baseline": []}
+    from engine.train.hf_trainer import MAX_GRAD_NORM
+
+    sides = SIDES[:2] if args.no_ablation else SIDES
+    results: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
     with tempfile.TemporaryDirectory(prefix="bastion-bench-train-") as tmp:
         run_dir = Path(tmp)
         spec = prepare_run(run_dir, cache_dir, args.steps)
@@ -433,7 +447,7 @@ def main() -> int:
         if not iso["packed"] < 1e-3 < iso["control"]:
             raise SystemExit("flattening lets examples attend to each other on this machine")
         for i in range(args.repeats):
-            for side in ["bastion", "baseline"] if i % 2 == 0 else ["baseline", "bastion"]:
+            for side in sides[i % len(sides) :] + sides[: i % len(sides)]:  # take turns
                 r = run_side(side, run_dir)
                 results[side].append(r)
                 print(
@@ -445,12 +459,13 @@ def main() -> int:
                     file=sys.stderr,
                 )
 
-    base, ours = results["baseline"], results["bastion"]
+    base = results["baseline"]
     if any(r["use_cache"] for r in base):
         raise SystemExit("the baseline ran with a KV cache: its packed mask was not used")
-    threads = {r["threads"] for r in base + ours}
+    everyone = [r for side in sides for r in results[side]]
+    threads = {r["threads"] for r in everyone}
     if len(threads) != 1:
-        raise SystemExit(f"the two sides ran with different torch thread counts: {threads}")
+        raise SystemExit(f"the sides ran with different torch thread counts: {threads}")
     tps = {s: [r["tokens"] / r["seconds"] for r in results[s]] for s in results}
     rss = {s: [r["train_rss_mib"] for r in results[s]] for s in results}
     rss_all = {s: [r["peak_rss_mib"] for r in results[s]] for s in results}
@@ -477,6 +492,18 @@ def main() -> int:
         ("loss at step 1 (cross-check)", f"{loss1['baseline']:.4f}", f"{loss1['bastion']:.4f}",
          f"{loss1['bastion'] - loss1['baseline']:+.4f}"),
     ]  # fmt: skip
+    if "ablation" in results:
+        gain = statistics.median(tps["bastion"]) / statistics.median(tps["ablation"])
+        saved = statistics.median(rss["bastion"]) / statistics.median(rss["ablation"])
+        rows += [
+            ("ablation: Bastion with the output layer at every position, real tokens/s", "",
+             spread(tps["ablation"], ".1f"),
+             f"target-only logits: {gain:.2f}x its throughput"),
+            ("ablation: its peak RSS while training, MiB", "", spread(rss["ablation"], ".0f"),
+             f"target-only logits: {saved:.2f}x its memory"),
+            ("ablation: loss at step 1", "", f"{loss1['ablation']:.4f}",
+             f"{loss1['ablation'] - loss1['bastion']:+.4f} vs Bastion"),
+        ]  # fmt: skip
     report = "\n".join(
         [
             f"### {stamp()}",
@@ -486,9 +513,9 @@ def main() -> int:
             f"{N_EXAMPLES - N_VALIDATION} synthetic chat examples, LoRA r=16 alpha=32 on "
             f"q/k/v/o/gate/up/down, lr 2e-4 (Bastion's schedule on both sides), 8 examples "
             f"per step, gradients clipped to norm {MAX_GRAD_NORM} on both sides, "
-            f"{args.steps} steps (first untimed), {args.repeats} alternating runs per side, "
+            f"{args.steps} steps (first untimed), {args.repeats} runs per side taking turns, "
             "each in a fresh process started once the machine was idle; other processes "
-            f"used at most {max(r['others'] for r in base + ours):.0%} of the CPU during a run.",
+            f"used at most {max(r['others'] for r in everyone):.0%} of the CPU during a run.",
             "",
             "| measure | Trainer + PEFT, padding-free (baseline) | Bastion | Bastion vs baseline |",
             "|---|---|---|---|",
@@ -497,11 +524,13 @@ def main() -> int:
             f"**Goal (Bastion >= 1.3x the strongest plain configuration): {verdict}** "
             f"({ratio:.2f}x throughput, {mem_ratio:.2f}x peak memory while training).",
             "",
-            "Bastion: `engine.train.worker.Trainer.run`, packing each step's examples into rows "
-            "(position ids restart per example: no attention across examples; a pass is "
-            "padded to its longest row only), the output layer only at target positions, "
-            "fused AdamW; the worker itself does not clip gradients, so the bench wraps its "
-            "optimizer step with `clip_grad_norm_`. Baseline: `transformers.Trainer` + PEFT "
+            "Bastion: `engine.train.worker.Trainer.run`, which trains with "
+            "`transformers.Trainer` (`engine.train.hf_trainer.StepTrainer`): each step's "
+            "examples packed into rows (position ids restart per example: no attention "
+            "across examples; a pass is padded to its longest row only), the output layer "
+            "only at target positions (a custom loss), fused AdamW, "
+            f"`max_grad_norm={MAX_GRAD_NORM}`, events through a callback. "
+            "Baseline: `transformers.Trainer` + PEFT "
             "with `DataCollatorWithFlattening` (the step's examples in one row, no padding, "
             f"position ids restarting per example; {base[0]['attn']} attention), logits at "
             f"every position, optimizer `{base[0]['optim']}`, `max_grad_norm={MAX_GRAD_NORM}`. "

@@ -14,10 +14,15 @@ defined in ``engine.protocol``)::
 
 Anything libraries print goes to stderr (the parent keeps it in the run's log).
 
+The loop is ``transformers.Trainer`` (``engine.train.hf_trainer`` says what Bastion adds
+to it: one dataset item per optimizer step, packed forward passes, the loss on target
+positions only, events through a callback). This module keeps what is the run's own: the
+data order, loading the model (``backends``), the validation loss, and the export.
+
 Stopping: SIGTERM, SIGINT, or the parent closing our stdin (it died) make the loop save a
 checkpoint after the current step and exit with ``stopped``. A checkpoint is also saved
-every ``save_every`` steps; it holds the LoRA weights, the optimizer state and where the
-run was, so ``--resume`` continues the same sequence of batches.
+every ``save_every`` steps; it holds the LoRA weights, the optimizer and scheduler state,
+the RNG state and where the run was, so ``--resume`` continues the same sequence of batches.
 """
 
 from __future__ import annotations
@@ -30,7 +35,6 @@ import shutil
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +42,6 @@ from engine.errors import InvalidInput
 from engine.protocol import ErrorKind, Event, EventWriter, ExitCode
 from engine.train.encode import Encoded
 from engine.train.spec import RunSpec
-
-_KEEP_CHECKPOINTS = 2
-_PROGRESS_EVERY_S = 0.25
 
 
 class StopFlag:
@@ -91,6 +92,12 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint folder under ``root`` (one with its state.json)."""
+    found = sorted(root.glob("step-*/state.json"))
+    return found[-1].parent if found else None
+
+
 def is_oom(exc: BaseException) -> bool:
     if isinstance(exc, MemoryError):
         return True
@@ -101,7 +108,7 @@ def is_oom(exc: BaseException) -> bool:
 
 
 class Trainer:
-    """One run: model, data order, optimizer, checkpoints."""
+    """One run: data order, model, evaluation, and ``transformers.Trainer`` for the loop."""
 
     def __init__(self, spec: RunSpec, emit: EventWriter, stop: StopFlag) -> None:
         self.spec = spec
@@ -120,6 +127,12 @@ class Trainer:
         )
         self.save_every = self.hp.save_every or max(1, math.ceil(self.total_steps / 10))
         self.warmup = max(1, round(self.hp.warmup_ratio * self.total_steps))
+        # What checkpoints carry besides Trainer's own state (state.json), and the last
+        # step's loss and learning rate, which the loop's callback reports.
+        self.state: dict[str, Any] = {"tokens": 0, "train_s": 0.0, "eval_before": None}
+        self.step_loss = float("nan")
+        self.step_lr = 0.0
+        self.stopped_at: int | None = None
 
     # -- data order ------------------------------------------------------------------
 
@@ -169,9 +182,6 @@ class Trainer:
         base = self.model.get_base_model()
         self.decoder = base.get_decoder()
         self.head = base.get_output_embeddings()
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = _adamw(params, self.hp.lr, self.hp.weight_decay, self.choice.device)
-        _limit_memory()
 
     def _start_from(self, folder: Path) -> None:
         """Load an earlier fine-tune's LoRA weights as the starting point (``--from``)."""
@@ -187,6 +197,20 @@ class Trainer:
                 f"the earlier adapter does not fit this model ({len(unexpected)} of its "
                 f"weights have no place, e.g. {unexpected[0]})"
             )
+
+    def make_loop(self) -> Any:
+        """``transformers.Trainer`` set up for this run (``engine.train.hf_trainer``)."""
+        from engine.train import hf_trainer
+
+        dtype = next(p.dtype for p in self.model.parameters() if p.is_floating_point())
+        return hf_trainer.StepTrainer(
+            self,
+            model=self.model,
+            args=hf_trainer.training_arguments(self, dtype),
+            train_dataset=hf_trainer.StepData(self),
+            data_collator=hf_trainer.collate(self),
+            callbacks=[hf_trainer.Events(self)],
+        )
 
     def loss_sum(self, batch: Any) -> tuple[Any, int]:
         """Summed cross-entropy over the batch's targets, and their number."""
@@ -226,130 +250,52 @@ class Trainer:
         self.model.train()
         return total / max(count, 1)
 
-    # -- checkpoints -----------------------------------------------------------------
-
-    def save_checkpoint(self, step: int, state: dict[str, Any]) -> None:
-        import torch
-        from peft import get_peft_model_state_dict
-        from safetensors.torch import save_file
-
-        root = self.spec.path("checkpoints")
-        final = root / f"step-{step:07d}"
-        tmp = root / f".tmp-step-{step:07d}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        weights = {
-            k: v.detach().to("cpu").contiguous()
-            for k, v in get_peft_model_state_dict(self.model).items()
-        }
-        save_file(weights, str(tmp / "adapter.safetensors"))
-        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps({**state, "step": step}))
-        for name in ("adapter.safetensors", "optimizer.pt", "state.json"):
-            with open(tmp / name, "rb") as fh:
-                os.fsync(fh.fileno())
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in sorted(root.glob("step-*"))[:-_KEEP_CHECKPOINTS]:
-            shutil.rmtree(old, ignore_errors=True)
-        self.emit(Event.CHECKPOINT, step=step)
-
-    def latest_checkpoint(self) -> Path | None:
-        found = sorted(self.spec.path("checkpoints").glob("step-*/state.json"))
-        return found[-1].parent if found else None
-
-    def restore(self, folder: Path) -> dict[str, Any]:
-        import torch
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        weights = load_file(str(folder / "adapter.safetensors"), device=self.choice.device)
-        set_peft_model_state_dict(self.model, weights)
-        self.optimizer.load_state_dict(
-            # weights_only: tensors and plain containers, never pickled code, even if the
-            # default changes or TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set.
-            torch.load(folder / "optimizer.pt", map_location=self.choice.device, weights_only=True)
-        )
-        state: dict[str, Any] = json.loads((folder / "state.json").read_text())
-        return state
+    def metric(self, record: dict[str, Any]) -> None:
+        with self.spec.path("metrics.jsonl").open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
 
     # -- the run ---------------------------------------------------------------------
 
     def run(self, resume: bool) -> int:
+        # The first events (start, loading) go out before transformers is imported: the
+        # parent shows the planned steps as soon as it can.
+        checkpoint = latest_checkpoint(self.spec.path("checkpoints")) if resume else None
+        if checkpoint is not None and not (checkpoint / "trainer_state.json").is_file():
+            raise InvalidInput(
+                "this run's last checkpoint was written by an earlier version of Bastion's "
+                "trainer and cannot be resumed: start the fine-tune again under another --name"
+            )
         self.load_model()
-        state: dict[str, Any] = {"tokens": 0, "train_s": 0.0, "eval_before": None}
-        start_step = 0
-        checkpoint = self.latest_checkpoint() if resume else None
-        if checkpoint is not None:
-            state = self.restore(checkpoint)
-            start_step = int(state["step"])
-            self.emit(Event.RESUMED, step=start_step)
-        else:
+        if checkpoint is None:
             shutil.rmtree(self.spec.path("checkpoints"), ignore_errors=True)
             self.spec.path("metrics.jsonl").unlink(missing_ok=True)
+        loop = self.make_loop()
+        _limit_memory()  # after the loop's imports and set-up: only training is capped
+        if checkpoint is not None:
+            self.state = json.loads((checkpoint / "state.json").read_text())
+            self.emit(Event.RESUMED, step=int(self.state["step"]))
+        else:
             self.emit(Event.STATUS, message="measuring validation loss before training")
-            state["eval_before"] = self.evaluate()
-            self.emit(Event.EVAL, phase="before", loss=state["eval_before"])
-            _append_metric(self.spec, {"step": 0, "eval_loss": state["eval_before"]})
-        self.model.train()
-        step = start_step
-        last_report = 0.0
-        recent: list[float] = []
-        loss = float("nan")
-        while step < self.total_steps:
-            if self.stop.stopped:
-                self.save_checkpoint(step, state)
-                self.emit(Event.STOPPED, step=step)
-                return ExitCode.STOPPED
-            began = time.perf_counter()
-            lr = lr_at(step, self.total_steps, self.hp.lr, self.warmup)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            examples = self.examples_for(step)
-            n_targets = sum(e.n_targets for e in examples)
-            total = 0.0
-            for batch in self.batches(examples):
-                part, _ = self.loss_sum(batch)
-                (part / n_targets).backward()
-                total += float(part.detach())
-                state["tokens"] += batch.tokens
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            loss = total / n_targets
-            step += 1
-            spent = time.perf_counter() - began
-            state["train_s"] += spent
-            state["last_loss"] = loss
-            recent = ([*recent, spent])[-20:]
-            _append_metric(self.spec, {"step": step, "loss": loss, "lr": lr})
-            now = time.monotonic()
-            if now - last_report >= _PROGRESS_EVERY_S or step == self.total_steps:
-                last_report = now
-                self.emit(
-                    Event.PROGRESS,
-                    step=step,
-                    total_steps=self.total_steps,
-                    epoch=round(step / self.steps_per_epoch, 3),
-                    loss=round(loss, 5),
-                    lr=lr,
-                    tokens_per_second=round(state["tokens"] / max(state["train_s"], 1e-9), 1),
-                    eta_seconds=round(sum(recent) / len(recent) * (self.total_steps - step), 1),
-                )
-            if step % self.save_every == 0 and step < self.total_steps:
-                self.save_checkpoint(step, state)
+            self.state["eval_before"] = self.evaluate()
+            self.emit(Event.EVAL, phase="before", loss=self.state["eval_before"])
+            self.metric({"step": 0, "eval_loss": self.state["eval_before"]})
+        loop.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+        step = int(loop.state.global_step)
+        if self.stopped_at is not None:
+            self.emit(Event.STOPPED, step=self.stopped_at)
+            return ExitCode.STOPPED
         self.emit(Event.STATUS, message="measuring validation loss after training")
         eval_after = self.evaluate()
         self.emit(Event.EVAL, phase="after", loss=eval_after)
-        _append_metric(self.spec, {"step": step, "eval_loss": eval_after})
-        self.save_checkpoint(step, state)
+        self.metric({"step": step, "eval_loss": eval_after})
         outputs = self.export()
         self.emit(
             Event.DONE,
-            train_loss=state.get("last_loss", loss),
-            eval_loss_before=state["eval_before"],
+            train_loss=self.state.get("last_loss", self.step_loss),
+            eval_loss_before=self.state["eval_before"],
             eval_loss_after=eval_after,
-            tokens_per_second=round(state["tokens"] / max(state["train_s"], 1e-9), 1),
-            train_seconds=round(state["train_s"], 2),
+            tokens_per_second=round(self.state["tokens"] / max(self.state["train_s"], 1e-9), 1),
+            train_seconds=round(self.state["train_s"], 2),
             steps=step,
             backend=self.choice.name,
             device=self.choice.device,
@@ -397,7 +343,7 @@ class Trainer:
         return outputs
 
 
-def _adamw(params: list[Any], lr: float, weight_decay: float, device: str) -> Any:
+def _adamw(params: list[Any], lr: float, weight_decay: float) -> Any:
     """AdamW with the fused kernel where torch has one for this device, else for-each."""
     import torch
 
@@ -422,11 +368,6 @@ def _limit_memory() -> None:
     cap = current + int(float(limit_mb) * 1024 * 1024)
     _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
     resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
-
-
-def _append_metric(spec: RunSpec, record: dict[str, Any]) -> None:
-    with spec.path("metrics.jsonl").open("a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
