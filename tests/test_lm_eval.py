@@ -90,6 +90,22 @@ MODELS = {
 }  # fmt: skip
 
 
+def run_lm_eval(
+    model: list[str], tasks: str, folder: Path, out: Path, key: str, tmp_path: Path
+) -> subprocess.CompletedProcess[str]:
+    """lm-eval's real CLI under Bastion's network guard: ``model`` is the model type, its
+    model_args, then any further flags; the task files are in ``folder``."""
+    model_type, model_args, *flags = model
+    return subprocess.run(
+        [sys.executable, "-c", GUARDED_LM_EVAL, "--model", model_type,
+         "--model_args", model_args, *flags, "--tasks", tasks,
+         "--include_path", str(folder), "--output_path", str(out), "--log_samples"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False,
+        # The key as lm-eval's OpenAI-style models read it; datasets' cache in tmp_path.
+        env={**os.environ, "OPENAI_API_KEY": key, "HF_HOME": str(tmp_path / "hf")},
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("case", MODELS)
 def test_lm_eval_scores_a_local_task_through_the_server(case: str, tmp_path: Path) -> None:
     lm_eval_model, endpoint, extra_args, extra_flags = MODELS[case]
@@ -110,14 +126,9 @@ def test_lm_eval_scores_a_local_task_through_the_server(case: str, tmp_path: Pat
         model_args = ",".join(filter(None, [f"model={DEFAULT_MODEL}",
                                             f"base_url={url}{endpoint}",
                                             extra_args.replace("KEY", key)]))  # fmt: skip
-        done = subprocess.run(
-            [sys.executable, "-c", GUARDED_LM_EVAL, "--model", lm_eval_model,
-             "--model_args", model_args, *extra_flags, "--tasks", TASK,
-             "--include_path", str(tasks), "--output_path", str(out), "--log_samples"],
-            cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False,
-            # The key as lm-eval's OpenAI-style models read it; datasets' cache in tmp_path.
-            env={**os.environ, "OPENAI_API_KEY": key, "HF_HOME": str(tmp_path / "hf")},
-        )  # fmt: skip
+        done = run_lm_eval(
+            [lm_eval_model, model_args, *extra_flags], TASK, tasks, out, key, tmp_path
+        )
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -216,13 +227,14 @@ def test_lm_eval_scores_log_likelihood_tasks_with_the_servers_tokenizer(tmp_path
         # As the README says: the server's tokenizer (vLLM's routes), reached with the key.
         model_args = (f"model={DEFAULT_MODEL},base_url={url}/v1/completions,"
                       f"tokenizer_backend=remote,auth_token={key},num_concurrent=2")  # fmt: skip
-        done = subprocess.run(
-            [sys.executable, "-c", GUARDED_LM_EVAL, "--model", "local-completions",
-             "--model_args", model_args, "--tasks", "bastion_choice,bastion_rolling",
-             "--include_path", str(tasks), "--output_path", str(out), "--log_samples"],
-            cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False,
-            env={**os.environ, "OPENAI_API_KEY": key, "HF_HOME": str(tmp_path / "hf")},
-        )  # fmt: skip
+        done = run_lm_eval(
+            ["local-completions", model_args],
+            "bastion_choice,bastion_rolling",
+            tasks,
+            out,
+            key,
+            tmp_path,
+        )
     finally:
         server.terminate()
         server.wait(timeout=30)
