@@ -48,19 +48,18 @@ from engine.jobs import JobContext
 from engine.models.registry import ModelEntry, ModelRegistry, validate_id
 from engine.paths import PRIVATE_DIR_MODE
 from engine.train import arch as arches
+from engine.train import continuing
+from engine.train.continuing import Evaluate, Previous
 from engine.train.results import FinetuneResult
 from engine.train.runs import RunStore, run_worker
 from engine.train.spec import Hyper, RunSpec
 
 if TYPE_CHECKING:
     from engine.train.datasets import DatasetReport
-    from engine.train.evalrun import EvalRun
 
 Complete = Callable[[str, str], str]
 """Answers one prompt with a registered model, without saving it: (model id, prompt)."""
 
-Evaluate = Callable[[Path, list[str], Path], "EvalRun"]
-"""Scores models on a golden set, writing the report into a folder (``Engine.evaluate``)."""
 
 COMPARISONS = 3
 # Names of later runs' folders: ``name@2``. Model names cannot hold "@", so such a folder
@@ -83,18 +82,6 @@ class FinetuneRequest:
     gguf: str | None = None  # the registered GGUF to pair a Hugging Face base with
     from_model: str | None = None  # an earlier fine-tune to continue from
     golden: Path | None = None  # a golden set to compare the result with what it improves on
-
-
-@dataclass(frozen=True)
-class _Previous:
-    """An earlier fine-tune that a new run continues from."""
-
-    model: str
-    adapter_dir: Path  # its PEFT adapter (adapter_config.json, adapter_model.safetensors)
-    base_source: str
-    gguf: str | None
-    rank: int
-    alpha: float
 
 
 @dataclass(frozen=True)
@@ -213,7 +200,9 @@ class FineTuner:
         previous = None
         hyper = request.hyper
         if request.from_model is not None:
-            previous = self._previous(request.from_model, request.base)
+            previous = continuing.previous(
+                self._models, self._runs, request.from_model, request.base
+            )
             base = self._resolve_base(previous.base_source, previous.gguf)
             hyper = replace(hyper, rank=previous.rank, alpha=previous.alpha)
         else:
@@ -221,7 +210,9 @@ class FineTuner:
             base = self._resolve_base(request.base, request.gguf)
         hyper = hyper.check()
         if request.golden is not None:
-            self._check_golden(Path(request.golden))
+            if self._evaluate is None:
+                raise InvalidInput("a golden set comparison is not available here")
+            continuing.check_golden(Path(request.golden))
         ctx.report(0, None, "checking the data")
         report = read_dataset(
             Path(request.data), request.fmt, token_counter(base.entry.path), hyper.max_length
@@ -254,7 +245,7 @@ class FineTuner:
         hyper: Hyper,
         report: DatasetReport,
         run_dir: Path,
-        previous: _Previous | None,
+        previous: Previous | None,
     ) -> tuple[RunSpec, dict[str, Any]]:
         from engine.models.tokenizer import Vocabulary
         from engine.train.datasets import read_dataset
@@ -368,7 +359,11 @@ class FineTuner:
         assert run is not None
         entry = self._models.register_adapter_model(spec.name, run.base, Path(done["gguf"]))
         comparisons, note = self._compare(spec, run.base, entry.id)
-        golden = self._golden(spec, data, run.base, entry.id)
+        golden = None
+        if self._evaluate is not None:
+            golden = continuing.compare_on_golden(
+                self._evaluate, self._models, spec, data, run.base, entry.id
+            )
         result = FinetuneResult(
             model=entry.id,
             adapter=done["gguf"],
@@ -397,76 +392,6 @@ class FineTuner:
         result = replace(result, report=str(write_report(spec.folder, result.to_public())))
         self._runs.update(spec.name, status="done", result=result.to_public())
         return result
-
-    def _previous(self, model_id: str, base: str | None) -> _Previous:
-        """The fine-tune ``model_id`` as a starting point, or InvalidInput saying why not."""
-        entry = self._models.get(model_id)
-        if not entry.adapter:
-            raise InvalidInput(
-                f"{model_id!r} is not a fine-tune",
-                hint=f"--from continues a fine-tune; train {model_id!r} itself with --base",
-            )
-        run = self._runs.get(entry.id)
-        folder = run.run_dir / "adapter" if run is not None else None
-        if run is None or folder is None or not (folder / "adapter_config.json").is_file():
-            raise InvalidInput(
-                f"the trained weights of {model_id!r} are not on this machine (only its "
-                "llama.cpp adapter is), so training cannot continue from them",
-                hint=f"train a new fine-tune from its base {entry.base!r} with all the data",
-            )
-        if base is not None and base not in (run.base, run.base_source):
-            raise InvalidInput(
-                f"--base {base!r} is not the base of {model_id!r} ({run.base_source})",
-                hint="leave --base out with --from",
-            )
-        config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
-        source = run.base_source
-        return _Previous(
-            model=entry.id,
-            adapter_dir=folder,
-            base_source=source,
-            # A Hugging Face base is paired again with the GGUF the earlier run chatted with.
-            gguf=run.base if source != run.base else None,
-            rank=int(config["r"]),
-            alpha=float(config["lora_alpha"]),
-        )
-
-    def _check_golden(self, path: Path) -> None:
-        from engine.train.golden import load_golden_set
-
-        if self._evaluate is None:
-            raise InvalidInput("a golden set comparison is not available here")
-        golden = load_golden_set(path)
-        if golden.bad_lines:
-            first = golden.bad_lines[0]
-            raise InvalidInput(
-                f"{len(golden.bad_lines)} bad line(s) in {path}; line {first.line}: {first.error}",
-                hint=f"`bastion eval run --set {path} -m MODEL --json` lists them all",
-            )
-        if not golden.items:
-            raise InvalidInput(f"the golden set {path} has no items")
-
-    def _golden(
-        self, spec: RunSpec, data: dict[str, Any], base_id: str, tuned_id: str
-    ) -> dict[str, Any] | None:
-        """The new model and the one it improves on, scored on the run's golden set."""
-        path = data.get("golden_set")
-        if path is None or self._evaluate is None:
-            return None
-        against = data.get("continued_from") or base_id
-        if not any(m.id == against for m in self._models.list()):
-            against = base_id  # the earlier fine-tune was removed meanwhile
-        run = self._evaluate(Path(path), [against, tuned_id], spec.path("golden"))
-        return {
-            "set": path,
-            "against": against,
-            "models": {
-                m: {k: (v["mean"] if v else None) for k, v in run.summary[m].items()}
-                for m in run.models
-            },
-            "intervals": run.summary,
-            "report": run.report_md,
-        }
 
     def _compare(
         self, spec: RunSpec, base_id: str, tuned_id: str

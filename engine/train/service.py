@@ -10,7 +10,8 @@ from engine.jobs import JobContext
 from engine.models.registry import ModelRegistry
 from engine.models.tokenizer import token_counter
 from engine.store.db import Database
-from engine.train.finetune import Complete, Evaluate, FineTuner, FinetuneRequest
+from engine.train.continuing import Evaluate
+from engine.train.finetune import Complete, FineTuner, FinetuneRequest
 from engine.train.prepare import PrepareReport
 from engine.train.results import DatasetCheck, DatasetPreview, FinetuneResult, LossCurve
 from engine.train.runs import RunRecord, RunStore
