@@ -54,7 +54,7 @@ import sys, time
 from llama_cpp import Llama
 path, threads, n, prompt_text = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 llm = Llama(model_path=path, n_ctx=4096, n_threads=threads, n_threads_batch=threads,
-            n_gpu_layers=0, verbose=False)
+            n_gpu_layers=int(sys.argv[5]), verbose=False)
 tokens = llm.tokenize(prompt_text.encode(), add_bos=False, special=True)
 eos = llm.token_eos()
 count = 0
@@ -73,7 +73,7 @@ Sample = tuple[float, float, int, float, float]  # ttft, tok/s, tokens, load s, 
 
 
 def bare_in_process(
-    model_path: str, threads: int, prompt_text: str, n: int, runs: int
+    model_path: str, threads: int, prompt_text: str, n: int, runs: int, gpu_layers: int
 ) -> list[Sample]:
     from llama_cpp import Llama
 
@@ -83,7 +83,7 @@ def bare_in_process(
         n_ctx=4096,
         n_threads=threads,
         n_threads_batch=threads,
-        n_gpu_layers=0,
+        n_gpu_layers=gpu_layers,
         verbose=False,
     )
     load_s = time.perf_counter() - load_started
@@ -138,6 +138,15 @@ def engine_in_process(home: Path, n: int, runs: int) -> list[Sample]:
     return results
 
 
+def engine_gpu_layers(home: Path) -> int:
+    """The GPU layers the engine chooses here for the default model (0 without a GPU)."""
+    from engine import Engine
+    from engine.chat.loading import load_spec_for
+
+    with Engine(home) as engine:
+        return load_spec_for(engine.list_models()[0]).n_gpu_layers
+
+
 def first_byte(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
     """(seconds to the first byte on stdout, total seconds) of a command."""
     start = time.perf_counter()
@@ -157,6 +166,7 @@ def main() -> int:
     parser.add_argument("--no-cli", action="store_true", help="skip the command-line part")
     parser.add_argument("--worker", choices=["bare", "engine"], help=argparse.SUPPRESS)
     parser.add_argument("--home", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--gpu-layers", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     from engine.chat.templates import ChatMessage, ChatTemplate
@@ -173,17 +183,25 @@ def main() -> int:
     info = read_gguf_info(model)
     prompt_text = ChatTemplate(info.chat_template).render([ChatMessage("user", PROMPT)])
     if args.worker == "bare":
-        print(json.dumps(bare_in_process(str(model), threads, prompt_text, args.tokens, 1)[0]))
+        print(
+            json.dumps(
+                bare_in_process(str(model), threads, prompt_text, args.tokens, 1, args.gpu_layers)[
+                    0
+                ]
+            )
+        )
         return 0
     if args.worker == "engine":
         print(json.dumps(engine_in_process(args.home, args.tokens, 1)[0]))
         return 0
     home = Path(tempfile.mkdtemp(prefix="bastion-bench-"))
     env = {**os.environ, "BASTION_HOME": str(home)}
+    gpu_layers = engine_gpu_layers(home)  # the bare side offloads as the engine does
 
     print(f"machine: {machine()}", file=sys.stderr)
     print(
-        f"model {model.name}, {threads} threads, {args.tokens} tokens, {args.runs} runs",
+        f"model {model.name}, {threads} threads, {gpu_layers} layers on the GPU, "
+        f"{args.tokens} tokens, {args.runs} runs",
         file=sys.stderr,
     )
     bare: list[Sample] = []
@@ -200,6 +218,8 @@ def main() -> int:
                     str(args.tokens),
                     "--home",
                     str(home),
+                    "--gpu-layers",
+                    str(gpu_layers),
                 ],
                 capture_output=True,
                 text=True,
@@ -243,6 +263,7 @@ def main() -> int:
                         str(threads),
                         str(args.tokens),
                         prompt_text,
+                        str(gpu_layers),
                     ],
                     env,
                 )
