@@ -295,6 +295,11 @@ def test_hugging_face_folder_and_cache_id_bases(
         assert r.code == 0, r.stderr[-2000:]
         folders = list((train_cache / "train-bases").glob("*/config.json"))
     folder = folders[0].parent
+    # The folder is a whole Hugging Face model, tokenizer included (Unsloth loads it there).
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    assert tokenizer("Violet Harbor")["input_ids"] and (folder / "tokenizer.json").is_file()
     r = ft(
         "--base", str(folder), "--data", str(facts), "--name", "from-folder",
         "--max-steps", "1", "--json",

@@ -89,10 +89,11 @@ def hf_folder_for_gguf(gguf_path: Path, cache_root: Path, emit: Emit) -> Path:
         f"{gguf_path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()
     ).hexdigest()[:20]
     folder = cache_root / "train-bases" / key
-    if (folder / "config.json").is_file():
+    # The tokenizer too: Unsloth (and any tool given the folder) loads it from there.
+    if (folder / "config.json").is_file() and (folder / "tokenizer_config.json").is_file():
         return folder
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     emit(Event.STATUS, message="dequantizing the GGUF base model (once; it is kept in the cache)")
     model: Any = AutoModelForCausalLM.from_pretrained(
@@ -107,6 +108,8 @@ def hf_folder_for_gguf(gguf_path: Path, cache_root: Path, emit: Emit) -> Path:
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    tokenizer.save_pretrained(str(tmp))
     (tmp / "bastion-source.json").write_text(json.dumps({"gguf": str(gguf_path)}))
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
