@@ -264,17 +264,23 @@ def llama_wheel(backend: str, variant: str) -> Path:
         # --no-cache-dir: pip's own cache keys a built wheel by the source archive only,
         # so a CPU build could later be served for a CUDA request. The wheelhouse above is
         # keyed by backend instead.
-        pip(
-            "wheel",
-            requirement,
-            "--no-deps",
-            "--no-binary",
-            "llama-cpp-python",
-            "--no-cache-dir",
-            "-w",
-            str(tmp),
-            env=env,
-        )
+        stale = lockfile.llama_lock_reason()
+        if stale:
+            fail(f"{stale}; refresh it with `python3 installer/bootstrap.py lock`")
+        # The source archive is hash-checked against the lock before anything is built.
+        result = subprocess.run(
+            [str(venv_bin("python")), "-m", "pip", "--disable-pip-version-check", "wheel",
+             "--require-hashes", "-r", str(lockfile.LLAMA_LOCK), "--no-deps",
+             "--no-binary", "llama-cpp-python", "--no-cache-dir", "-w", str(tmp)],
+            env=env, check=False,
+        )  # fmt: skip
+        if result.returncode != 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            fail(
+                f"building llama-cpp-python {version} failed (exit code {result.returncode}; "
+                f"pip says why above -- a source archive whose hash differs from "
+                f"{lockfile.LLAMA_LOCK.relative_to(ROOT)} is refused)"
+            )
         built = sorted(tmp.glob("llama_cpp_python-*.whl"))
         if not built:
             fail("llama-cpp-python built no wheel")

@@ -18,7 +18,9 @@ Three things are kept out of the lock and installed by set-up itself, pinned exa
   its ``nvidia-*``/``cuda-*`` libraries and Triton where there is one. The lock still
   holds PyTorch's other dependencies (sympy, networkx, filelock, fsspec, ...).
 * llama-cpp-python, built from source for this machine's backend (its version is the
-  ``==`` pin in pyproject.toml).
+  ``==`` pin in pyproject.toml). Its source archive is locked on its own, with its hash,
+  in ``llama-cpp-python.txt``: set-up builds from that file with ``--require-hashes``, so
+  a tampered or substituted archive is refused before anything is compiled.
 * Bastion itself (an editable install of this checkout).
 
 Standard library only: it runs before anything is installed.
@@ -38,6 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 LOCK_DIR = ROOT / "installer" / "lock"
 BUILD_TOOLS = LOCK_DIR / "build-tools.in"
+LLAMA_LOCK = LOCK_DIR / "llama-cpp-python.txt"
 # The resolver that writes the lock (not needed to install from it).
 UV_VERSION = "0.13.9"
 # The oldest Python the project takes; uv's universal resolution covers it and newer.
@@ -102,6 +105,37 @@ def strip_unlocked(text: str) -> str:
     return "\n".join(kept) + "\n"
 
 
+def llama_pin() -> str:
+    """llama-cpp-python's version: its ``==`` pin in pyproject.toml's dependencies."""
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    for dep in data["project"]["dependencies"]:
+        if dep.replace("_", "-").startswith("llama-cpp-python=="):
+            return str(dep).split("==", 1)[1].strip()
+    raise SystemExit("pyproject.toml must pin llama-cpp-python with ==")
+
+
+def llama_lock_reason() -> str | None:
+    """Why llama-cpp-python.txt can't be built from as it is, or None when it can."""
+    if not LLAMA_LOCK.is_file():
+        return f"{LLAMA_LOCK.relative_to(ROOT)} is missing"
+    text = LLAMA_LOCK.read_text()
+    if f"llama-cpp-python=={llama_pin()} " not in text or "--hash=sha256:" not in text:
+        return (
+            f"{LLAMA_LOCK.relative_to(ROOT)} does not pin llama-cpp-python=={llama_pin()} "
+            "with a hash (pyproject.toml's pin changed)"
+        )
+    return None
+
+
+def llama_block(text: str) -> str:
+    """The ``llama-cpp-python==... --hash=...`` block of uv's output (its source archive)."""
+    for block in re.split(r"\n(?=\S)", text.strip("\n")):
+        if block.startswith("llama-cpp-python=="):
+            lines = [line for line in block.splitlines() if not line.strip().startswith("#")]
+            return "\n".join(lines).rstrip(" \\") + "\n"
+    raise SystemExit("uv's resolution holds no llama-cpp-python")
+
+
 def locked_names(path: Path) -> set[str]:
     """The project names pinned in a lock file (normalized)."""
     names = set()
@@ -137,4 +171,14 @@ def refresh(uv: Path, log: Callable[[str], None]) -> list[Path]:
             partial.write_text(_header(extras) + strip_unlocked(raw.read_text()))
             partial.replace(target)
             written.append(target)
+            if not extras:
+                partial = LLAMA_LOCK.with_suffix(".partial")
+                partial.write_text(
+                    "# llama-cpp-python's source archive, which set-up builds for each machine,\n"
+                    "# with its hash (`pip wheel --require-hashes -r` this file).\n"
+                    "# Written by `python3 installer/bootstrap.py lock`; do not edit by hand.\n"
+                    + llama_block(raw.read_text())
+                )
+                partial.replace(LLAMA_LOCK)
+                written.append(LLAMA_LOCK)
     return written

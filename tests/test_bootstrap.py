@@ -82,3 +82,28 @@ def test_default_model_file_matches_the_catalogue(bootstrap: ModuleType) -> None
     path = default_model_path()
     assert path.stat().st_size == entry["size_bytes"]
     assert bootstrap.sha256_of(path) == entry["sha256"]
+
+
+def test_llama_source_archive_is_hash_checked(
+    bootstrap: ModuleType,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """A llama-cpp-python source archive that is not the locked one is refused unbuilt."""
+    lock = (ROOT / "installer" / "lock" / "llama-cpp-python.txt").read_text()
+    version = bootstrap.llama_requirement().split("==", 1)[1]
+    assert f"llama-cpp-python=={version} \\\n    --hash=sha256:" in lock
+    links = tmp_path / "links"
+    links.mkdir()
+    # Same name and version as the real archive, other bytes (no network: pip's only source).
+    (links / f"llama_cpp_python-{version}.tar.gz").write_bytes(b"not the archive on PyPI" * 100)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(links))
+    monkeypatch.setenv("BASTION_WHEEL_CACHE", str(tmp_path / "wheels"))
+    with pytest.raises(SystemExit):
+        bootstrap.llama_wheel("cpu", "portable")
+    err = capfd.readouterr().err
+    assert "DO NOT MATCH THE HASHES" in err
+    assert "error: building llama-cpp-python" in err and "is refused" in err
+    assert not list((tmp_path / "wheels").rglob("*.whl"))  # nothing was built or kept

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import os
@@ -36,7 +37,11 @@ def _vocabulary(path: str) -> object:
     from llama_cpp import Llama
 
     with _LOCK, _quiet_native_stderr():
-        return Llama(model_path=path, vocab_only=True, verbose=False)
+        vocab = Llama(model_path=path, vocab_only=True, verbose=False)
+    # Freed before the interpreter tears its modules down: freed later, llama-cpp-python's
+    # finalizer finds its bindings gone and prints a TypeError on the way out.
+    atexit.register(vocab.close)
+    return vocab
 
 
 def token_counter(model_path: str) -> Callable[[list[str]], list[int]]:
