@@ -11,8 +11,9 @@ per second (all tokens / wall time), and the p50 / p95 time to first token. Each
 configuration is run ``--repeats`` times, the two servers alternating; the best run counts.
 
 The baseline is llama.cpp's own server, built from the same vendored llama.cpp source as
-the installed llama-cpp-python wheel (its sdist, from pip's cache or PyPI) with the same
-native CPU flags, once per machine into ``~/.cache/bastion/llama-server/``. Goals: Bastion
+the installed llama-cpp-python wheel (its sdist, hash-checked against the lock) with the same
+native CPU flags -- and CUDA, offloading the layers the engine offloads, when the wheel is a
+CUDA build -- once per machine into ``~/.cache/bastion/llama-server/``. Goals: Bastion
 with 8 clients >= 3x its one-client tokens/s, and >= 0.9x llama-server with 8 clients.
 Results are printed and appended to ``bench/results/server.md``.
 """
@@ -82,9 +83,13 @@ def llama_server() -> Path:
 
     sys.path.insert(0, str(ROOT / "installer"))
     import bootstrap  # the same CPU key as the wheelhouse
+    import llama_cpp
 
     version = importlib.metadata.version("llama-cpp-python")
-    home = Path.home() / ".cache" / "bastion" / "llama-server" / f"{version}-{bootstrap.cpu_key()}"
+    # The same backend as the installed wheel: a CUDA wheel gets a CUDA llama-server.
+    gpu = bool(llama_cpp.llama_supports_gpu_offload()) and sys.platform != "darwin"
+    key = f"{version}-{bootstrap.cpu_key()}" + ("-cuda" if gpu else "")
+    home = Path.home() / ".cache" / "bastion" / "llama-server" / key
     binary = home / "llama-server"
     if binary.is_file():
         return binary
@@ -96,7 +101,9 @@ def llama_server() -> Path:
                 "-m",
                 "pip",
                 "download",
-                f"llama-cpp-python=={version}",
+                "--require-hashes",  # the archive set-up builds the wheel from, hash-checked
+                "-r",
+                str(ROOT / "installer" / "lock" / "llama-cpp-python.txt"),
                 "--no-binary",
                 ":all:",
                 "--no-deps",
@@ -124,6 +131,7 @@ def llama_server() -> Path:
                 "-DLLAMA_BUILD_EXAMPLES=OFF",
                 "-DLLAMA_BUILD_SERVER=ON",
                 "-DCMAKE_BUILD_TYPE=Release",
+                *(["-DGGML_CUDA=ON"] if gpu else []),
             ],
             check=True,
         )
@@ -283,6 +291,8 @@ def main() -> int:
                     str(spec.n_threads),
                     "-tb",
                     str(spec.n_threads),
+                    "-ngl",  # the layers the engine offloads (0 without a GPU)
+                    str(spec.n_gpu_layers),
                     "--jinja",
                 ],
                 stdout=subprocess.DEVNULL,
