@@ -168,8 +168,13 @@ def ensure_torch(backend: str) -> None:
     if have and have.split("+")[0] == TORCH_VERSION:
         return
     if backend == "cuda" or sys.platform == "darwin":
-        # PyPI's build; on Linux it brings its CUDA libraries, which the lock leaves out.
-        pip("install", f"torch=={TORCH_VERSION}")
+        # PyPI's build, with the CUDA libraries and Triton it brings on Linux: every file
+        # hash-checked against installer/lock/torch.txt.
+        stale = lockfile.torch_lock_reason()
+        if stale:
+            fail(f"{stale}; refresh it with `python3 installer/bootstrap.py lock`")
+        log(f"installing PyTorch {TORCH_VERSION} (PyPI's build) from {lockfile.TORCH_LOCK.name}")
+        pip("install", "--no-deps", "--require-hashes", "-r", str(lockfile.TORCH_LOCK))
         return
     # No NVIDIA GPU: the CPU build, alone (its other dependencies came from the lock). A
     # local wheel (pip's find-links) wins; otherwise the PyTorch CPU index.

@@ -124,10 +124,12 @@ def _torch_wheels(bs: ModuleType, backend: str, wheels: Path) -> str:
     """Download PyTorch for ``backend`` into ``wheels``; the name of its wheel."""
     before = set(wheels.glob("torch-*.whl"))
     version = bs.TORCH_VERSION
-    if backend == "cuda":
-        _download(bs, wheels, f"torch=={version}")  # with its CUDA libraries
-    elif backend == "metal" or sys.platform == "darwin":
-        _download(bs, wheels, "--no-deps", f"torch=={version}")
+    if backend in ("cuda", "metal") or sys.platform == "darwin":
+        # PyPI's build with its CUDA libraries and Triton (Linux), hash-checked on download.
+        stale = bs.lockfile.torch_lock_reason()
+        if stale:
+            raise BundleError(stale)
+        _download(bs, wheels, "--no-deps", "--require-hashes", "-r", str(bs.lockfile.TORCH_LOCK))
     else:
         spec = f"torch=={version}+cpu"
         probe = subprocess.run(

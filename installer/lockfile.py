@@ -14,9 +14,11 @@ Three things are kept out of the lock and installed by set-up itself, pinned exa
 
 * PyTorch (its version lives in ``[tool.bastion] torch`` in pyproject.toml): the build
   differs by machine -- the CPU build (``+cpu``, from PyTorch's own index, which has
-  other files and hashes than PyPI) where there is no NVIDIA GPU, PyPI's CUDA build with
-  its ``nvidia-*``/``cuda-*`` libraries and Triton where there is one. The lock still
-  holds PyTorch's other dependencies (sympy, networkx, filelock, fsspec, ...).
+  other files and hashes than PyPI, and is installed unhashed) where there is no NVIDIA
+  GPU, PyPI's CUDA build with its ``nvidia-*``/``cuda-*`` libraries and Triton where
+  there is one (and on macOS): that one is locked with its hashes in ``torch.txt``, cut
+  from the same resolution. The lock still holds PyTorch's other dependencies (sympy,
+  networkx, filelock, fsspec, ...).
 * llama-cpp-python, built from source for this machine's backend (its version is the
   ``==`` pin in pyproject.toml). Its source archive is locked on its own, with its hash,
   in ``llama-cpp-python.txt``: set-up builds from that file with ``--require-hashes``, so
@@ -41,6 +43,9 @@ ROOT = Path(__file__).resolve().parent.parent
 LOCK_DIR = ROOT / "installer" / "lock"
 BUILD_TOOLS = LOCK_DIR / "build-tools.in"
 LLAMA_LOCK = LOCK_DIR / "llama-cpp-python.txt"
+# PyPI's PyTorch with what it brings on each platform (CUDA libraries, Triton), hashed:
+# set-up installs it from here where it takes PyPI's build (an NVIDIA GPU, macOS).
+TORCH_LOCK = LOCK_DIR / "torch.txt"
 # The resolver that writes the lock (not needed to install from it).
 UV_VERSION = "0.13.9"
 # The oldest Python the project takes; uv's universal resolution covers it and newer.
@@ -127,6 +132,31 @@ def llama_lock_reason() -> str | None:
     return None
 
 
+def torch_lock_reason() -> str | None:
+    """Why torch.txt can't be installed from as it is, or None when it can."""
+    if not TORCH_LOCK.is_file():
+        return f"{TORCH_LOCK.relative_to(ROOT)} is missing"
+    if f"\ntorch=={torch_version()} " not in TORCH_LOCK.read_text():
+        return (
+            f"{TORCH_LOCK.relative_to(ROOT)} does not pin torch=={torch_version()} "
+            "(pyproject.toml's [tool.bastion] torch changed)"
+        )
+    return None
+
+
+def torch_blocks(text: str) -> str:
+    """PyTorch and the packages that come with PyPI's build, from uv's output, hashed."""
+    blocks = re.split(r"\n(?=\S)", text.strip("\n"))
+    kept = [
+        "\n".join(line for line in block.splitlines() if not line.strip().startswith("#"))
+        for block in blocks
+        if _NOT_LOCKED.match(block) and not block.startswith("llama-cpp-python==")
+    ]
+    if not any(block.startswith(f"torch=={torch_version()} ") for block in kept):
+        raise SystemExit(f"uv's resolution holds no torch=={torch_version()}")
+    return "\n".join(block.rstrip(" \\") for block in kept) + "\n"
+
+
 def llama_block(text: str) -> str:
     """The ``llama-cpp-python==... --hash=...`` block of uv's output (its source archive)."""
     for block in re.split(r"\n(?=\S)", text.strip("\n")):
@@ -181,4 +211,15 @@ def refresh(uv: Path, log: Callable[[str], None]) -> list[Path]:
                 )
                 partial.replace(LLAMA_LOCK)
                 written.append(LLAMA_LOCK)
+                partial = TORCH_LOCK.with_suffix(".partial")
+                partial.write_text(
+                    "# PyTorch as PyPI builds it (CUDA on Linux x86-64, Metal on macOS) with the\n"
+                    "# packages that build brings, hashed; set-up installs it where it takes\n"
+                    "# PyPI's build (`pip install --no-deps --require-hashes -r` this file).\n"
+                    "# The CPU build (torch==VERSION+cpu) is on PyTorch's own index, not here.\n"
+                    "# Written by `python3 installer/bootstrap.py lock`; do not edit by hand.\n"
+                    + torch_blocks(raw.read_text())
+                )
+                partial.replace(TORCH_LOCK)
+                written.append(TORCH_LOCK)
     return written

@@ -101,3 +101,37 @@ def test_a_lock_older_than_the_dependencies_is_refused(tmp_path: Path) -> None:
     last = result.stderr.strip().splitlines()[-1]
     assert "resolved before pyproject.toml's dependencies changed" in last, result.stderr
     assert "bootstrap.py lock" in last
+
+
+def test_pypi_torch_and_the_llama_source_are_locked_with_hashes() -> None:
+    """torch.txt: PyPI's PyTorch and what its build brings; llama-cpp-python.txt: the sdist."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    torch_pins = _pins(LOCKS / "torch.txt")
+    assert [v for v, _m, _h in torch_pins["torch"]] == [project["tool"]["bastion"]["torch"]]
+    assert {"triton", "nvidia-cublas", "nvidia-cuda-runtime"} <= set(torch_pins)
+    for package, versions in torch_pins.items():
+        assert package == "torch" or package.startswith(("nvidia-", "cuda-", "triton")), package
+        for version, marker, hashes in versions:
+            assert version and hashes >= 1, package
+            if package != "torch":  # the CUDA libraries only where PyPI's build is CUDA
+                assert marker is not None and "linux" in str(marker), package
+    assert not set(torch_pins) & set(_pins(LOCKS / "base.txt"))  # one place for each
+    (llama,) = _pins(LOCKS / "llama-cpp-python.txt")["llama-cpp-python"]
+    pin = next(d for d in project["project"]["dependencies"] if d.startswith("llama-cpp-python"))
+    assert llama[0] == pin.split("==")[1] and llama[2] == 1  # one file: the source archive
+
+
+def test_a_stale_torch_or_llama_lock_is_named() -> None:
+    sys.path.insert(0, str(ROOT / "installer"))
+    try:
+        import lockfile
+    finally:
+        sys.path.pop(0)
+    assert lockfile.torch_lock_reason() is None and lockfile.llama_lock_reason() is None
+    real = lockfile.torch_version
+    try:
+        lockfile.torch_version = lambda: "9.9.9"
+        reason = lockfile.torch_lock_reason()
+    finally:
+        lockfile.torch_version = real
+    assert reason is not None and "torch==9.9.9" in reason
