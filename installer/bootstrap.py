@@ -191,12 +191,7 @@ def ensure_torch(backend: str) -> None:
 
 
 def llama_requirement() -> str:
-    data = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    for dep in data["project"]["dependencies"]:
-        if dep.replace("_", "-").startswith("llama-cpp-python=="):
-            return str(dep)
-    fail("pyproject.toml must pin llama-cpp-python with ==")
-    raise AssertionError  # unreachable
+    return f"llama-cpp-python=={lockfile.llama_pin()}"
 
 
 def wheel_cache_root() -> Path:

@@ -103,10 +103,20 @@ def _header(extras: str) -> str:
     )
 
 
+def _blocks(text: str) -> list[str]:
+    """uv's output, one block per package (its pin, markers and hashes)."""
+    return re.split(r"\n(?=\S)", text.strip("\n"))
+
+
+def _bare(block: str) -> str:
+    """A block without uv's ``# via`` comment lines."""
+    lines = [line for line in block.splitlines() if not line.strip().startswith("#")]
+    return "\n".join(lines).rstrip(" \\")
+
+
 def strip_unlocked(text: str) -> str:
     """``text`` (uv's output) without the packages set-up installs itself."""
-    blocks = re.split(r"\n(?=\S)", text.strip("\n"))
-    kept = [block for block in blocks if not _NOT_LOCKED.match(block)]
+    kept = [block for block in _blocks(text) if not _NOT_LOCKED.match(block)]
     return "\n".join(kept) + "\n"
 
 
@@ -146,23 +156,21 @@ def torch_lock_reason() -> str | None:
 
 def torch_blocks(text: str) -> str:
     """PyTorch and the packages that come with PyPI's build, from uv's output, hashed."""
-    blocks = re.split(r"\n(?=\S)", text.strip("\n"))
     kept = [
-        "\n".join(line for line in block.splitlines() if not line.strip().startswith("#"))
-        for block in blocks
+        _bare(block)
+        for block in _blocks(text)
         if _NOT_LOCKED.match(block) and not block.startswith("llama-cpp-python==")
     ]
     if not any(block.startswith(f"torch=={torch_version()} ") for block in kept):
         raise SystemExit(f"uv's resolution holds no torch=={torch_version()}")
-    return "\n".join(block.rstrip(" \\") for block in kept) + "\n"
+    return "\n".join(kept) + "\n"
 
 
 def llama_block(text: str) -> str:
     """The ``llama-cpp-python==... --hash=...`` block of uv's output (its source archive)."""
-    for block in re.split(r"\n(?=\S)", text.strip("\n")):
+    for block in _blocks(text):
         if block.startswith("llama-cpp-python=="):
-            lines = [line for line in block.splitlines() if not line.strip().startswith("#")]
-            return "\n".join(lines).rstrip(" \\") + "\n"
+            return _bare(block) + "\n"
     raise SystemExit("uv's resolution holds no llama-cpp-python")
 
 
