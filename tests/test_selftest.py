@@ -60,6 +60,10 @@ def test_a_crash_in_the_first_probe_falls_back_to_the_next_configuration(
     assert code == 0 and verdict["config"] == "no-repack"
     first, second = verdict["probes"]
     assert first["config"] == "default" and not first["ok"] and "SIGSEGV" in first["detail"]
+    # Where it died, in the one line a user or a bug report sees: the stage the probe had
+    # announced, and the innermost Python frame faulthandler printed.
+    assert "while evaluating a 301-token prompt in one batch" in first["detail"]
+    assert 'selftest.py", line' in first["detail"] and "_probe" in first["detail"]
     assert second["ok"]
     assert verdict["disabled"] and "repacked weight buffers" in verdict["disabled"][0]
     (line,) = stderr.strip().splitlines()

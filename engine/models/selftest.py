@@ -11,7 +11,11 @@ loads the default model with the thread count and GPU layers the engine would us
 evaluates a prompt of a few hundred tokens in one batch, scores 32 more tokens one at a
 time (their mean negative log-likelihood tells a working build from one that computes
 garbage: a 135M model reads plain English at about 2-3 nats a token, noise is ~10.8),
-then generates 32 tokens greedily through the engine's own generation loop.
+then generates 32 tokens greedily through the engine's own generation loop. The child
+says which stage it is in before each one (a line on stdout) and runs with faulthandler on,
+so a crash is reported with the stage it happened in and the last line llama.cpp or Python
+wrote ("SIGSEGV while loading the model (...)"): on a machine the test runs on once, that
+line is all anyone may see.
 Configurations are tried safest last (``runtime.RUNTIME_CONFIGS``); the first that
 passes is the verdict.
 
@@ -258,21 +262,58 @@ def _probe_in_child(model: Path, config: str) -> Probe:
     except subprocess.TimeoutExpired:
         return Probe(config, False, f"no answer in {PROBE_TIMEOUT_S:.0f} s", PROBE_TIMEOUT_S)
     elapsed = round(time.monotonic() - started, 2)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    stage, result = _read_child(done.stdout)
     if done.returncode < 0:
         from engine.protocol import describe_exit
 
-        return Probe(
-            config, False, describe_exit(done.returncode, "the probe", "llama.cpp"), elapsed
-        )
-    if not lines:
-        tail = (done.stderr.strip().splitlines() or ["no output"])[-1][:200]
-        return Probe(config, False, f"exit code {done.returncode}: {tail}", elapsed)
-    result = json.loads(lines[-1])
+        detail = describe_exit(done.returncode, "the probe", "llama.cpp")
+        if stage:
+            detail += f" while {stage}"
+        said = _last_words(done.stderr)
+        return Probe(config, False, f"{detail} ({said})" if said else detail, elapsed)
+    if result is None:
+        tail = _last_words(done.stderr) or "no output"
+        where = f" while {stage}" if stage else ""
+        return Probe(config, False, f"exit code {done.returncode}{where}: {tail}", elapsed)
     return Probe(config, bool(result["ok"]), str(result["detail"]), elapsed)
 
 
+def _read_child(stdout: str) -> tuple[str | None, dict[str, Any] | None]:
+    """The last stage the child announced, and its result line (None if it died first)."""
+    stage: str | None = None
+    result: dict[str, Any] | None = None
+    for line in stdout.splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            item = json.loads(line)
+        except ValueError:
+            continue
+        if "stage" in item:
+            stage = str(item["stage"])
+        elif "ok" in item:
+            result = item
+    return stage, result
+
+
+def _last_words(stderr: str) -> str:
+    """The child's last meaningful line on stderr, shortened (faulthandler's own lines skipped)."""
+    noise = ("Fatal Python error", "Current thread", "Thread 0x", "Extension modules", "<no Python")
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(noise)]
+    # faulthandler prints the Python stack innermost first: its first "File" line is where
+    # the crash happened; otherwise the last thing printed is the best clue.
+    frames = [line for line in useful if line.startswith("File ")]
+    return (frames[0] if frames else useful[-1] if useful else "")[:200]
+
+
 # -- the child: one probe ---------------------------------------------------------------
+
+
+def _stage(text: str) -> None:
+    """Tell the parent what the probe does next (it reports this if the probe dies)."""
+    sys.stdout.write(json.dumps({"stage": text}) + "\n")
+    sys.stdout.flush()
 
 
 def _probe(model_path: Path, config: str) -> tuple[bool, str]:
@@ -292,10 +333,12 @@ def _probe(model_path: Path, config: str) -> tuple[bool, str]:
         n_threads=hardware.physical_cores(),
         n_gpu_layers=gpu_layers,
     )
+    _stage(f"loading the model ({gpu_layers} GPU layers, {spec.n_threads} threads)")
     model = LoadedModel(spec, config)
     llm = model.llm
     tokens = model.tokenize(PROMPT, add_bos=True)
     head, tail = tokens[:-SCORED_TOKENS], tokens[-SCORED_TOKENS:]
+    _stage(f"evaluating a {len(head)}-token prompt in one batch")
     if os.environ.get(CRASH_SWITCH) == config:
         os.kill(os.getpid(), signal.SIGSEGV)  # test-only: where a native crash would happen
     llm.eval(head)  # one batch of a few hundred tokens: the path that crashes on AMX hosts
@@ -304,6 +347,7 @@ def _probe(model_path: Path, config: str) -> tuple[bool, str]:
 
     n_vocab = llm.n_vocab()
     nll = 0.0
+    _stage(f"scoring {len(tail)} tokens one at a time")
     for token in tail:
         logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm.ctx), shape=(n_vocab,))
         logits = logits.astype(np.float64)
@@ -324,6 +368,7 @@ def _probe(model_path: Path, config: str) -> tuple[bool, str]:
         (pieces.append(event.text) if isinstance(event, Chunk) else done.append(event))
 
     greedy = SamplingParams(max_tokens=GENERATED_TOKENS, temperature=0.0, seed=0)
+    _stage(f"generating {GENERATED_TOKENS} tokens through the engine's loop")
     model.generate(tokens, greedy, JobContext(), time.perf_counter(), emit)
     finished = done[-1] if done else None
     produced = getattr(finished, "completion_tokens", 0)
@@ -357,8 +402,11 @@ def _main(argv: list[str]) -> int:
     # First, before llama.cpp is loaded: every process Bastion starts runs under the guard.
     guard.activate()
     if args.command == "probe":
+        import faulthandler
+
         from engine.protocol import ExitCode
 
+        faulthandler.enable()  # a native crash prints the Python stack for the parent
         try:
             ok, detail = _probe(args.model, args.config)
         except Exception as exc:  # llama.cpp refused to load, or similar: a failed probe
