@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from engine.errors import OperationFailed
-from engine.models import lane, selftest
+from engine.models import lane, probe, selftest
 from tests.conftest import default_model_path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def run_selftest(tmp_path: Path, **switches: str) -> tuple[int, dict[str, Any], str]:
     out = tmp_path / "verdict.json"
     env = {**os.environ, **switches}
-    env.pop(selftest.CRASH_SWITCH, None) if not switches else None
+    env.pop(probe.CRASH_SWITCH, None) if not switches else None
     proc = subprocess.run(
         [sys.executable, "-m", "engine.models.selftest", "run", "--json", "--out", str(out)],
         capture_output=True,
@@ -46,10 +46,10 @@ def test_the_installed_build_passes_on_this_machine(tmp_path: Path) -> None:
     code, verdict, stderr = run_selftest(tmp_path)
     assert code == 0 and verdict["ok"]
     assert verdict["config"] == "default" and verdict["disabled"] == []
-    (probe,) = verdict["probes"]
-    assert probe["ok"] and "mean NLL" in probe["detail"] and "tokens generated" in probe["detail"]
-    nll = float(probe["detail"].split("mean NLL ")[1].split()[0])
-    assert 0.5 < nll < selftest.MAX_MEAN_NLL  # plain English, read by a working model
+    (only,) = verdict["probes"]
+    assert only["ok"] and "mean NLL" in only["detail"] and "tokens generated" in only["detail"]
+    nll = float(only["detail"].split("mean NLL ")[1].split()[0])
+    assert 0.5 < nll < probe.MAX_MEAN_NLL  # plain English, read by a working model
     assert stderr.strip().splitlines() == [verdict["summary"]]  # one line says the choice
 
 
@@ -63,7 +63,7 @@ def test_a_crash_in_the_first_probe_falls_back_to_the_next_configuration(
     # Where it died, in the one line a user or a bug report sees: the stage the probe had
     # announced, and the innermost Python frame faulthandler printed.
     assert "while evaluating a 301-token prompt in one batch" in first["detail"]
-    assert 'selftest.py", line' in first["detail"] and "_probe" in first["detail"]
+    assert 'probe.py", line' in first["detail"] and "in probe" in first["detail"]
     assert second["ok"]
     assert verdict["disabled"] and "repacked weight buffers" in verdict["disabled"][0]
     (line,) = stderr.strip().splitlines()
