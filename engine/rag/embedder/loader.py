@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -106,8 +107,18 @@ def _load(
     from engine.rag.embedder.torch_backend import torch_embedder
 
     layout = read_layout(folder)
+    if not export_in_child and torch_unsafe_here():
+        # As in the desktop: measuring and the int8 export go to a child, torch stays out.
+        log.info("a CUDA build of llama.cpp is loaded: the embedder keeps torch out of it")
+        export_in_child = True
 
     def load(backend: str, forced: bool = True) -> Embedder:
+        if backend != ONNX_INT8 and torch_unsafe_here():
+            raise OperationFailed(
+                f"the embedder {model_id} cannot run as {backend} in this process: a CUDA "
+                "build of llama.cpp is loaded in it, and importing torch after that crashes",
+                hint=f"use {ONNX_INT8} ({BACKEND_ENV}={ONNX_INT8})",
+            )
         if backend == ONNX_INT8:
             return onnx_embedder(
                 model_id,
@@ -133,7 +144,7 @@ def _load(
                 hint=f"unset {BACKEND_ENV} to fall back to {TORCH_FP32}",
             ) from exc
         log.warning("embedder %s runs in %s: %s", model_id, TORCH_FP32, exc)
-    return torch_embedder(model_id, folder, layout)
+    return load(TORCH_FP32)
 
 
 def choice_key(folder: Path) -> str:
@@ -200,12 +211,33 @@ def choose_backend(
     return choice.backend
 
 
+def torch_unsafe_here() -> bool:
+    """Whether importing torch could crash this process: a CUDA build of llama.cpp is
+    loaded in it and torch is not yet.
+
+    On an NVIDIA machine (bench/results/gpu.md) ``import llama_cpp; import torch`` died with
+    SIGSEGV inside ``import torch``: llama.cpp's CUDA libraries (the toolkit's, the system's
+    NCCL) were loaded first and torch's own did not fit beside them. The other order works
+    (the training worker imports torch first). Seen in this process's memory map (Linux).
+    """
+    if "torch" in sys.modules or "llama_cpp" not in sys.modules:
+        return False
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            return any("libggml-cuda" in line for line in maps)
+    except OSError:
+        return False
+
+
 def _cuda_available() -> bool:
     """True when torch can use an NVIDIA GPU, where fp32 torch beats CPU int8 by far.
 
-    Checked without importing torch (a second and ~200 MB) on machines with no NVIDIA driver.
+    Checked without importing torch (a second and ~200 MB) on machines with no NVIDIA driver,
+    nor where importing it could crash the process (``torch_unsafe_here``).
     """
     if not (Path("/proc/driver/nvidia").exists() or shutil.which("nvidia-smi")):
+        return False
+    if torch_unsafe_here():
         return False
     try:
         import torch
