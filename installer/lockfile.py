@@ -13,11 +13,12 @@ resolved is refused.
 Three things are kept out of the lock and installed by set-up itself, pinned exactly:
 
 * PyTorch (its version lives in ``[tool.bastion] torch`` in pyproject.toml): the build
-  differs by machine -- the CPU build (``+cpu``, from PyTorch's own index, which has
-  other files and hashes than PyPI, and is installed unhashed) where there is no NVIDIA
-  GPU, PyPI's CUDA build with its ``nvidia-*``/``cuda-*`` libraries and Triton where
-  there is one (and on macOS): that one is locked with its hashes in ``torch.txt``, cut
-  from the same resolution. The lock still holds PyTorch's other dependencies (sympy,
+  differs by machine -- the CPU build (``+cpu``) where there is no NVIDIA GPU, locked in
+  ``torch-cpu.txt`` with the SHA-256 of each of its files as PyTorch's own CPU index
+  lists them (that index has other files and hashes than PyPI, so uv's resolution can't
+  give them); PyPI's CUDA build with its ``nvidia-*``/``cuda-*`` libraries and Triton
+  where there is one (and on macOS), locked with its hashes in ``torch.txt``, cut from
+  the same resolution. The lock still holds PyTorch's other dependencies (sympy,
   networkx, filelock, fsspec, ...).
 * llama-cpp-python, built from source for this machine's backend (its version is the
   ``==`` pin in pyproject.toml). Its source archive is locked on its own, with its hash,
@@ -36,6 +37,9 @@ import re
 import subprocess
 import tempfile
 import tomllib
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -46,6 +50,10 @@ LLAMA_LOCK = LOCK_DIR / "llama-cpp-python.txt"
 # PyPI's PyTorch with what it brings on each platform (CUDA libraries, Triton), hashed:
 # set-up installs it from here where it takes PyPI's build (an NVIDIA GPU, macOS).
 TORCH_LOCK = LOCK_DIR / "torch.txt"
+# PyTorch's CPU build (``torch==VERSION+cpu``), hashed: set-up installs it where there is
+# no NVIDIA GPU. Its files are on PyTorch's own index only.
+TORCH_CPU_LOCK = LOCK_DIR / "torch-cpu.txt"
+TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 # The resolver that writes the lock (not needed to install from it).
 UV_VERSION = "0.13.9"
 # The oldest Python the project takes; uv's universal resolution covers it and newer.
@@ -154,6 +162,66 @@ def torch_lock_reason() -> str | None:
     return None
 
 
+def torch_cpu_lock_reason() -> str | None:
+    """Why torch-cpu.txt can't be installed from as it is, or None when it can."""
+    if not TORCH_CPU_LOCK.is_file():
+        return f"{TORCH_CPU_LOCK.relative_to(ROOT)} is missing"
+    text = TORCH_CPU_LOCK.read_text()
+    if f"\ntorch=={torch_version()}+cpu " not in text or "--hash=sha256:" not in text:
+        return (
+            f"{TORCH_CPU_LOCK.relative_to(ROOT)} does not pin torch=={torch_version()}+cpu "
+            "with its hashes (pyproject.toml's [tool.bastion] torch changed)"
+        )
+    return None
+
+
+# An index page's link to a wheel, with the digest PEP 503 lets the index append.
+_WHEEL_LINK = re.compile(r'href="([^"#]*?([^/"#]+\.whl))#sha256=([0-9a-f]{64})"')
+
+
+def cpu_torch_block(version: str, page: str) -> str:
+    """``torch==VERSION+cpu`` with one ``--hash`` per ``+cpu`` wheel that ``page`` links.
+
+    ``page`` is the PEP 503 page of the project ``torch`` on PyTorch's CPU index (``<a
+    href=".../torch-2.13.0%2Bcpu-cp311-cp311-manylinux_2_28_x86_64.whl#sha256=...">``).
+    """
+    prefix = f"torch-{version}+cpu-"
+    digests = {}
+    for _href, quoted, digest in _WHEEL_LINK.findall(page):
+        name = urllib.parse.unquote(quoted)
+        if name.startswith(prefix):
+            digests[name] = digest
+    if not digests:
+        raise SystemExit(f"PyTorch's CPU index lists no torch {version}+cpu wheel with a hash")
+    lines = [f"torch=={version}+cpu"]
+    lines += [f"    --hash=sha256:{digests[name]}" for name in sorted(digests)]
+    return " \\\n".join(lines) + "\n"
+
+
+def fetch_cpu_torch_page(index: str = TORCH_CPU_INDEX) -> str:
+    """The PEP 503 page of ``torch`` on PyTorch's CPU index (the lock refresh only)."""
+    url = index.rstrip("/") + "/torch/"
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            return str(response.read().decode("utf-8"))
+    except (urllib.error.URLError, OSError) as exc:
+        raise SystemExit(f"could not read {url}: {exc}") from None
+
+
+def write_cpu_torch_lock(page: str) -> Path:
+    """Write torch-cpu.txt from PyTorch's CPU index page of ``torch``."""
+    partial = TORCH_CPU_LOCK.with_suffix(".partial")
+    partial.write_text(
+        "# PyTorch's CPU build, which set-up installs where there is no NVIDIA GPU\n"
+        "# (`pip install --no-deps --require-hashes -r` this file): one hash per file of\n"
+        f"# it, as PyTorch's CPU index lists them ({TORCH_CPU_INDEX}/torch/).\n"
+        "# Written by `python3 installer/bootstrap.py lock`; do not edit by hand.\n"
+        + cpu_torch_block(torch_version(), page)
+    )
+    partial.replace(TORCH_CPU_LOCK)
+    return TORCH_CPU_LOCK
+
+
 def torch_blocks(text: str) -> str:
     """PyTorch and the packages that come with PyPI's build, from uv's output, hashed."""
     kept = [
@@ -184,10 +252,12 @@ def locked_names(path: Path) -> set[str]:
     return names
 
 
-def refresh(uv: Path, log: Callable[[str], None]) -> list[Path]:
+def refresh(uv: Path, log: Callable[[str], None], cpu_index: str = TORCH_CPU_INDEX) -> list[Path]:
     """Resolve every extras set again with ``uv`` and rewrite the lock files."""
     LOCK_DIR.mkdir(parents=True, exist_ok=True)
-    written = []
+    log(f"reading the hashes of PyTorch's CPU build from {cpu_index}")
+    cpu_page = fetch_cpu_torch_page(cpu_index)
+    written = [write_cpu_torch_lock(cpu_page)]
     with tempfile.TemporaryDirectory(prefix="bastion-lock-") as tmp:
         constraints = Path(tmp) / "constraints.txt"
         constraints.write_text(f"torch=={torch_version()}\n")
@@ -224,7 +294,7 @@ def refresh(uv: Path, log: Callable[[str], None]) -> list[Path]:
                     "# PyTorch as PyPI builds it (CUDA on Linux x86-64, Metal on macOS) with the\n"
                     "# packages that build brings, hashed; set-up installs it where it takes\n"
                     "# PyPI's build (`pip install --no-deps --require-hashes -r` this file).\n"
-                    "# The CPU build (torch==VERSION+cpu) is on PyTorch's own index, not here.\n"
+                    "# The CPU build (torch==VERSION+cpu) is in torch-cpu.txt.\n"
                     "# Written by `python3 installer/bootstrap.py lock`; do not edit by hand.\n"
                     + torch_blocks(raw.read_text())
                 )

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import http.server
 import importlib.metadata
 import os
 import re
 import shutil
 import subprocess
 import sys
+import threading
 import tomllib
+import zipfile
 from pathlib import Path
 
+import pytest
 from packaging.markers import Marker
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -122,11 +126,7 @@ def test_pypi_torch_and_the_llama_source_are_locked_with_hashes() -> None:
 
 
 def test_a_stale_torch_or_llama_lock_is_named() -> None:
-    sys.path.insert(0, str(ROOT / "installer"))
-    try:
-        import lockfile
-    finally:
-        sys.path.pop(0)
+    lockfile = _lockfile()
     assert lockfile.torch_lock_reason() is None and lockfile.llama_lock_reason() is None
     real = lockfile.torch_version
     try:
@@ -135,3 +135,101 @@ def test_a_stale_torch_or_llama_lock_is_named() -> None:
     finally:
         lockfile.torch_version = real
     assert reason is not None and "torch==9.9.9" in reason
+
+
+def _lockfile():  # type: ignore[no-untyped-def]
+    sys.path.insert(0, str(ROOT / "installer"))
+    try:
+        import lockfile
+    finally:
+        sys.path.pop(0)
+    return lockfile
+
+
+def test_cpu_torch_is_locked_with_hashes() -> None:
+    """torch-cpu.txt: the CPU build at the one pinned version, a hash per file of it."""
+    lockfile = _lockfile()
+    pinned = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["bastion"]["torch"]
+    pins = _pins(LOCKS / "torch-cpu.txt")
+    assert list(pins) == ["torch"]
+    [(version, marker, hashes)] = pins["torch"]
+    assert version == f"{pinned}+cpu" and marker is None and hashes >= 8
+    assert lockfile.torch_cpu_lock_reason() is None
+    real = lockfile.torch_version
+    try:
+        lockfile.torch_version = lambda: "9.9.9"
+        reason = lockfile.torch_cpu_lock_reason()
+    finally:
+        lockfile.torch_version = real
+    assert reason is not None and "torch==9.9.9+cpu" in reason
+
+
+def _fake_wheel(folder: Path, version: str) -> Path:
+    """A wheel named like this machine's CPU build of torch, with other bytes."""
+    tag = f"cp{sys.version_info.major}{sys.version_info.minor}"
+    wheel = folder / f"torch-{version}+cpu-{tag}-{tag}-manylinux_2_28_{os.uname().machine}.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("torch/__init__.py", "substituted = True\n")
+    return wheel
+
+
+def test_a_cpu_torch_that_is_not_the_locked_file_is_refused(tmp_path: Path) -> None:
+    """Set-up's own command for the CPU build (pip, --require-hashes, torch-cpu.txt)."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the CPU build's file names here are Linux ones")
+    pinned = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["bastion"]["torch"]
+    links = tmp_path / "links"
+    links.mkdir()
+    _fake_wheel(links, pinned)
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--isolated", "--no-index", "--find-links",
+         str(links), "--dest", str(tmp_path / "out"), "--no-deps", "--require-hashes", "-r",
+         str(LOCKS / "torch-cpu.txt")],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "DO NOT MATCH THE HASHES" in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_the_lock_refresh_takes_the_cpu_hashes_from_the_index(tmp_path: Path) -> None:
+    """`bootstrap.py lock` reads PyTorch's CPU index page (PEP 503) for torch-cpu.txt."""
+    lockfile = _lockfile()
+    digests = {name: f"{i:064x}" for i, name in enumerate([
+        "torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl",
+        "torch-2.13.0+cpu-cp311-cp311-win_amd64.whl",
+        "torch-2.13.0+cpu-cp312-cp312-manylinux_2_28_aarch64.whl",
+        "torch-2.13.0-cp311-cp311-macosx_14_0_arm64.whl",  # not the CPU build's name
+        "torch-2.12.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl",  # another version
+    ], start=1)}  # fmt: skip
+    links = "".join(
+        f'<a href="/whl/cpu/{name.replace("+", "%2B")}#sha256={digest}">{name}</a><br/>\n'
+        for name, digest in digests.items()
+    )
+    page = f"<!DOCTYPE html>\n<html><body>\n<h1>Links for torch</h1>\n{links}</body></html>\n"
+    (tmp_path / "whl" / "cpu" / "torch").mkdir(parents=True)
+    (tmp_path / "whl" / "cpu" / "torch" / "index.html").write_text(page)
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+            super().__init__(*args, directory=str(tmp_path), **kwargs)
+
+        def log_message(self, *args) -> None:  # type: ignore[no-untyped-def]
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        fetched = lockfile.fetch_cpu_torch_page(f"http://127.0.0.1:{server.server_port}/whl/cpu")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert fetched == page
+    block = lockfile.cpu_torch_block("2.13.0", fetched)
+    assert block.splitlines()[0] == "torch==2.13.0+cpu \\"
+    wanted = [digests[name] for name in sorted(digests) if name.startswith("torch-2.13.0+cpu-")]
+    assert re.findall(r"--hash=sha256:([0-9a-f]{64})", block) == wanted
+    with pytest.raises(SystemExit, match=re.escape("no torch 2.14.0+cpu wheel")):
+        lockfile.cpu_torch_block("2.14.0", fetched)
+    with pytest.raises(SystemExit, match=re.escape("could not read http://127.0.0.1:9/")):
+        lockfile.fetch_cpu_torch_page("http://127.0.0.1:9")
