@@ -137,42 +137,33 @@ def llama_pin() -> str:
     raise SystemExit("pyproject.toml must pin llama-cpp-python with ==")
 
 
+def _pin_reason(path: Path, pin: str, changed: str) -> str | None:
+    """Why the lock file ``path`` can't be installed from as it is (it is missing, or does
+    not pin ``pin`` with hashes because ``changed``), or None when it can."""
+    if not path.is_file():
+        return f"{path.relative_to(ROOT)} is missing"
+    text = path.read_text()
+    if not re.search(f"^{re.escape(pin)} ", text, re.MULTILINE) or "--hash=sha256:" not in text:
+        return f"{path.relative_to(ROOT)} does not pin {pin} with its hashes ({changed})"
+    return None
+
+
 def llama_lock_reason() -> str | None:
     """Why llama-cpp-python.txt can't be built from as it is, or None when it can."""
-    if not LLAMA_LOCK.is_file():
-        return f"{LLAMA_LOCK.relative_to(ROOT)} is missing"
-    text = LLAMA_LOCK.read_text()
-    if f"llama-cpp-python=={llama_pin()} " not in text or "--hash=sha256:" not in text:
-        return (
-            f"{LLAMA_LOCK.relative_to(ROOT)} does not pin llama-cpp-python=={llama_pin()} "
-            "with a hash (pyproject.toml's pin changed)"
-        )
-    return None
+    pin = f"llama-cpp-python=={llama_pin()}"
+    return _pin_reason(LLAMA_LOCK, pin, "pyproject.toml's pin changed")
 
 
 def torch_lock_reason() -> str | None:
     """Why torch.txt can't be installed from as it is, or None when it can."""
-    if not TORCH_LOCK.is_file():
-        return f"{TORCH_LOCK.relative_to(ROOT)} is missing"
-    if f"\ntorch=={torch_version()} " not in TORCH_LOCK.read_text():
-        return (
-            f"{TORCH_LOCK.relative_to(ROOT)} does not pin torch=={torch_version()} "
-            "(pyproject.toml's [tool.bastion] torch changed)"
-        )
-    return None
+    changed = "pyproject.toml's [tool.bastion] torch changed"
+    return _pin_reason(TORCH_LOCK, f"torch=={torch_version()}", changed)
 
 
 def torch_cpu_lock_reason() -> str | None:
     """Why torch-cpu.txt can't be installed from as it is, or None when it can."""
-    if not TORCH_CPU_LOCK.is_file():
-        return f"{TORCH_CPU_LOCK.relative_to(ROOT)} is missing"
-    text = TORCH_CPU_LOCK.read_text()
-    if f"\ntorch=={torch_version()}+cpu " not in text or "--hash=sha256:" not in text:
-        return (
-            f"{TORCH_CPU_LOCK.relative_to(ROOT)} does not pin torch=={torch_version()}+cpu "
-            "with its hashes (pyproject.toml's [tool.bastion] torch changed)"
-        )
-    return None
+    changed = "pyproject.toml's [tool.bastion] torch changed"
+    return _pin_reason(TORCH_CPU_LOCK, f"torch=={torch_version()}+cpu", changed)
 
 
 # An index page's link to a wheel, with the digest PEP 503 lets the index append.

@@ -125,16 +125,17 @@ def test_pypi_torch_and_the_llama_source_are_locked_with_hashes() -> None:
     assert llama[0] == pin.split("==")[1] and llama[2] == 1  # one file: the source archive
 
 
-def test_a_stale_torch_or_llama_lock_is_named() -> None:
+def test_a_stale_torch_or_llama_lock_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     lockfile = _lockfile()
     assert lockfile.torch_lock_reason() is None and lockfile.llama_lock_reason() is None
-    real = lockfile.torch_version
-    try:
-        lockfile.torch_version = lambda: "9.9.9"
-        reason = lockfile.torch_lock_reason()
-    finally:
-        lockfile.torch_version = real
-    assert reason is not None and "torch==9.9.9" in reason
+    assert lockfile.torch_cpu_lock_reason() is None
+    monkeypatch.setattr(lockfile, "torch_version", lambda: "9.9.9")
+    reason, cpu_reason = lockfile.torch_lock_reason(), lockfile.torch_cpu_lock_reason()
+    assert reason is not None and "does not pin torch==9.9.9 " in reason
+    assert cpu_reason is not None and "torch-cpu.txt does not pin torch==9.9.9+cpu" in cpu_reason
+    monkeypatch.setattr(lockfile, "llama_pin", lambda: "0.0.1")
+    reason = lockfile.llama_lock_reason()
+    assert reason is not None and "does not pin llama-cpp-python==0.0.1" in reason
 
 
 def _lockfile():  # type: ignore[no-untyped-def]
@@ -148,20 +149,11 @@ def _lockfile():  # type: ignore[no-untyped-def]
 
 def test_cpu_torch_is_locked_with_hashes() -> None:
     """torch-cpu.txt: the CPU build at the one pinned version, a hash per file of it."""
-    lockfile = _lockfile()
     pinned = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["bastion"]["torch"]
     pins = _pins(LOCKS / "torch-cpu.txt")
     assert list(pins) == ["torch"]
     [(version, marker, hashes)] = pins["torch"]
     assert version == f"{pinned}+cpu" and marker is None and hashes >= 8
-    assert lockfile.torch_cpu_lock_reason() is None
-    real = lockfile.torch_version
-    try:
-        lockfile.torch_version = lambda: "9.9.9"
-        reason = lockfile.torch_cpu_lock_reason()
-    finally:
-        lockfile.torch_version = real
-    assert reason is not None and "torch==9.9.9+cpu" in reason
 
 
 def _fake_wheel(folder: Path, version: str) -> Path:
