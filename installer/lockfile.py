@@ -154,20 +154,21 @@ def llama_lock_reason() -> str | None:
     return _pin_reason(LLAMA_LOCK, pin, "pyproject.toml's pin changed")
 
 
+_TORCH_CHANGED = "pyproject.toml's [tool.bastion] torch changed"
+
+
 def torch_lock_reason() -> str | None:
     """Why torch.txt can't be installed from as it is, or None when it can."""
-    changed = "pyproject.toml's [tool.bastion] torch changed"
-    return _pin_reason(TORCH_LOCK, f"torch=={torch_version()}", changed)
+    return _pin_reason(TORCH_LOCK, f"torch=={torch_version()}", _TORCH_CHANGED)
 
 
 def torch_cpu_lock_reason() -> str | None:
     """Why torch-cpu.txt can't be installed from as it is, or None when it can."""
-    changed = "pyproject.toml's [tool.bastion] torch changed"
-    return _pin_reason(TORCH_CPU_LOCK, f"torch=={torch_version()}+cpu", changed)
+    return _pin_reason(TORCH_CPU_LOCK, f"torch=={torch_version()}+cpu", _TORCH_CHANGED)
 
 
 # An index page's link to a wheel, with the digest PEP 503 lets the index append.
-_WHEEL_LINK = re.compile(r'href="([^"#]*?([^/"#]+\.whl))#sha256=([0-9a-f]{64})"')
+_WHEEL_LINK = re.compile(r'href="[^"#]*?([^/"#]+\.whl)#sha256=([0-9a-f]{64})"')
 
 
 def cpu_torch_block(version: str, page: str) -> str:
@@ -178,7 +179,7 @@ def cpu_torch_block(version: str, page: str) -> str:
     """
     prefix = f"torch-{version}+cpu-"
     digests = {}
-    for _href, quoted, digest in _WHEEL_LINK.findall(page):
+    for quoted, digest in _WHEEL_LINK.findall(page):
         name = urllib.parse.unquote(quoted)
         if name.startswith(prefix):
             digests[name] = digest
@@ -199,18 +200,24 @@ def fetch_cpu_torch_page(index: str = TORCH_CPU_INDEX) -> str:
         raise SystemExit(f"could not read {url}: {exc}") from None
 
 
+def _replace(path: Path, text: str) -> Path:
+    """Write ``path`` whole or not at all (a lock file is never left half written)."""
+    partial = path.with_suffix(".partial")
+    partial.write_text(text)
+    partial.replace(path)
+    return path
+
+
 def write_cpu_torch_lock(page: str) -> Path:
     """Write torch-cpu.txt from PyTorch's CPU index page of ``torch``."""
-    partial = TORCH_CPU_LOCK.with_suffix(".partial")
-    partial.write_text(
+    return _replace(
+        TORCH_CPU_LOCK,
         "# PyTorch's CPU build, which set-up installs where there is no NVIDIA GPU\n"
         "# (`pip install --no-deps --require-hashes -r` this file): one hash per file of\n"
         f"# it, as PyTorch's CPU index lists them ({TORCH_CPU_INDEX}/torch/).\n"
         "# Written by `python3 installer/bootstrap.py lock`; do not edit by hand.\n"
-        + cpu_torch_block(torch_version(), page)
+        + cpu_torch_block(torch_version(), page),
     )
-    partial.replace(TORCH_CPU_LOCK)
-    return TORCH_CPU_LOCK
 
 
 def torch_blocks(text: str) -> str:
@@ -243,12 +250,11 @@ def locked_names(path: Path) -> set[str]:
     return names
 
 
-def refresh(uv: Path, log: Callable[[str], None], cpu_index: str = TORCH_CPU_INDEX) -> list[Path]:
+def refresh(uv: Path, log: Callable[[str], None]) -> list[Path]:
     """Resolve every extras set again with ``uv`` and rewrite the lock files."""
     LOCK_DIR.mkdir(parents=True, exist_ok=True)
-    log(f"reading the hashes of PyTorch's CPU build from {cpu_index}")
-    cpu_page = fetch_cpu_torch_page(cpu_index)
-    written = [write_cpu_torch_lock(cpu_page)]
+    log(f"reading the hashes of PyTorch's CPU build from {TORCH_CPU_INDEX}")
+    written = [write_cpu_torch_lock(fetch_cpu_torch_page())]
     with tempfile.TemporaryDirectory(prefix="bastion-lock-") as tmp:
         constraints = Path(tmp) / "constraints.txt"
         constraints.write_text(f"torch=={torch_version()}\n")
@@ -265,30 +271,22 @@ def refresh(uv: Path, log: Callable[[str], None], cpu_index: str = TORCH_CPU_IND
             result = subprocess.run(cmd, cwd=ROOT, check=False)
             if result.returncode != 0:
                 raise SystemExit(f"uv could not resolve the extras {extras!r}; see above")
-            target = lock_path(extras)
-            partial = target.with_suffix(".partial")
-            partial.write_text(_header(extras) + strip_unlocked(raw.read_text()))
-            partial.replace(target)
-            written.append(target)
+            text = raw.read_text()
+            written.append(_replace(lock_path(extras), _header(extras) + strip_unlocked(text)))
             if not extras:
-                partial = LLAMA_LOCK.with_suffix(".partial")
-                partial.write_text(
+                llama = (
                     "# llama-cpp-python's source archive, which set-up builds for each machine,\n"
                     "# with its hash (`pip wheel --require-hashes -r` this file).\n"
                     "# Written by `python3 installer/bootstrap.py lock`; do not edit by hand.\n"
-                    + llama_block(raw.read_text())
+                    + llama_block(text)
                 )
-                partial.replace(LLAMA_LOCK)
-                written.append(LLAMA_LOCK)
-                partial = TORCH_LOCK.with_suffix(".partial")
-                partial.write_text(
+                torch = (
                     "# PyTorch as PyPI builds it (CUDA on Linux x86-64, Metal on macOS) with the\n"
                     "# packages that build brings, hashed; set-up installs it where it takes\n"
                     "# PyPI's build (`pip install --no-deps --require-hashes -r` this file).\n"
                     "# The CPU build (torch==VERSION+cpu) is in torch-cpu.txt.\n"
                     "# Written by `python3 installer/bootstrap.py lock`; do not edit by hand.\n"
-                    + torch_blocks(raw.read_text())
+                    + torch_blocks(text)
                 )
-                partial.replace(TORCH_LOCK)
-                written.append(TORCH_LOCK)
+                written += [_replace(LLAMA_LOCK, llama), _replace(TORCH_LOCK, torch)]
     return written
