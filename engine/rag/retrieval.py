@@ -1,5 +1,7 @@
 """Retrieval: dense search in the FAISS cache, keyword search in FTS5, fused by their scores.
 
+In hybrid mode the first passages are then scored again by a stronger embedder (``rerank``).
+
 The FAISS index of a collection is a cache of the vectors in SQLite. It is tagged with
 the collection's ``generation`` (bumped by every committed change); when the tags differ,
 or the files are missing or damaged, it is rebuilt from SQLite and saved again.
@@ -17,6 +19,7 @@ from typing import Any
 
 from engine.errors import InvalidInput
 from engine.rag.collections import Collection, CollectionStore, StoredChunk
+from engine.rag.rerank import RERANK_DEPTH, rerank
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +100,7 @@ _WORD = re.compile(r"\w+", re.UNICODE)
 @dataclass(frozen=True)
 class SearchResult:
     chunk: StoredChunk
-    score: float  # the fused score in hybrid mode, else the method's own
+    score: float  # hybrid: the fused score (the second stage's in its top); else the method's
     dense_score: float | None  # cosine similarity, when dense search found it
     dense_rank: int | None
     keyword_rank: int | None
@@ -248,7 +251,15 @@ class Retriever:
         else:
             ranked = fuse(dense, keyword)
         # Over-fetch: chunks of documents being re-indexed drop out in the join.
-        chunks = self._store.chunks([cid for cid, _ in ranked[: k * 2]])
+        depth = max(k * 2, RERANK_DEPTH) if mode == "hybrid" else k * 2
+        chunks = self._store.chunks([cid for cid, _ in ranked[:depth]])
+        if mode == "hybrid":
+
+            def text_of(cid: int) -> str | None:
+                chunk = chunks.get(cid)
+                return None if chunk is None else f"{chunk.heading or ''}\n{chunk.text}"
+
+            ranked = rerank(ranked, keyword, text_of, query, fuse)
         results = []
         for cid, score in ranked:
             chunk = chunks.get(cid)

