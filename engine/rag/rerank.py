@@ -24,9 +24,10 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,8 @@ class Reranker:
 
     def encode(self, texts: list[str]) -> np.ndarray:
         """Unit vectors of ``texts``, in batches of similar length."""
+        import numpy as np
+
         out = np.zeros((len(texts), 0), dtype=np.float32)
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         for start in range(0, len(order), BATCH):
@@ -96,6 +99,8 @@ class Reranker:
 
     def passages(self, texts: list[str]) -> np.ndarray:
         """``encode`` with the passages scored before taken from memory."""
+        import numpy as np
+
         with self._cache_lock:
             known = {t: self._cache[t] for t in texts if t in self._cache}
             for t in known:
