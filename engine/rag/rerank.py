@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -55,17 +54,11 @@ class Reranker:
     """bge-small-en-v1.5 (CLS pooling, normalised) through ONNX Runtime."""
 
     def __init__(self, folder: Path) -> None:
-        import onnxruntime as ort
-        import psutil
         from tokenizers import Tokenizer
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = psutil.cpu_count(logical=False) or os.cpu_count() or 1
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        self._session = ort.InferenceSession(
-            str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"]
-        )
+        from engine.rag.embedder.onnx_backend import onnx_session
+
+        self._session = onnx_session(folder / "model.onnx")
         self._inputs = {i.name for i in self._session.get_inputs()}
         self._tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         self._tokenizer.no_padding()

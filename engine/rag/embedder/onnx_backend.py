@@ -146,7 +146,8 @@ def onnx_embedder(
         raise NoOnnx(f"the cached int8 model {model_file} cannot be loaded: {exc}") from exc
 
 
-def _onnx_session(model_file: Path) -> Any:
+def onnx_session(model_file: Path) -> Any:
+    """An ONNX Runtime session on the CPU, one thread per physical core, its notices off."""
     import onnxruntime as ort
     import psutil
 
@@ -162,7 +163,7 @@ def _onnx_from_file(model_id: str, layout: Layout, models: Path) -> Embedder:
     """The onnx-int8 embedder over ``models/model-int8.onnx`` and ``models/model-fp32.onnx``."""
     from tokenizers import Tokenizer
 
-    int8 = _onnx_session(models / INT8_FILE)
+    int8 = onnx_session(models / INT8_FILE)
     fp32: list[Any] = []  # loaded at the first short batch: indexing-only runs never need it
     fp32_lock = threading.Lock()
     inputs = {i.name for i in int8.get_inputs()}
@@ -203,7 +204,7 @@ def _onnx_from_file(model_id: str, layout: Layout, models: Path) -> Embedder:
         if short:
             with fp32_lock:
                 if not fp32:
-                    fp32.append(_onnx_session(models / FP32_FILE))
+                    fp32.append(onnx_session(models / FP32_FILE))
             out[short] = run(fp32[0], [encodings[i] for i in short])
         if len(short) < len(texts):
             long = sorted(set(range(len(texts))) - set(short))
