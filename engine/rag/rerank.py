@@ -59,7 +59,6 @@ class Reranker:
         from engine.rag.embedder.onnx_backend import onnx_session
 
         self._session = onnx_session(folder / "model.onnx")
-        self._inputs = {i.name for i in self._session.get_inputs()}
         self._tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         self._tokenizer.no_padding()
         self._tokenizer.enable_truncation(MAX_TOKENS)
@@ -70,24 +69,15 @@ class Reranker:
         """Unit vectors of ``texts``, in batches of similar length."""
         import numpy as np
 
-        out = np.zeros((len(texts), 0), dtype=np.float32)
+        from engine.rag.embedder.onnx_backend import pooled
+
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        for start in range(0, len(order), BATCH):
-            rows = order[start : start + BATCH]
-            encodings = self._tokenizer.encode_batch_fast([texts[i] for i in rows])
-            width = max(len(e.ids) for e in encodings)
-            ids = np.zeros((len(rows), width), dtype=np.int64)
-            mask = np.zeros_like(ids)
-            for row, enc in enumerate(encodings):
-                ids[row, : len(enc.ids)] = enc.ids
-                mask[row, : len(enc.ids)] = 1
-            feed = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
-            hidden = self._session.run(None, {k: v for k, v in feed.items() if k in self._inputs})
-            cls = np.asarray(hidden[0][:, 0], dtype=np.float32)
-            cls /= np.maximum(np.linalg.norm(cls, axis=1, keepdims=True), 1e-12)
-            if out.shape[1] == 0:
-                out = np.zeros((len(texts), cls.shape[1]), dtype=np.float32)
-            out[rows] = cls
+        batches = [[texts[i] for i in order[s : s + BATCH]] for s in range(0, len(order), BATCH)]
+        encode = self._tokenizer.encode_batch_fast
+        vectors = np.concatenate([pooled(self._session, encode(b), "cls") for b in batches])
+        vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        out = np.empty_like(vectors)
+        out[order] = vectors
         return out
 
     def passages(self, texts: list[str]) -> np.ndarray:

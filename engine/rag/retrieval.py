@@ -19,6 +19,7 @@ from typing import Any
 
 from engine.errors import InvalidInput
 from engine.rag.collections import Collection, CollectionStore, StoredChunk
+from engine.rag.reading import embedded_text
 from engine.rag.rerank import RERANK_DEPTH, rerank
 
 log = logging.getLogger(__name__)
@@ -257,7 +258,7 @@ class Retriever:
 
             def text_of(cid: int) -> str | None:
                 chunk = chunks.get(cid)
-                return None if chunk is None else f"{chunk.heading or ''}\n{chunk.text}"
+                return None if chunk is None else embedded_text(chunk.text, chunk.heading)
 
             ranked = rerank(ranked, keyword, text_of, query, fuse)
         results = []

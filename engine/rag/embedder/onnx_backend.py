@@ -159,6 +159,27 @@ def onnx_session(model_file: Path) -> Any:
     return ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
 
 
+def pooled(session: Any, encodings: list[Any], pooling: str | None) -> np.ndarray:
+    """One batch of tokenizer ``encodings`` through a BERT-like ``session``, padded to the
+    longest, pooled by ``pooling`` ("cls", else the mean over real tokens); not normalised."""
+    width = max(len(e.ids) for e in encodings)
+    ids = np.zeros((len(encodings), width), dtype=np.int64)
+    types = np.zeros_like(ids)
+    mask = np.zeros_like(ids)
+    for row, enc in enumerate(encodings):
+        ids[row, : len(enc.ids)] = enc.ids
+        types[row, : len(enc.ids)] = enc.type_ids
+        mask[row, : len(enc.ids)] = 1
+    feed = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+    inputs = {i.name for i in session.get_inputs()}
+    hidden = session.run(None, {k: v for k, v in feed.items() if k in inputs})[0]
+    if pooling == "cls":
+        return np.asarray(hidden[:, 0], dtype=np.float32)
+    weights = mask[:, :, None].astype(np.float32)
+    summed = (hidden * weights).sum(axis=1)
+    return np.asarray(summed / np.maximum(weights.sum(axis=1), 1e-9), dtype=np.float32)
+
+
 def _onnx_from_file(model_id: str, layout: Layout, models: Path) -> Embedder:
     """The onnx-int8 embedder over ``models/model-int8.onnx`` and ``models/model-fp32.onnx``."""
     from tokenizers import Tokenizer
@@ -166,7 +187,6 @@ def _onnx_from_file(model_id: str, layout: Layout, models: Path) -> Embedder:
     int8 = onnx_session(models / INT8_FILE)
     fp32: list[Any] = []  # loaded at the first short batch: indexing-only runs never need it
     fp32_lock = threading.Lock()
-    inputs = {i.name for i in int8.get_inputs()}
     tokenizer_file = str(layout.transformer_dir / "tokenizer.json")
     counter = Tokenizer.from_file(tokenizer_file)
     counter.no_truncation()
@@ -178,23 +198,6 @@ def _onnx_from_file(model_id: str, layout: Layout, models: Path) -> Embedder:
     tokenizer.no_padding()
     tokenizer.enable_truncation(layout.max_tokens)
 
-    def run(session: Any, encodings: list[Any]) -> np.ndarray:
-        width = max(len(e.ids) for e in encodings)
-        ids = np.zeros((len(encodings), width), dtype=np.int64)
-        types = np.zeros_like(ids)
-        mask = np.zeros_like(ids)
-        for row, enc in enumerate(encodings):
-            ids[row, : len(enc.ids)] = enc.ids
-            types[row, : len(enc.ids)] = enc.type_ids
-            mask[row, : len(enc.ids)] = 1
-        feed = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
-        hidden = session.run(None, {k: v for k, v in feed.items() if k in inputs})[0]
-        if layout.pooling == "cls":
-            return np.asarray(hidden[:, 0], dtype=np.float32)
-        weights = mask[:, :, None].astype(np.float32)
-        summed = (hidden * weights).sum(axis=1)
-        return np.asarray(summed / np.maximum(weights.sum(axis=1), 1e-9), dtype=np.float32)
-
     def encode_batch(texts: list[str]) -> np.ndarray:
         if layout.lowercase:
             texts = [t.lower() for t in texts]
@@ -205,10 +208,10 @@ def _onnx_from_file(model_id: str, layout: Layout, models: Path) -> Embedder:
             with fp32_lock:
                 if not fp32:
                     fp32.append(onnx_session(models / FP32_FILE))
-            out[short] = run(fp32[0], [encodings[i] for i in short])
+            out[short] = pooled(fp32[0], [encodings[i] for i in short], layout.pooling)
         if len(short) < len(texts):
             long = sorted(set(range(len(texts))) - set(short))
-            out[long] = run(int8, [encodings[i] for i in long])
+            out[long] = pooled(int8, [encodings[i] for i in long], layout.pooling)
         return out
 
     return Embedder(
