@@ -11,7 +11,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from engine.paths import atomic_write_bytes
 from engine.rag.embedder.export import export_fp32_onnx, quantize
@@ -35,10 +35,21 @@ FP32_FILE = "model-fp32.onnx"
 STATUS_FILE = "status.json"
 
 _STALE_EXPORT_SECONDS = 3600
+# An export needs this many times the model's weights free, plus the spare (see export_room).
+EXPORT_ROOM_FACTOR = 3
+EXPORT_ROOM_SPARE = 16 * 2**20
 
 
 class NoOnnx(Exception):
     """The int8 ONNX path cannot serve this model; the message says why."""
+
+
+class NoRoom(NoOnnx):
+    """The export cannot be written now (a full disk, an unwritable cache).
+
+    The machine's fault, not the model's: nothing about it is remembered, and a later
+    process tries again.
+    """
 
 
 def cached_export(
@@ -116,9 +127,14 @@ def _export(
     """
     import numpy as np
 
-    target.mkdir(parents=True, exist_ok=True)
-    _remove_stale_exports(target)
-    work = Path(tempfile.mkdtemp(dir=target, prefix=".export-"))
+    need = export_room(transformer_dir)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        _check_room(target, need)
+        _remove_stale_exports(target)
+        work = Path(tempfile.mkdtemp(dir=target, prefix=".export-"))
+    except OSError as exc:  # an unwritable cache folder
+        raise NoRoom(f"cannot write the int8 export in {target}: {exc}") from exc
     started = time.monotonic()
     try:
         try:
@@ -127,11 +143,13 @@ def _export(
         except ImportError as exc:
             raise NoOnnx(f"{exc.name or 'a library'} is needed to export to ONNX") from exc
         except OSError as exc:  # disk full, unwritable cache: not the model's fault
-            raise NoOnnx(f"cannot write the int8 export in {target}: {exc}") from exc
+            raise NoRoom(f"cannot write the int8 export in {target}: {exc}") from exc
         except Exception as exc:
-            status = {"ok": False, "reason": f"the ONNX export failed: {exc}"}
-            atomic_write_bytes(target / STATUS_FILE, json.dumps(status).encode())
-            raise NoOnnx(status["reason"]) from exc
+            # ONNX's shape inference writes its copies from C++ and does not notice a full
+            # disk: the truncated copy then fails to parse ("Wire format was corrupt"). Such
+            # a failure is the machine's, and must not be remembered as the model's.
+            _check_room(target, need)
+            _remember(target, {"ok": False, "reason": f"the ONNX export failed: {exc}"}, exc)
         texts = list(probe)
         fp32 = reference(texts)
         int8 = candidate(work, texts)
@@ -148,11 +166,47 @@ def _export(
             "model": str(folder),
             "seconds": round(time.monotonic() - started, 1),
         }
-        atomic_write_bytes(target / STATUS_FILE, json.dumps(status, indent=1).encode())
+        try:
+            atomic_write_bytes(target / STATUS_FILE, json.dumps(status, indent=1).encode())
+        except OSError as exc:  # the models are in place: the next process checks them again
+            raise NoRoom(f"cannot write the int8 export in {target}: {exc}") from exc
         log.info("exported embedder %s to int8 ONNX: %s", model_id, status)
         return status
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def export_room(transformer_dir: Path) -> int:
+    """Bytes an export of the model in ``transformer_dir`` needs free while it runs.
+
+    The fp32 copy, the quantizer's shape-inference copy of it and the int8 model are all
+    on disk at once: about three times the weights, and some room for the rest.
+    """
+    weights = sum(
+        path.stat().st_size
+        for path in transformer_dir.iterdir()
+        if path.suffix in (".safetensors", ".bin") and path.is_file()
+    )
+    return EXPORT_ROOM_FACTOR * weights + EXPORT_ROOM_SPARE
+
+
+def _check_room(target: Path, need: int) -> None:
+    """Raise ``NoRoom`` when ``target``'s disk has less than ``need`` free."""
+    free = shutil.disk_usage(target).free
+    if free < need:
+        raise NoRoom(
+            f"cannot write the int8 export in {target}: the disk has {free / 2**20:.0f} MB "
+            f"free and the export needs about {need / 2**20:.0f} MB"
+        )
+
+
+def _remember(target: Path, status: dict[str, Any], cause: Exception) -> NoReturn:
+    """Record a failed export so that later processes do not repeat it, and raise it."""
+    try:
+        atomic_write_bytes(target / STATUS_FILE, json.dumps(status).encode())
+    except OSError as exc:
+        raise NoRoom(f"{status['reason']} (and cannot record it: {exc})") from cause
+    raise NoOnnx(status["reason"]) from cause
 
 
 def _model_digest(folder: Path) -> str:

@@ -33,6 +33,7 @@ from typing import Any
 
 from engine.models import hardware
 from engine.paths import atomic_write_bytes
+from engine.rag.embedder.cache import NoRoom
 from engine.rag.embedder.model import TORCH_FP32, Embedder
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,8 @@ class Trial:
     min_cosine: float | None = None
     same_ranking: bool | None = None
     note: str = ""
+    # It could not run for a passing reason (no room for its export): measure again later.
+    again: bool = False
 
 
 @dataclass
@@ -223,7 +226,8 @@ def measure(model_id: str, candidates: list[str], load: Callable[[str], Embedder
             vectors = embedder.encode(probe)
         except Exception as exc:  # a backend that cannot run here is simply not chosen
             log.warning("embedder %s cannot run as %s here: %s", model_id, backend, exc)
-            trials.append(Trial(backend, False, note=f"cannot run: {exc}"[:200]))
+            again = isinstance(exc, NoRoom)
+            trials.append(Trial(backend, False, note=f"cannot run: {exc}"[:200], again=again))
             continue
         cosine = float(np.min(np.sum(vectors * expected, axis=1)))
         ranking = _ranking(vectors[: len(PASSAGES)], vectors[len(PASSAGES) : -4])

@@ -206,7 +206,10 @@ def choose_backend(
         if recorded is not None:
             return recorded.backend
         choice = measure(model_id, candidates, load)
-        record_choice(cache_dir, key, choice)
+        if any(t.again for t in choice.trials):
+            log.info("embedder %s: not recorded, measured again by a later process", model_id)
+        else:
+            record_choice(cache_dir, key, choice)
     log.info("embedder %s: chose %s on this machine", model_id, choice.summary())
     return choice.backend
 
