@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from engine.rag.collections import StoredChunk
 from engine.rag.grounding import MIN_RELEVANCE, UNKNOWN_TO_REFUSE, ground, topic_words
 from engine.rag.retrieval import SearchResult
@@ -59,3 +61,47 @@ def test_topic_words_leave_out_stopwords_numbers_and_short_bits() -> None:
         "dates",
         "x11",
     ]
+
+
+def test_words_rare_in_the_collection_and_absent_from_the_passages_count_as_unknown() -> None:
+    close = [_result("Plot the curves from the data.", 0.6, 1)]
+    question = "plot curves from a PostgreSQL database query"
+    grounding = ground("docs", question, close, INDEXED, ["postgresql"], ["database"])
+    assert grounding.canned_answer is not None
+    assert "never mention “postgresql” and mention “database” only in a few passages" in (
+        grounding.canned_answer
+    )
+    # One such word alone is allowed, as one unknown word is.
+    assert ground("docs", question, close, INDEXED, [], ["database"]).canned_answer is None
+
+
+def test_the_gate_counts_words_in_a_real_collection(engine: object, tmp_path: Path) -> None:
+    from engine import Engine, JobContext
+
+    assert isinstance(engine, Engine)
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for name, text in {
+        "plotting.md": "# Plotting\n\nThe plot command draws curves and lines from data files, "
+        "with a style for the points and one for the lines between them.",
+        "colours.md": "# Colours\n\nThe palette maps values to colours. A small database of "
+        "named colours ships with the program.",
+        "filters.md": "# Filters\n\nType a query in the search box to filter the list of "
+        "recent windows.",
+    }.items():
+        (docs / name).write_text(text, encoding="utf-8")
+    engine.documents.create("docs")
+    engine.documents.add("docs", [str(docs)], JobContext())
+    store = engine.documents.store
+    collection = store.get("docs")
+    counts = store.word_counts(collection, ["database", "colours", "postgresql", "plotting"], 1)
+    assert counts == {"database": 1, "colours": 1, "postgresql": 0, "plotting": 1}
+    assert store.word_counts(collection, ["the"], 1) == {"the": 2}  # counted up to cap + 1
+
+    # The best passage is the plotting one: "database" and "query" are rare and elsewhere.
+    refused = engine.documents.ground("docs", "plot curves from a PostgreSQL database query", 1)
+    assert refused.canned_answer is not None and "“postgresql”" in refused.canned_answer
+    assert "“query”" in refused.canned_answer and refused.citations
+    # Rare words that are in the passages found are evidence, not gaps.
+    answered = engine.documents.ground("docs", "plot curves and points from data files", 1)
+    assert answered.canned_answer is None, answered.canned_answer

@@ -456,19 +456,34 @@ class CollectionStore:
         vectors = np.frombuffer(blob, dtype=np.float16).reshape(len(rows), -1)
         return ids, vectors.astype(np.float32)
 
-    def unknown_words(self, collection: Collection, words: list[str]) -> list[str]:
-        """The ``words`` that no indexed chunk of the collection holds (FTS5's stemming)."""
-        unknown = []
+    def word_counts(self, collection: Collection, words: list[str], cap: int) -> dict[str, int]:
+        """How many indexed chunks of the collection hold each of ``words`` (FTS5's
+        stemming), counted up to ``cap + 1``: enough to tell the rare from the rest."""
+        counts = {}
         for word in words:
             row = self.db.query(
-                "SELECT 1 FROM chunks_fts JOIN chunks c ON c.id = chunks_fts.rowid "
+                "SELECT count(*) FROM (SELECT 1 FROM chunks_fts "
+                "JOIN chunks c ON c.id = chunks_fts.rowid "
                 "JOIN documents d ON d.id = c.document_id WHERE chunks_fts MATCH ? "
-                "AND d.collection_id = ? AND d.state = 'indexed' LIMIT 1",
-                ('"' + word.replace('"', '""') + '"', collection.id),
+                "AND d.collection_id = ? AND d.state = 'indexed' LIMIT ?)",
+                (_fts_word(word), collection.id, cap + 1),
             )
-            if not row:
-                unknown.append(word)
-        return unknown
+            counts[word] = int(row[0][0])
+        return counts
+
+    def words_in(self, words: list[str], chunk_ids: list[int]) -> set[str]:
+        """The ``words`` that at least one of the chunks ``chunk_ids`` holds (FTS5's stemming)."""
+        if not chunk_ids:
+            return set()
+        marks = ",".join("?" * len(chunk_ids))
+        return {
+            word
+            for word in words
+            if self.db.query(
+                f"SELECT 1 FROM chunks_fts WHERE chunks_fts MATCH ? AND rowid IN ({marks}) LIMIT 1",
+                (_fts_word(word), *chunk_ids),
+            )
+        }
 
     def keyword_search(
         self, collection: Collection, fts_query: str, limit: int
@@ -482,3 +497,8 @@ class CollectionStore:
             (fts_query, collection.id, limit),
         )
         return [(r[0], float(r[1])) for r in rows]
+
+
+def _fts_word(word: str) -> str:
+    """``word`` as an FTS5 query that matches it alone (quoted, its quotes doubled)."""
+    return '"' + word.replace('"', '""') + '"'

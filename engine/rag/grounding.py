@@ -33,6 +33,14 @@ _STEM = 5
 # One unknown word is allowed: a typo, or a user's word for what the documents call
 # otherwise ("staircase" for "steps"). Measured on the sets of bench_rag_quality.py.
 UNKNOWN_TO_REFUSE = 2
+# A word held by a few chunks only (``RARE_CHUNKS`` or fewer), none of them among the passages
+# found, counts as unknown too: the documents mention it, but not where the question leads
+# ("connect to a PostgreSQL database to plot query results" asked of a manual with one
+# passage on a database and one on a query). An answerable question's rare words are in its
+# passages. Measured with 1-5 chunks on both sets of bench_rag_quality.py (the top 5):
+# unanswerable questions refused 6 -> 7 of 10 (gnuplot, from 1 chunk up) and 5 -> 7 of 10
+# (PDFs at 4 chunks; 6 at 2-3), no answerable one refused up to 4 (one at 5).
+RARE_CHUNKS = 4
 _TOPIC_WORD = re.compile(r"[^\W\d_]\w{2,}")
 # How users ask, not what they ask about: never counted as words the documents lack.
 _REQUEST_WORDS = frozenset(
@@ -170,10 +178,13 @@ def ground(
     results: list[SearchResult],
     summary: dict[str, int],
     unknown_words: Sequence[str] = (),
+    rare_words: Sequence[str] = (),
 ) -> Grounding:
     """Decide how to answer from what retrieval found and the collection's state.
 
-    ``unknown_words``: the question's ``topic_words`` that the collection never holds.
+    ``unknown_words``: the question's ``topic_words`` that the collection never holds;
+    ``rare_words``: those it holds in ``RARE_CHUNKS`` chunks or fewer, none of them in
+    ``results``.
     """
     if summary.get("indexed", 0) == 0:
         if summary.get("pending", 0):
@@ -192,11 +203,16 @@ def ground(
     words = {w[:_STEM] for w in content_words(question)}
     relevant = [r for r in results if is_evidence(r, words)]
     refusal = None
-    if len(unknown_words) >= UNKNOWN_TO_REFUSE:
-        named = ", ".join(f"“{w}”" for w in unknown_words)
+    if len(unknown_words) + len(rare_words) >= UNKNOWN_TO_REFUSE:
+        lacking = []
+        if unknown_words:
+            lacking.append("never mention " + ", ".join(f"“{w}”" for w in unknown_words))
+        if rare_words:
+            named = ", ".join(f"“{w}”" for w in rare_words)
+            lacking.append(f"mention {named} only in a few passages, none of them below")
         refusal = (
             f"I found nothing relevant to this question in “{collection_name}”: its "
-            f"documents never mention {named}, so I will not guess. The closest passages "
+            f"documents {' and '.join(lacking)}, so I will not guess. The closest passages "
             "are listed below; if the documents call it something else, ask with their words."
         )
     elif not relevant:

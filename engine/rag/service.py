@@ -16,7 +16,7 @@ from engine.jobs import JobContext
 from engine.rag.collections import Collection, CollectionStore, Document, Source
 from engine.rag.embedder import DEFAULT_EMBEDDER
 from engine.rag.evaluation import RetrievalEvaluation
-from engine.rag.grounding import Grounding, ground, topic_words
+from engine.rag.grounding import RARE_CHUNKS, Grounding, ground, topic_words
 from engine.rag.indexer import Indexer, IndexReport
 from engine.rag.reading import fault_reason, fault_summary
 from engine.rag.retrieval import Retriever, SearchResult
@@ -330,11 +330,17 @@ class Documents:
         summary = self.store.summary(collection)
         results: list[SearchResult] = []
         unknown: list[str] = []
+        rare: list[str] = []
         if summary["indexed"]:
             collection = self._current(collection, reindex=False)
             results = self._retriever.search(collection, question, k)
-            unknown = self.store.unknown_words(collection, topic_words(question))
-        return ground(collection.name, question, results, summary, unknown)
+            words = topic_words(question)
+            counts = self.store.word_counts(collection, words, RARE_CHUNKS)
+            unknown = [w for w in words if counts[w] == 0]
+            rare = [w for w in words if 0 < counts[w] <= RARE_CHUNKS]
+            found = self.store.words_in(rare, [r.chunk.id for r in results])
+            rare = [w for w in rare if w not in found]
+        return ground(collection.name, question, results, summary, unknown, rare)
 
 
 def _pdf_page(path: str, page: int) -> SourceText:
