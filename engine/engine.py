@@ -14,7 +14,7 @@ from engine.config import Config, SettingInfo, SettingsListener, SettingsStore, 
 from engine.errors import BastionError, InvalidInput
 from engine.improving import Improving
 from engine.jobs import JobContext
-from engine.logs import log_to_file
+from engine.logs import log_to_file, stop_logging
 from engine.models import hardware
 from engine.models.gguf_info import read_gguf_info
 from engine.models.info import LoadPlan, ModelInfo
@@ -69,7 +69,7 @@ class Engine(Serving, Improving):
         """
         guard.activate()
         self.home = paths.prepare_home(home or paths.default_home())
-        self.log_path = log_to_file(self.home)
+        self.log_path: Path | None = log_to_file(self.home)
         if db_timeout is None:
             db_timeout = paths.env_float("BASTION_DB_TIMEOUT", 30.0)
         self.db = Database(self.home / "bastion.db", timeout=db_timeout)
@@ -387,6 +387,9 @@ class Engine(Serving, Improving):
     def close(self) -> None:
         self._lane.close()
         self.db.close()
+        if self.log_path is not None:  # once, however often close is called
+            stop_logging(self.home)
+            self.log_path = None
 
     def __enter__(self) -> Engine:
         return self

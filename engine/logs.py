@@ -22,9 +22,16 @@ class _PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
     with ``open``, which leaves the mode to the umask: usually readable by every user.
     """
 
+    users = 0  # the engines of this process logging here (see log_to_file, stop_logging)
+
     def _open(self) -> io.TextIOWrapper:
         fd = open_private(Path(self.baseFilename), os.O_WRONLY | os.O_APPEND)
         return open(fd, "a", encoding=self.encoding, errors=self.errors)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not Path(self.baseFilename).parent.is_dir():
+            return  # the home was removed: there is nowhere to keep the record
+        super().handleError(record)
 
 
 def _log_path(home: Path) -> Path:
@@ -49,15 +56,34 @@ def _new_handler(path: Path, level: int) -> logging.handlers.RotatingFileHandler
 
 
 def log_to_file(home: Path, level: int = logging.INFO) -> Path:
-    """Send engine logs to ``<home>/logs/bastion.log`` (1 MB x 3); returns its path."""
+    """Send engine logs to ``<home>/logs/bastion.log`` (1 MB x 3) until ``stop_logging``;
+    returns its path. Each call needs its own ``stop_logging``."""
     path = _log_path(home)
-    if _file_handler(path) is not None:
-        return path
+    handler = _file_handler(path)
+    if handler is None:
+        handler = _new_handler(path, level)
+        logging.getLogger().addHandler(handler)
+    if isinstance(handler, _PrivateRotatingFileHandler):
+        handler.users += 1
     root = logging.getLogger()
-    root.addHandler(_new_handler(path, level))
     if root.level == logging.NOTSET or root.level > level:
         root.setLevel(level)
     return path
+
+
+def stop_logging(home: Path) -> None:
+    """End one ``log_to_file`` of ``home``: the last one closes its log file.
+
+    Else a process that opens engines on several homes one after another (tests, a
+    script) would write every later record into each earlier home's log.
+    """
+    handler = _file_handler(_log_path(home))
+    if not isinstance(handler, _PrivateRotatingFileHandler):
+        return
+    handler.users -= 1
+    if handler.users <= 0:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
 
 
 def log_notice(home: Path, message: str, *args: object) -> None:

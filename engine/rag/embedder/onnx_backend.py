@@ -184,6 +184,9 @@ def _onnx_from_file(model_id: str, layout: Layout, models: Path) -> Embedder:
     """The onnx-int8 embedder over ``models/model-int8.onnx`` and ``models/model-fp32.onnx``."""
     from tokenizers import Tokenizer
 
+    # The real folder: the fp32 model is opened later, when a link to the cache (or a
+    # folder holding that link) may be gone.
+    models = models.resolve()
     int8 = onnx_session(models / INT8_FILE)
     fp32: list[Any] = []  # loaded at the first short batch: indexing-only runs never need it
     fp32_lock = threading.Lock()
