@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from engine.errors import AlreadyExists, InvalidInput, NotFound
 from engine.rag.scanner import db_path, os_path, shown_path
 from engine.store.db import Database
+from engine.store.search import fts_phrase
 
 if TYPE_CHECKING:
     import numpy as np
@@ -466,7 +467,7 @@ class CollectionStore:
                 "JOIN chunks c ON c.id = chunks_fts.rowid "
                 "JOIN documents d ON d.id = c.document_id WHERE chunks_fts MATCH ? "
                 "AND d.collection_id = ? AND d.state = 'indexed' LIMIT ?)",
-                (_fts_word(word), collection.id, cap + 1),
+                (fts_phrase(word), collection.id, cap + 1),
             )
             counts[word] = int(row[0][0])
         return counts
@@ -481,7 +482,7 @@ class CollectionStore:
             for word in words
             if self.db.query(
                 f"SELECT 1 FROM chunks_fts WHERE chunks_fts MATCH ? AND rowid IN ({marks}) LIMIT 1",
-                (_fts_word(word), *chunk_ids),
+                (fts_phrase(word), *chunk_ids),
             )
         }
 
@@ -497,8 +498,3 @@ class CollectionStore:
             (fts_query, collection.id, limit),
         )
         return [(r[0], float(r[1])) for r in rows]
-
-
-def _fts_word(word: str) -> str:
-    """``word`` as an FTS5 query that matches it alone (quoted, its quotes doubled)."""
-    return '"' + word.replace('"', '""') + '"'

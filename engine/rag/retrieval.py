@@ -21,6 +21,7 @@ from engine.errors import InvalidInput
 from engine.rag.collections import Collection, CollectionStore, StoredChunk
 from engine.rag.reading import embedded_text
 from engine.rag.rerank import RERANK_DEPTH, rerank
+from engine.store.search import fts_phrase
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ def keyword_query(text: str) -> str | None:
     words = content_words(text) or _WORD.findall(text.lower())
     if not words:
         return None
-    return " OR ".join('"' + w.replace('"', '""') + '"' for w in dict.fromkeys(words))
+    return " OR ".join(fts_phrase(w) for w in dict.fromkeys(words))
 
 
 def fuse(

@@ -96,7 +96,12 @@ def fts_query(text: str) -> str:
 
 
 def _phrases(terms: list[str]) -> str:
-    return " ".join('"' + term.replace('"', '""') + '"' for term in terms)
+    return " ".join(fts_phrase(term) for term in terms)
+
+
+def fts_phrase(term: str) -> str:
+    """``term`` as an FTS5 phrase that matches it alone (quoted, its quotes doubled)."""
+    return '"' + term.replace('"', '""') + '"'
 
 
 def search_messages(db: Database, text: str, limit: int) -> list[SearchHit]:
