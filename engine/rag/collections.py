@@ -473,7 +473,8 @@ class CollectionStore:
         return counts
 
     def words_in(self, words: list[str], chunk_ids: list[int]) -> set[str]:
-        """The ``words`` that at least one of the chunks ``chunk_ids`` holds (FTS5's stemming)."""
+        """The ``words`` found on the pages of the chunks ``chunk_ids`` (their documents'
+        where they have no pages), by FTS5's stemming."""
         if not chunk_ids:
             return set()
         marks = ",".join("?" * len(chunk_ids))
@@ -481,7 +482,9 @@ class CollectionStore:
             word
             for word in words
             if self.db.query(
-                f"SELECT 1 FROM chunks_fts WHERE chunks_fts MATCH ? AND rowid IN ({marks}) LIMIT 1",
+                "SELECT 1 FROM chunks_fts JOIN chunks c ON c.id = chunks_fts.rowid "
+                "WHERE chunks_fts MATCH ? AND EXISTS (SELECT 1 FROM chunks r WHERE r.id IN "
+                f"({marks}) AND r.document_id = c.document_id AND r.page IS c.page) LIMIT 1",
                 (fts_phrase(word), *chunk_ids),
             )
         }

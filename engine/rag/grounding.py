@@ -33,14 +33,15 @@ _STEM = 5
 # One unknown word is allowed: a typo, or a user's word for what the documents call
 # otherwise ("staircase" for "steps"). Measured on the sets of bench_rag_quality.py.
 UNKNOWN_TO_REFUSE = 2
-# A word held by a few chunks only (``RARE_CHUNKS`` or fewer), none of them among the passages
-# found, counts as unknown too: the documents mention it, but not where the question leads
-# ("connect to a PostgreSQL database to plot query results" asked of a manual with one
-# passage on a database and one on a query). An answerable question's rare words are in its
-# passages. Measured with 1-5 chunks on both sets of bench_rag_quality.py (the top 5):
-# unanswerable questions refused 6 -> 7 of 10 (gnuplot, from 1 chunk up) and 5 -> 7 of 10
-# (PDFs at 4 chunks; 6 at 2-3), no answerable one refused up to 4 (one at 5).
-RARE_CHUNKS = 4
+# A word held by ``RARE_CHUNKS`` chunk(s) at most, none on the pages of the passages found,
+# counts as unknown too: the documents mention it, but not where the question leads ("does
+# gnuplot run on Android phones?" asked of a manual with one passage saying "phone").
+# Measured on both sets of bench_rag_quality.py: at 1 chunk, unanswerable questions refused
+# 6 -> 7 of 10 (gnuplot) and 5 -> 5 (PDFs), and no answerable question there has two such
+# words, whatever its passages. At 2-4 chunks the PDFs reached 7 of 10, but an answerable
+# question ("skip the first 10 times it is hit", whose page says neither word) was refused
+# in one run and not in another, by which passages made the top 5.
+RARE_CHUNKS = 1
 _TOPIC_WORD = re.compile(r"[^\W\d_]\w{2,}")
 # How users ask, not what they ask about: never counted as words the documents lack.
 _REQUEST_WORDS = frozenset(
@@ -183,8 +184,8 @@ def ground(
     """Decide how to answer from what retrieval found and the collection's state.
 
     ``unknown_words``: the question's ``topic_words`` that the collection never holds;
-    ``rare_words``: those it holds in ``RARE_CHUNKS`` chunks or fewer, none of them in
-    ``results``.
+    ``rare_words``: those it holds in ``RARE_CHUNKS`` chunks or fewer, none of them on the
+    pages (the documents, where there are no pages) of ``results``.
     """
     if summary.get("indexed", 0) == 0:
         if summary.get("pending", 0):
@@ -209,7 +210,7 @@ def ground(
             lacking.append("never mention " + ", ".join(f"“{w}”" for w in unknown_words))
         if rare_words:
             named = ", ".join(f"“{w}”" for w in rare_words)
-            lacking.append(f"mention {named} only in a few passages, none of them below")
+            lacking.append(f"mention {named} only elsewhere than the passages below")
         refusal = (
             f"I found nothing relevant to this question in “{collection_name}”: its "
             f"documents {' and '.join(lacking)}, so I will not guess. The closest passages "
