@@ -83,7 +83,7 @@ QUESTIONS = (
 # unrelated to it, near-tied, and their order flips on rounding noise alone.
 _RANKED = 1
 _WORKLOAD = 32  # chunk-sized texts timed per backend
-_TIMED_RUNS = 2  # the faster of two runs counts
+_TIMED_RUNS = 3  # the fastest of three rounds counts
 
 
 @dataclass
@@ -189,14 +189,20 @@ def workload() -> list[str]:
     return [" ".join(PASSAGES[(i + j * 3) % n] for j in range(3)) for i in range(_WORKLOAD)]
 
 
-def _speed(embedder: Embedder, texts: list[str]) -> float:
-    embedder.encode(texts[:4])  # warm: first-call allocations and lazy sessions
-    best = float("inf")
+def _speeds(embedders: list[Embedder], texts: list[str]) -> list[float]:
+    """Texts per second of each embedder: the best of ``_TIMED_RUNS`` rounds, each round
+    timing them all in turn, so that a pause of the machine (another process, threads of
+    the backend timed before still spinning) costs one run of one backend, not its result.
+    """
+    for embedder in embedders:
+        embedder.encode(texts[:4])  # warm: first-call allocations and lazy sessions
+    best = [float("inf")] * len(embedders)
     for _ in range(_TIMED_RUNS):
-        started = time.perf_counter()
-        embedder.encode(texts)
-        best = min(best, time.perf_counter() - started)
-    return len(texts) / max(best, 1e-9)
+        for i, embedder in enumerate(embedders):
+            started = time.perf_counter()
+            embedder.encode(texts)
+            best[i] = min(best[i], time.perf_counter() - started)
+    return [len(texts) / max(b, 1e-9) for b in best]
 
 
 def _ranking(passages: Any, questions: Any) -> list[list[int]]:
@@ -219,7 +225,8 @@ def measure(model_id: str, candidates: list[str], load: Callable[[str], Embedder
     probe = [*PASSAGES, *QUESTIONS, *texts[:4]]
     expected = reference.encode(probe)
     expected_ranking = _ranking(expected[: len(PASSAGES)], expected[len(PASSAGES) : -4])
-    trials = [Trial(TORCH_FP32, True, _speed(reference, texts), 1.0, True, "the reference")]
+    trials = [Trial(TORCH_FP32, True, min_cosine=1.0, same_ranking=True, note="the reference")]
+    timed = [(trials[0], reference)]
     for backend in candidates:
         try:
             embedder = load(backend)
@@ -234,9 +241,10 @@ def measure(model_id: str, candidates: list[str], load: Callable[[str], Embedder
         same = ranking == expected_ranking
         faithful = cosine >= MIN_COSINE and same
         note = "" if faithful else ("ranks the probe differently" if not same else "drifts")
-        trials.append(
-            Trial(backend, faithful, _speed(embedder, texts), round(cosine, 4), same, note)
-        )
+        trials.append(Trial(backend, faithful, None, round(cosine, 4), same, note))
+        timed.append((trials[-1], embedder))
+    for (trial, _), speed in zip(timed, _speeds([e for _, e in timed], texts), strict=True):
+        trial.texts_per_second = speed
     best = max(
         (t for t in trials if t.ok), key=lambda t: t.texts_per_second or 0.0, default=trials[0]
     )
