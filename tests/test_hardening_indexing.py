@@ -505,3 +505,53 @@ def test_vectors_stored_before_content_keys_by_another_model_are_re_embedded(
     assert report.indexed == 2
     hits = engine.documents.search("docs", "brass hook key", k=1, mode="dense")
     assert hits[0].chunk.path.endswith("a.txt") and (hits[0].dense_score or 0) > 0.5
+
+
+# -- collections cut into chunks by an older chunker ---------------------------------------
+
+
+def test_a_collection_cut_by_an_older_chunker_is_cut_again_at_its_next_sync(
+    cli, tmp_path: Path, home: Path
+) -> None:
+    from engine.rag.chunking import CHUNKER_VERSION
+
+    root = tmp_path / "docs"
+    root.mkdir()
+    (root / "guide.html").write_text(
+        "<html><head><title>Harbour guide</title></head><body><h1>Lamps</h1>"
+        f"<p>{GOOD}</p><h1>Food</h1><p>The harbour stew is seasoned with smoked paprika.</p>"
+        "</body></html>"
+    )
+    (root / "note.txt").write_text("The ferry leaves at dawn from the north pier.\n")
+    assert cli("collections", "create", "docs").code == 0
+    added = cli("collections", "add", "docs", str(root), "--json")
+    assert added.code == 0 and added.json()["indexed"] == 2, added.stderr
+    db = sqlite3.connect(home / "bastion.db")
+    version = db.execute("SELECT chunker_version FROM collections").fetchone()[0]
+    current = db.execute("SELECT ordinal, text, heading FROM chunks ORDER BY id").fetchall()
+    assert version == CHUNKER_VERSION
+    assert any(heading and "Lamps" in heading for _, _, heading in current)
+    # What a Bastion from before chunker versions left: no version, chunks without headings.
+    with db:
+        db.execute("UPDATE collections SET chunker_version = NULL")
+        db.execute("UPDATE chunks SET heading = NULL")
+    db.close()
+
+    status = cli("collections", "status", "docs", "--json")
+    assert status.code == 0 and status.json()["outdated"] == 1, status.stderr
+    said = cli("collections", "status", "docs")
+    assert "older Bastion" in said.stderr and "collections sync docs" in said.stderr
+    found = cli("search", "docs", "brass hook", "--json")  # still searchable as it is
+    assert found.code == 0 and found.json()[0]["path"].endswith("guide.html"), found.stderr
+
+    synced = cli("collections", "sync", "docs", "--json")
+    assert synced.code == 0, synced.stderr
+    assert (synced.json()["indexed"], synced.json()["unchanged"]) == (2, 0)
+    db = sqlite3.connect(home / "bastion.db")
+    version = db.execute("SELECT chunker_version FROM collections").fetchone()[0]
+    recut = db.execute("SELECT ordinal, text, heading FROM chunks ORDER BY id").fetchall()
+    db.close()
+    assert version == CHUNKER_VERSION and recut == current
+    assert cli("collections", "status", "docs", "--json").json()["outdated"] == 0
+    again = cli("collections", "sync", "docs", "--json")
+    assert (again.json()["indexed"], again.json()["unchanged"]) == (0, 2)

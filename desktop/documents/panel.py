@@ -44,7 +44,10 @@ def summary_text(collection: Collection, summary: dict[str, int]) -> str:
             word = "waiting" if state == "pending" else state
             parts.append(f"{summary[state]} {word}")
     parts.append(f"{summary.get('chunks', 0)} chunks")
-    return " · ".join(parts) + f"   (embedder: {collection.embedder})"
+    text = " · ".join(parts) + f"   (embedder: {collection.embedder})"
+    if summary.get("outdated"):
+        text += "\nIndexed by an older Bastion: Sync indexes it again for better search."
+    return text
 
 
 class CollectionPanel(QWidget):

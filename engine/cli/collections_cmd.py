@@ -84,7 +84,7 @@ def create(name: str, embedder: str | None, as_json: bool) -> None:
     docs = get_engine().documents
     collection = docs.create(name, embedder)
     if as_json:
-        emit_json(_collection_json(collection, docs.store.summary(collection)))
+        emit_json(_collection_json(collection, docs.summary(collection)))
     else:
         click.echo(f"Created collection {collection.name} (embedder {collection.embedder})")
 
@@ -144,6 +144,11 @@ def status(name: str, as_json: bool) -> None:
         f"{summary['pending']} pending, {summary['failed']} failed, "
         f"{summary['skipped']} skipped, {summary['chunks']} chunks"
     )
+    if summary["outdated"]:
+        note(
+            f"{collection.name} was cut into passages by an older Bastion; "
+            f"`bastion collections sync {collection.name}` indexes it again for better search"
+        )
     table(
         ["STATE", "CHUNKS", "PATH", "ERROR"],
         [[d.state, d.chunk_count, _one_line(d.path), _one_line(d.error or "")] for d in documents],

@@ -23,6 +23,14 @@ from engine.rag.loaders import Section, split_section
 TokenCounter = Callable[[list[str]], list[int]]
 """Counts the tokens of each text of a batch, without special tokens."""
 
+# What a collection's chunks are: the readers (HTML without page furniture, heading paths
+# of HTML, Markdown, DOCX and PDF outlines) and the packing below. Bump it whenever a change
+# makes the same file give other chunks: a collection cut by an older version is cut again
+# by its next sync (``Documents.sync``), as searching it would miss what the change brings.
+# A collection from before versions (NULL in the database) was cut by version 1: no heading
+# paths, page furniture kept, 40 pieces of overlap.
+CHUNKER_VERSION = 2
+
 # all-MiniLM-L6-v2 reads at most 256 word pieces, [CLS] and [SEP] included, and silently
 # drops the rest; it was trained on passages of at most 128 pieces. 200 stays clear of the
 # cut (whatever the embedder adds) and is a paragraph or so, about 150 English words: long

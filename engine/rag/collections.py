@@ -50,6 +50,9 @@ class Collection:
     # The content hash of the embedder's model files that the chunks and vectors were made
     # with; None until the first sync (and in databases older than content keys).
     embedder_key: str | None = None
+    # The version of the chunker that cut its chunks (``engine.rag.chunking``); None: one
+    # from before versions were kept.
+    chunker_version: int | None = None
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,7 @@ def _collection(row: sqlite3.Row) -> Collection:
         row["generation"],
         row["created_at"],
         row["embedder_key"],
+        row["chunker_version"],
     )
 
 
@@ -140,7 +144,7 @@ class CollectionStore:
 
     # -- collections ----------------------------------------------------------------
 
-    def create(self, name: str, embedder: str) -> Collection:
+    def create(self, name: str, embedder: str, chunker_version: int) -> Collection:
         name = name.strip()
         if not _NAME_RE.match(name):
             raise InvalidInput(
@@ -149,8 +153,9 @@ class CollectionStore:
             )
         try:
             self.db.execute(
-                "INSERT INTO collections (name, embedder, created_at) VALUES (?, ?, ?)",
-                (name, embedder, _now()),
+                "INSERT INTO collections (name, embedder, created_at, chunker_version) "
+                "VALUES (?, ?, ?, ?)",
+                (name, embedder, _now(), chunker_version),
             )
         except sqlite3.IntegrityError as exc:
             raise AlreadyExists(f"a collection named {name!r} exists already") from exc
@@ -184,7 +189,14 @@ class CollectionStore:
         """
         self._reindex(collection, "embedder_key = ?", (key,))
 
-    def _reindex(self, collection: Collection, assignments: str, values: tuple[str, ...]) -> None:
+    def recut(self, collection: Collection, chunker_version: int) -> None:
+        """The chunker changed since the collection was cut: record the new version, and
+        index everything again (vectors of unchanged chunk texts are reused)."""
+        self._reindex(collection, "chunker_version = ?", (chunker_version,))
+
+    def _reindex(
+        self, collection: Collection, assignments: str, values: tuple[object, ...]
+    ) -> None:
         with self.db.transaction() as conn:
             conn.execute(
                 f"UPDATE collections SET {assignments}, generation = generation + 1 WHERE id = ?",

@@ -13,6 +13,7 @@ from typing import Any
 
 from engine.errors import BastionError, InvalidInput, OperationFailed
 from engine.jobs import JobContext
+from engine.rag.chunking import CHUNKER_VERSION
 from engine.rag.collections import Collection, CollectionStore, Document, Source
 from engine.rag.embedder import DEFAULT_EMBEDDER
 from engine.rag.evaluation import RetrievalEvaluation
@@ -193,19 +194,27 @@ class Documents:
     # -- collections ------------------------------------------------------------------
 
     def create(self, name: str, embedder: str | None = None) -> Collection:
-        collection = self.store.create(name, self.check_embedder_id(embedder or DEFAULT_EMBEDDER))
+        embedder = self.check_embedder_id(embedder or DEFAULT_EMBEDDER)
+        collection = self.store.create(name, embedder, CHUNKER_VERSION)
         (self._home / "collections" / str(collection.id)).mkdir(parents=True, exist_ok=True)
         return collection
 
     def get(self, name: str) -> Collection:
         return self.store.get(name)
 
+    def summary(self, collection: Collection) -> dict[str, int]:
+        """How many files are in each state, chunks, and ``outdated``: 1 when the collection
+        was cut into chunks by an older chunker (its next sync cuts it again), else 0."""
+        summary = self.store.summary(collection)
+        summary["outdated"] = int(collection.chunker_version != CHUNKER_VERSION)
+        return summary
+
     def all(self) -> list[tuple[Collection, dict[str, int]]]:
-        return [(c, self.store.summary(c)) for c in self.store.all()]
+        return [(c, self.summary(c)) for c in self.store.all()]
 
     def status(self, name: str) -> tuple[Collection, dict[str, int], list[Document]]:
         collection = self.store.get(name)
-        return collection, self.store.summary(collection), self.store.documents(collection)
+        return collection, self.summary(collection), self.store.documents(collection)
 
     def remove(self, name: str) -> Collection:
         import shutil
@@ -242,8 +251,23 @@ class Documents:
         return self.sync(name, ctx)
 
     def sync(self, name: str, ctx: JobContext) -> IndexReport:
-        """Re-index what changed in a collection's sources and drop what was deleted."""
+        """Re-index what changed in a collection's sources and drop what was deleted.
+
+        Everything is indexed again when the embedder's model changed, or when the
+        collection was cut into chunks by an older chunker (``CHUNKER_VERSION``).
+        """
         collection = self._current(self.store.get(name), reindex=True)
+        if collection.chunker_version != CHUNKER_VERSION:
+            log.info(
+                "collection %s was cut into chunks by an older Bastion (chunker %s, now %d): "
+                "indexing it again",
+                collection.name,
+                collection.chunker_version or 1,
+                CHUNKER_VERSION,
+            )
+            self.store.recut(collection, CHUNKER_VERSION)
+            self._retriever.forget(collection)
+            collection = self.store.get(name)
         report = self._indexer.run(collection, ctx)
         if not report.cancelled:
             self._retriever.refresh(self.store.get(name))

@@ -266,6 +266,13 @@ CREATE TABLE ab_votes (
 CREATE INDEX ab_votes_created ON ab_votes(created_at);
 """
 
+# The version of the readers and chunker that cut a collection's chunks
+# (``engine.rag.chunking.CHUNKER_VERSION``); NULL: cut before versions were kept (version 1).
+# A collection whose version is not the current one is cut again by its next sync.
+M012_CHUNKER_VERSION: Final = """
+ALTER TABLE collections ADD COLUMN chunker_version INTEGER;
+"""
+
 # Append only. See the module docstring.
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     ("m001_conversations", M001_CONVERSATIONS),
@@ -279,6 +286,7 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     ("m009_api_keys", M009_API_KEYS),
     ("m010_remote_models", M010_REMOTE_MODELS),
     ("m011_feedback", M011_FEEDBACK),
+    ("m012_chunker_version", M012_CHUNKER_VERSION),
 )
 
 _CREATE_TABLE: Final = (

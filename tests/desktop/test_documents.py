@@ -235,14 +235,21 @@ def test_sync_picks_up_changes_and_remove_deletes_the_collection(
     _create(qtbot, page)
     _index(qtbot, page, [root])
     assert set(_rows(page)) == {"a.txt", "b.txt"}
+    assert "older Bastion" not in page.panel.summary.text()
+    # Cut into chunks by a Bastion from before chunker versions: the page says so, and
+    # Sync indexes it again.
+    window.engine.documents.store.db.execute("UPDATE collections SET chunker_version = NULL")
+    page.refresh()
+    qtbot.waitUntil(lambda: "older Bastion" in page.panel.summary.text(), timeout=10_000)
 
     (root / "b.txt").unlink()
     (root / "c.md").write_text("# New\n\n" + FILLER[2] + "\n")
     with qtbot.waitSignal(page.indexing_finished, timeout=INDEX_TIMEOUT_MS) as synced:
         page.sync()
     qtbot.waitUntil(lambda: not page.busy)
-    assert synced.args[0].removed == 1 and synced.args[0].indexed == 1
+    assert synced.args[0].removed == 1 and synced.args[0].indexed == 2  # a.txt cut again
     assert set(_rows(page)) == {"a.txt", "c.md"}
+    assert "older Bastion" not in page.panel.summary.text()
     assert "1 removed" in window.notice.label.text()
 
     qtbot.mouseClick(page.panel.remove_button, Qt.MouseButton.LeftButton)
