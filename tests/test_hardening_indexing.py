@@ -397,8 +397,8 @@ def _stored_vectors(home: Path) -> dict[str, np.ndarray]:
     with Database(home / "bastion.db") as db:
         store = CollectionStore(db)
         collection = store.get("docs")
-        ids, vectors = store.indexed_vectors(collection)
-        texts = store.chunks([int(i) for i in ids])
+        ids, vectors = store.passages.indexed_vectors(collection)
+        texts = store.passages.chunks([int(i) for i in ids])
     return {texts[int(i)].text: vectors[n] for n, i in enumerate(ids)}
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine.rag.collections import StoredChunk
 from engine.rag.grounding import MIN_RELEVANCE, UNKNOWN_TO_REFUSE, ground, topic_words
+from engine.rag.passages import StoredChunk
 from engine.rag.retrieval import SearchResult
 
 INDEXED = {"indexed": 1, "pending": 0}
@@ -94,9 +94,11 @@ def test_the_gate_counts_words_in_a_real_collection(engine: object, tmp_path: Pa
     engine.documents.add("docs", [str(docs)], JobContext())
     store = engine.documents.store
     collection = store.get("docs")
-    counts = store.word_counts(collection, ["database", "colours", "postgresql", "plotting"], 1)
+    words = ["database", "colours", "postgresql", "plotting"]
+    counts = store.passages.word_counts(collection, words, 1)
     assert counts == {"database": 1, "colours": 1, "postgresql": 0, "plotting": 1}
-    assert store.word_counts(collection, ["the"], 1) == {"the": 2}  # counted up to cap + 1
+    # Counted up to cap + 1.
+    assert store.passages.word_counts(collection, ["the"], 1) == {"the": 2}
 
     # The best passage is the plotting one: "database" and "query" are rare and elsewhere.
     refused = engine.documents.ground("docs", "plot curves from a PostgreSQL database query", 1)

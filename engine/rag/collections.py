@@ -1,4 +1,5 @@
-"""Document collections in SQLite: collections, their sources, documents with state, chunks."""
+"""Document collections in SQLite: collections, their sources, documents with state, and the
+writes of chunks and vectors (what search reads of them: ``engine.rag.passages``)."""
 
 from __future__ import annotations
 
@@ -11,16 +12,13 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from engine.errors import AlreadyExists, InvalidInput, NotFound
+from engine.rag.passages import Passages
 from engine.rag.scanner import db_path, os_path, shown_path
 from engine.store.db import Database
-from engine.store.search import fts_phrase
 
 if TYPE_CHECKING:
     import numpy as np
 
-# A query word in a passage's heading path (title, section, subsection) counts this many
-# times one in its text: a heading names what the whole passage is about.
-HEADING_WEIGHT = 2.0
 _NAME_RE = re.compile(r"^[\w][\w .+-]{0,63}$")
 STATES = ("pending", "indexed", "failed", "skipped")
 # Lone surrogates: what Python makes of bytes that are not UTF-8. SQLite refuses them.
@@ -98,19 +96,6 @@ class NewChunk:
     text_hash: str
 
 
-@dataclass(frozen=True)
-class StoredChunk:
-    id: int
-    document_id: int
-    path: str  # shown form; ``path_of_shown`` gives the OS path back
-    ordinal: int
-    text: str
-    page: int | None
-    line_start: int | None
-    line_end: int | None
-    heading: str | None
-
-
 def _collection(row: sqlite3.Row) -> Collection:
     return Collection(
         row["id"],
@@ -131,16 +116,12 @@ def _document(row: sqlite3.Row) -> Document:
     return Document(path=shown_path(row["path"]), os_path=os_path(row["path"]), **values)
 
 
-def _chunk(row: sqlite3.Row) -> StoredChunk:
-    values = {f.name: row[f.name] for f in fields(StoredChunk)}
-    return StoredChunk(**{**values, "path": shown_path(row["path"])})
-
-
 class CollectionStore:
     """Reads and writes the collection tables; every write is one short transaction."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
+        self.passages = Passages(db)  # what search reads
 
     # -- collections ----------------------------------------------------------------
 
@@ -437,79 +418,3 @@ class CollectionStore:
                     for c in chunks
                 ],
             )
-
-    def chunks(self, ids: Sequence[int]) -> dict[int, StoredChunk]:
-        """Chunks of indexed documents by id (others are left out)."""
-        result: dict[int, StoredChunk] = {}
-        for start in range(0, len(ids), 500):
-            part = list(ids[start : start + 500])
-            rows = self.db.query(
-                "SELECT c.*, d.path FROM chunks c JOIN documents d ON d.id = c.document_id "
-                f"WHERE d.state = 'indexed' AND c.id IN ({','.join('?' * len(part))})",
-                tuple(part),
-            )
-            result.update((r["id"], _chunk(r)) for r in rows)
-        return result
-
-    def indexed_vectors(self, collection: Collection) -> tuple[np.ndarray, np.ndarray]:
-        """(chunk ids, float32 vectors) of every indexed chunk: what the FAISS cache holds."""
-        import numpy as np
-
-        rows = self.db.query(
-            "SELECT c.id, e.vector FROM chunks c JOIN documents d ON d.id = c.document_id "
-            "JOIN embeddings e ON e.text_hash = c.text_hash AND e.embedder = ? "
-            "AND e.model_key = ? "
-            "WHERE d.collection_id = ? AND d.state = 'indexed' ORDER BY c.id",
-            (collection.embedder, collection.embedder_key, collection.id),
-        )
-        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-        if not rows:
-            return ids, np.zeros((0, 0), dtype=np.float32)
-        blob = b"".join(r[1] for r in rows)
-        vectors = np.frombuffer(blob, dtype=np.float16).reshape(len(rows), -1)
-        return ids, vectors.astype(np.float32)
-
-    def word_counts(self, collection: Collection, words: list[str], cap: int) -> dict[str, int]:
-        """How many indexed chunks of the collection hold each of ``words`` (FTS5's
-        stemming), counted up to ``cap + 1``: enough to tell the rare from the rest."""
-        counts = {}
-        for word in words:
-            row = self.db.query(
-                "SELECT count(*) FROM (SELECT 1 FROM chunks_fts "
-                "JOIN chunks c ON c.id = chunks_fts.rowid "
-                "JOIN documents d ON d.id = c.document_id WHERE chunks_fts MATCH ? "
-                "AND d.collection_id = ? AND d.state = 'indexed' LIMIT ?)",
-                (fts_phrase(word), collection.id, cap + 1),
-            )
-            counts[word] = int(row[0][0])
-        return counts
-
-    def words_in(self, words: list[str], chunk_ids: list[int]) -> set[str]:
-        """The ``words`` found on the pages of the chunks ``chunk_ids`` (their documents'
-        where they have no pages), by FTS5's stemming."""
-        if not chunk_ids:
-            return set()
-        marks = ",".join("?" * len(chunk_ids))
-        return {
-            word
-            for word in words
-            if self.db.query(
-                "SELECT 1 FROM chunks_fts JOIN chunks c ON c.id = chunks_fts.rowid "
-                "WHERE chunks_fts MATCH ? AND EXISTS (SELECT 1 FROM chunks r WHERE r.id IN "
-                f"({marks}) AND r.document_id = c.document_id AND r.page IS c.page) LIMIT 1",
-                (fts_phrase(word), *chunk_ids),
-            )
-        }
-
-    def keyword_search(
-        self, collection: Collection, fts_query: str, limit: int
-    ) -> list[tuple[int, float]]:
-        """(chunk id, bm25) of the best keyword matches among indexed chunks."""
-        rows = self.db.query(
-            f"SELECT c.id, bm25(chunks_fts, 1.0, {HEADING_WEIGHT}) AS score FROM chunks_fts "
-            "JOIN chunks c ON c.id = chunks_fts.rowid JOIN documents d ON d.id = c.document_id "
-            "WHERE chunks_fts MATCH ? AND d.collection_id = ? AND d.state = 'indexed' "
-            "ORDER BY score LIMIT ?",
-            (fts_query, collection.id, limit),
-        )
-        return [(r[0], float(r[1])) for r in rows]

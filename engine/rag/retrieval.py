@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import InvalidInput
-from engine.rag.collections import Collection, CollectionStore, StoredChunk
+from engine.rag.collections import Collection, CollectionStore
+from engine.rag.passages import StoredChunk
 from engine.rag.reading import embedded_text
 from engine.rag.rerank import RERANK_DEPTH, rerank
 from engine.store.search import fts_phrase
@@ -194,7 +195,7 @@ class Retriever:
     def _rebuild(self, collection: Collection, generation: int) -> Any:
         from engine.rag.vector_index import VectorIndex
 
-        ids, vectors = self._store.indexed_vectors(collection)
+        ids, vectors = self._store.passages.indexed_vectors(collection)
         dimension = (
             vectors.shape[1] if len(ids) else self._embedder_for(collection.embedder).dimension
         )
@@ -228,7 +229,7 @@ class Retriever:
         if fts is None:
             return []
         # bm25() is lower-is-better; flip the sign so every score is higher-is-better.
-        return [(i, -s) for i, s in self._store.keyword_search(collection, fts, k)]
+        return [(i, -s) for i, s in self._store.passages.keyword_search(collection, fts, k)]
 
     def search(
         self, collection: Collection, query: str, k: int = 5, mode: str = "hybrid"
@@ -254,7 +255,7 @@ class Retriever:
             ranked = fuse(dense, keyword)
         # Over-fetch: chunks of documents being re-indexed drop out in the join.
         depth = max(k * 2, RERANK_DEPTH) if mode == "hybrid" else k * 2
-        chunks = self._store.chunks([cid for cid, _ in ranked[:depth]])
+        chunks = self._store.passages.chunks([cid for cid, _ in ranked[:depth]])
         if mode == "hybrid":
 
             def text_of(cid: int) -> str | None:

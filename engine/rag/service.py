@@ -359,10 +359,10 @@ class Documents:
             collection = self._current(collection, reindex=False)
             results = self._retriever.search(collection, question, k)
             words = topic_words(question)
-            counts = self.store.word_counts(collection, words, RARE_CHUNKS)
+            counts = self.store.passages.word_counts(collection, words, RARE_CHUNKS)
             unknown = [w for w in words if counts[w] == 0]
             rare = [w for w in words if 0 < counts[w] <= RARE_CHUNKS]
-            found = self.store.words_in(rare, [r.chunk.id for r in results])
+            found = self.store.passages.words_in(rare, [r.chunk.id for r in results])
             rare = [w for w in rare if w not in found]
         return ground(collection.name, question, results, summary, unknown, rare)
 
