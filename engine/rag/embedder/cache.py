@@ -134,7 +134,7 @@ def _export(
         _remove_stale_exports(target)
         work = Path(tempfile.mkdtemp(dir=target, prefix=".export-"))
     except OSError as exc:  # an unwritable cache folder
-        raise NoRoom(f"cannot write the int8 export in {target}: {exc}") from exc
+        raise _unwritable(target, exc) from exc
     started = time.monotonic()
     try:
         try:
@@ -143,7 +143,7 @@ def _export(
         except ImportError as exc:
             raise NoOnnx(f"{exc.name or 'a library'} is needed to export to ONNX") from exc
         except OSError as exc:  # disk full, unwritable cache: not the model's fault
-            raise NoRoom(f"cannot write the int8 export in {target}: {exc}") from exc
+            raise _unwritable(target, exc) from exc
         except Exception as exc:
             # ONNX's shape inference writes its copies from C++ and does not notice a full
             # disk: the truncated copy then fails to parse ("Wire format was corrupt"). Such
@@ -169,7 +169,7 @@ def _export(
         try:
             atomic_write_bytes(target / STATUS_FILE, json.dumps(status, indent=1).encode())
         except OSError as exc:  # the models are in place: the next process checks them again
-            raise NoRoom(f"cannot write the int8 export in {target}: {exc}") from exc
+            raise _unwritable(target, exc) from exc
         log.info("exported embedder %s to int8 ONNX: %s", model_id, status)
         return status
     finally:
@@ -188,6 +188,10 @@ def export_room(transformer_dir: Path) -> int:
         if path.suffix in (".safetensors", ".bin") and path.is_file()
     )
     return EXPORT_ROOM_FACTOR * weights + EXPORT_ROOM_SPARE
+
+
+def _unwritable(target: Path, exc: OSError) -> NoRoom:
+    return NoRoom(f"cannot write the int8 export in {target}: {exc}")
 
 
 def _check_room(target: Path, need: int) -> None:
