@@ -4,16 +4,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine.rag.grounding import MIN_RELEVANCE, UNKNOWN_TO_REFUSE, ground, topic_words
+from engine.rag.grounding import (
+    MIN_RELEVANCE,
+    NAME_LOGIT,
+    UNKNOWN_TO_REFUSE,
+    ground,
+    topic_words,
+)
 from engine.rag.passages import StoredChunk
 from engine.rag.retrieval import SearchResult
 
 INDEXED = {"indexed": 1, "pending": 0}
 
 
-def _result(text: str, dense: float | None, keyword_rank: int | None) -> SearchResult:
+def _result(
+    text: str, dense: float | None, keyword_rank: int | None, judged: float | None = None
+) -> SearchResult:
     chunk = StoredChunk(1, 1, "/docs/guide.html", 0, text, None, None, None, "Guide › Options")
-    return SearchResult(chunk, 0.02, dense, None if dense is None else 1, keyword_rank)
+    return SearchResult(chunk, 0.02, dense, None if dense is None else 1, keyword_rank, judged)
 
 
 def test_a_close_passage_is_evidence() -> None:
@@ -53,6 +61,32 @@ def test_one_unknown_word_is_allowed_a_typo_or_the_users_own_word() -> None:
     close = [_result("Plot the data with steps.", 0.6, 1)]
     question = "draw the data as a staircase line"
     assert ground("docs", question, close, INDEXED, ["staircase"]).canned_answer is None
+
+
+def test_one_name_the_documents_lack_is_refused_when_no_passage_reads_as_an_answer() -> None:
+    question = "plot curves from a PostgreSQL table"
+    unread = [_result("Plot the curves from the data.", 0.6, 1, NAME_LOGIT - 1.9)]
+    grounding = ground("docs", question, unread, INDEXED, ["postgresql"], [], ["postgresql"])
+    assert grounding.canned_answer is not None
+    assert "never mention “postgresql”, and none of the passages below reads as an answer" in (
+        grounding.canned_answer
+    )
+    assert grounding.citations
+    # A passage the cross-encoder reads as relevant: the name is the user's short form.
+    read = [_result("Plot the curves from the data.", 0.6, 1, NAME_LOGIT + 1.6)]
+    assert (
+        ground("docs", question, read, INDEXED, ["postgresql"], [], ["postgresql"]).canned_answer
+        is None
+    )
+    # An ordinary word of the language is left to the count of unknown words.
+    question = "draw the data as a staircase line"
+    assert ground("docs", question, unread, INDEXED, ["staircase"]).canned_answer is None
+    # Without the cross-encoder's reading (not installed) the name rule does not apply.
+    bare = [_result("Plot the curves from the data.", 0.6, 1)]
+    assert (
+        ground("docs", question, bare, INDEXED, ["postgresql"], [], ["postgresql"]).canned_answer
+        is None
+    )
 
 
 def test_topic_words_leave_out_stopwords_numbers_and_short_bits() -> None:
@@ -106,4 +140,12 @@ def test_the_gate_counts_words_in_a_real_collection(engine: object, tmp_path: Pa
     assert "“query”" in refused.canned_answer and refused.citations
     # Rare words that are in the passages found are evidence, not gaps.
     answered = engine.documents.ground("docs", "plot curves and points from data files", 1)
+    assert answered.canned_answer is None, answered.canned_answer
+
+    # One name the documents lack, and the plotting passage does not read as an answer.
+    refused = engine.documents.ground("docs", "draw curves from PostgreSQL", 1)
+    assert refused.canned_answer is not None and "none of the passages" in refused.canned_answer
+    # One name the documents lack, but the passage found answers it.
+    question = "draw lines between points with a plotting style in gnuplot"
+    answered = engine.documents.ground("docs", question, 1)
     assert answered.canned_answer is None, answered.canned_answer

@@ -47,6 +47,13 @@ def test_the_cross_encoder_is_installed_and_reads_relevance() -> None:
     assert len(judge.logits("bread", ["flour " * 2000])) == 1
 
 
+def test_the_cross_encoder_tells_words_of_the_language_from_names() -> None:
+    judge = get_judge()
+    assert judge is not None
+    assert judge.knows("staircase") and judge.knows("underneath")
+    assert not judge.knows("postgresql") and not judge.knows("xlsx")
+
+
 def test_the_answering_passage_scores_highest() -> None:
     reranker = get_reranker()
     assert reranker is not None

@@ -141,6 +141,13 @@ class Judge:
         self._tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         self._tokenizer.no_padding()
         self._tokenizer.enable_truncation(MAX_TOKENS)  # the longer of the pair cut first
+        self._vocabulary = frozenset(self._tokenizer.get_vocab())
+
+    def knows(self, word: str) -> bool:
+        """Whether ``word`` (lower case) is one whole token of the model's vocabulary
+        (bert-base-uncased's WordPiece: about 20,000 words of English); names of products,
+        formats and tools mostly are not ("postgresql", "xlsx", "reprotest")."""
+        return word in self._vocabulary
 
     def logits(self, question: str, texts: list[str]) -> list[float]:
         """The relevance logit of each passage to ``question``."""

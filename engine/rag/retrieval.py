@@ -107,6 +107,7 @@ class SearchResult:
     dense_score: float | None  # cosine similarity, when dense search found it
     dense_rank: int | None
     keyword_rank: int | None
+    judged: float | None = None  # the cross-encoder's relevance logit, where it read it
 
     def to_public(self) -> dict[str, Any]:
         return {
@@ -256,13 +257,15 @@ class Retriever:
         # Over-fetch: chunks of documents being re-indexed drop out in the join.
         depth = max(k * 2, RERANK_DEPTH) if mode == "hybrid" else k * 2
         chunks = self._store.passages.chunks([cid for cid, _ in ranked[:depth]])
+        judged: dict[int, float] = {}
         if mode == "hybrid":
 
             def text_of(cid: int) -> str | None:
                 chunk = chunks.get(cid)
                 return None if chunk is None else embedded_text(chunk.text, chunk.heading)
 
-            ranked = rerank(ranked, keyword, text_of, query, fuse).ranked
+            reranked = rerank(ranked, keyword, text_of, query, fuse)
+            ranked, judged = reranked.ranked, reranked.judged
         results = []
         for cid, score in ranked:
             chunk = chunks.get(cid)
@@ -270,7 +273,12 @@ class Retriever:
                 continue
             results.append(
                 SearchResult(
-                    chunk, score, dense_score.get(cid), dense_rank.get(cid), keyword_rank.get(cid)
+                    chunk,
+                    score,
+                    dense_score.get(cid),
+                    dense_rank.get(cid),
+                    keyword_rank.get(cid),
+                    judged.get(cid),
                 )
             )
             if len(results) == k:

@@ -20,6 +20,7 @@ from engine.rag.evaluation import RetrievalEvaluation
 from engine.rag.grounding import RARE_CHUNKS, Grounding, ground, topic_words
 from engine.rag.indexer import Indexer, IndexReport
 from engine.rag.reading import fault_reason, fault_summary
+from engine.rag.rerank import get_judge
 from engine.rag.retrieval import Retriever, SearchResult
 from engine.rag.scanner import identities, is_private, is_protected, path_of_shown, shown_path
 from engine.store.db import Database
@@ -355,6 +356,7 @@ class Documents:
         results: list[SearchResult] = []
         unknown: list[str] = []
         rare: list[str] = []
+        names: list[str] = []
         if summary["indexed"]:
             collection = self._current(collection, reindex=False)
             results = self._retriever.search(collection, question, k)
@@ -364,7 +366,10 @@ class Documents:
             rare = [w for w in words if 0 < counts[w] <= RARE_CHUNKS]
             found = self.store.passages.words_in(rare, [r.chunk.id for r in results])
             rare = [w for w in rare if w not in found]
-        return ground(collection.name, question, results, summary, unknown, rare)
+            judge = get_judge()
+            if judge is not None:
+                names = [w for w in unknown + rare if not judge.knows(w)]
+        return ground(collection.name, question, results, summary, unknown, rare, names)
 
 
 def _pdf_page(path: str, page: int) -> SourceText:
