@@ -80,6 +80,19 @@ def test_passages_scored_before_are_not_embedded_again(monkeypatch: pytest.Monke
     np.testing.assert_allclose(again[:2], first[::-1], atol=1e-6)
 
 
+def test_a_passages_score_does_not_depend_on_the_passages_scored_with_it() -> None:
+    # int8 models quantize activations per batch: in a batch, companions (and their
+    # padding) moved a logit by 0.2, as much as separates close passages.
+    judge, reranker = get_judge(), get_reranker()
+    assert judge is not None and reranker is not None
+    question = "how do I make the y axis logarithmic?"
+    long = "Changelog\n" + "Version 5.4 fixed a crash when printing to a closed pipe. " * 30
+    alone = judge.logits(question, [TEXTS[2]])
+    assert judge.logits(question, [TEXTS[2], long, TEXTS[1]])[0] == alone[0]
+    vector = reranker.encode([TEXTS[2]])
+    np.testing.assert_array_equal(reranker.encode([long, TEXTS[2]])[1], vector[0])
+
+
 def test_the_top_is_reordered_and_the_rest_keeps_its_place() -> None:
     # The first stage put the bread passage first; the answer is second.
     fused = [(1, 0.9), (2, 0.8), (3, 0.7)] + [(100 + i, 0.5) for i in range(RERANK_DEPTH)]
