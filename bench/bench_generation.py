@@ -44,6 +44,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchlib import append_report, machine  # noqa: E402 -- after the path is set
 
+from engine.models.lane import selftest_config  # noqa: E402
+
 PROMPT = (
     "Write a long, detailed essay about the history of lighthouses, their keepers, "
     "and how the lamps and lenses changed over the centuries."
@@ -51,10 +53,17 @@ PROMPT = (
 
 BARE_SCRIPT = r"""
 import sys, time
-from llama_cpp import Llama
+import llama_cpp
 path, threads, n, prompt_text = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-llm = Llama(model_path=path, n_ctx=4096, n_threads=threads, n_threads_batch=threads,
-            n_gpu_layers=int(sys.argv[5]), verbose=False)
+if sys.argv[6] == "no-repack":  # what the self-test passed here (see plain_llama)
+    default_params = llama_cpp.llama_cpp.llama_model_default_params
+    def no_repack():
+        params = default_params()
+        params.use_extra_bufts = False
+        return params
+    llama_cpp.llama_cpp.llama_model_default_params = no_repack
+llm = llama_cpp.Llama(model_path=path, n_ctx=4096, n_threads=threads, n_threads_batch=threads,
+                      n_gpu_layers=int(sys.argv[5]), verbose=False)
 tokens = llm.tokenize(prompt_text.encode(), add_bos=False, special=True)
 eos = llm.token_eos()
 count = 0
@@ -75,11 +84,12 @@ Sample = tuple[float, float, int, float, float]  # ttft, tok/s, tokens, load s, 
 def bare_in_process(
     model_path: str, threads: int, prompt_text: str, n: int, runs: int, gpu_layers: int
 ) -> list[Sample]:
-    from llama_cpp import Llama
+    from engine.models.runtime import plain_llama
 
+    selftest_config(Path(model_path))  # read before the clock starts, as the engine has it
     load_started = time.perf_counter()
-    llm = Llama(
-        model_path=model_path,
+    llm = plain_llama(
+        model_path,
         n_ctx=4096,
         n_threads=threads,
         n_threads_batch=threads,
@@ -264,6 +274,7 @@ def main() -> int:
                         str(args.tokens),
                         prompt_text,
                         str(gpu_layers),
+                        selftest_config(model),
                     ],
                     env,
                 )

@@ -175,8 +175,8 @@ def test_answers_from_a_collection_are_checked_for_their_citations(
 # Bastion's batched scoring).
 REFERENCE_NLL = r"""
 import sys, numpy as np
-from llama_cpp import Llama
-llm = Llama(model_path=sys.argv[1], n_ctx=4096, logits_all=True, verbose=False)
+from engine.models.runtime import plain_llama
+llm = plain_llama(sys.argv[1], n_ctx=4096, logits_all=True, verbose=False)
 tokens = llm.tokenize(open(sys.argv[2], encoding="utf-8").read().encode(), add_bos=True,
                       special=True)
 llm.eval(tokens)

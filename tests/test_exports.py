@@ -23,9 +23,9 @@ from tests.conftest import DEFAULT_MODEL, assert_one_line_error, default_model_p
 # Loads a GGUF (and a LoRA) in llama.cpp with the chat template from the file, answers greedily.
 ANSWER = """
 import sys
-from llama_cpp import Llama
+from engine.models.runtime import plain_llama
 model, lora, question = sys.argv[1], sys.argv[2] or None, sys.argv[3]
-llm = Llama(model_path=model, lora_path=lora, n_ctx=512, verbose=False, seed=1)
+llm = plain_llama(model, lora_path=lora, n_ctx=512, verbose=False, seed=1)
 out = llm.create_chat_completion(
     [{"role": "user", "content": question}], temperature=0.0, max_tokens=40
 )
@@ -174,12 +174,12 @@ def write_adapter(path: Path, *, blocks: range = range(30), arch: str = "llama",
 COMPARE = r"""
 import json, sys
 import numpy as np
-from llama_cpp import Llama
+from engine.models.runtime import plain_llama
 out, question, runs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 found = {}
 for label, (model, lora) in runs.items():
-    llm = Llama(model_path=model, lora_path=lora, n_ctx=512, verbose=False, seed=1,
-                logits_all=True)
+    llm = plain_llama(model, lora_path=lora, n_ctx=512, verbose=False, seed=1,
+                      logits_all=True)
     text = f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
     prompt = llm.tokenize(text.encode(), special=True)
     llm.eval(prompt)

@@ -151,9 +151,9 @@ def test_stop_json_schema_and_legacy_completions(server: Server) -> None:
 
 
 def test_echo_scores_each_prompt_token_as_llama_cpp_does(server: Server) -> None:
-    import llama_cpp
     import numpy as np
 
+    from engine.models.runtime import plain_llama
     from tests.conftest import default_model_path
 
     text = "The quick brown fox jumps over the lazy dog, and the dog sleeps."
@@ -169,7 +169,7 @@ def test_echo_scores_each_prompt_token_as_llama_cpp_does(server: Server) -> None
     assert got is not None and len(got) == len(tokens) + 1 and got[0] is None
 
     # llama-cpp-python's own logits for the same tokens, in this process.
-    llm = llama_cpp.Llama(str(default_model_path()), n_ctx=256, logits_all=True, verbose=False)
+    llm = plain_llama(str(default_model_path()), n_ctx=256, logits_all=True, verbose=False)
     llm.eval(tokens)
     logits = np.array(llm.scores[: len(tokens)], dtype=np.float64)
     shifted = logits - logits.max(axis=1, keepdims=True)

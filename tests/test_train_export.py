@@ -234,11 +234,11 @@ def test_an_architecture_without_permutation_writes_b_as_is(tmp_path: Path) -> N
 
 
 def test_llama_cpp_loads_the_written_adapter(tmp_path: Path) -> None:
-    from llama_cpp import Llama
+    from engine.models.runtime import plain_llama
 
     out = tmp_path / "unit.lora.gguf"
     export(synthetic_state(), out)
-    llm = Llama(model_path=str(default_model_path()), lora_path=str(out), n_ctx=64, verbose=False)
+    llm = plain_llama(str(default_model_path()), lora_path=str(out), n_ctx=64, verbose=False)
     try:
         llm.eval(TOKENS[:8])
         assert np.isfinite(np.asarray(llm.scores[:8])).all()
@@ -383,10 +383,10 @@ def round_trip(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RoundTrip]:
 
 
 def llama_logits(model: Path, lora: Path | None = None) -> np.ndarray:
-    from llama_cpp import Llama
+    from engine.models.runtime import plain_llama
 
-    llm = Llama(
-        model_path=str(model),
+    llm = plain_llama(
+        str(model),
         lora_path=str(lora) if lora else None,
         logits_all=True,
         n_ctx=256,

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from engine.errors import InvalidInput, ModelLoadError
@@ -113,8 +114,9 @@ class _NoChatFormatter:
 
 
 @contextlib.contextmanager
-def _loading(config: str, parallel: int = 1) -> Iterator[None]:
-    """While inside, ``llama_cpp.Llama`` loads as ``config`` says, compiling no template.
+def _loading(config: str, parallel: int = 1, templates: bool = False) -> Iterator[None]:
+    """While inside, ``llama_cpp.Llama`` loads as ``config`` says, compiling no template
+    (unless ``templates``).
 
     ``Llama`` does not take ``use_extra_bufts``; it builds its parameters from
     ``llama_model_default_params`` inside the constructor, so that function is wrapped
@@ -143,7 +145,8 @@ def _loading(config: str, parallel: int = 1) -> Iterator[None]:
         return p
 
     with _PARAMS_LOCK:
-        formats.Jinja2ChatFormatter = _NoChatFormatter
+        if not templates:
+            formats.Jinja2ChatFormatter = _NoChatFormatter
         if config != "default":
             bindings.llama_model_default_params = params
         if parallel > 1:
@@ -154,6 +157,20 @@ def _loading(config: str, parallel: int = 1) -> Iterator[None]:
             bindings.llama_model_default_params = original_params
             bindings.llama_context_default_params = original_context
             formats.Jinja2ChatFormatter = original_formatter
+
+
+def plain_llama(model_path: str, **kwargs: Any) -> Any:
+    """llama-cpp-python's own ``Llama`` with its own chat handling, loaded in the
+    configuration the self-test passed on this machine: the reference that tests and
+    benchmarks compare Bastion with. Loaded as the library loads by default, it dies with
+    SIGILL on CPUs where the repacked (AMX) kernels fault (a virtualised Xeon here).
+    """
+    import llama_cpp
+
+    from engine.models.lane import selftest_config
+
+    with _loading(selftest_config(Path(model_path)), templates=True):
+        return llama_cpp.Llama(model_path=model_path, **kwargs)
 
 
 def _grammar(schema: str) -> Any:
