@@ -27,8 +27,9 @@ Quality: hit@1, hit@5, MRR@10 and nDCG@10 over the answerable questions
 hit@1 is the page accuracy, and "file@1" says how often the right file came first). Speed:
 the wall time of indexing the set, model loading excluded for both (each embedder is
 loaded and warmed before the clock starts); the sides index the set in alternating rounds
-(``--rounds``, 2 by default) and each side's fastest round counts, every round printed. The gate: how many answerable questions it
-refuses (goal 0) and how many unanswerable ones (goal >= 80 %).
+(``--rounds``, 2 by default) and each side's fastest round counts, every round printed.
+The gate: how many answerable questions it refuses (goal 0) and how many unanswerable ones
+(goal >= 80 %).
 The tables, with the date and machine, are printed and appended to
 ``bench/results/rag_quality.md``. A run takes about 10 minutes on 2 cores.
 """

@@ -9,7 +9,7 @@ every probe question finding the same passage first), and the fastest
 faithful one is recorded in ``<cache>/backend-choice.json`` under a key of the CPU
 (model name, the flags that matter, core count), the library versions and the model's
 content. Later processes read the record; ``bastion doctor`` shows it. A different CPU, a
-library upgrade or a replaced model measures again.
+library upgrade, a replaced model or a new way of measuring measures again.
 
 Candidates: ``onnx-int8`` (where the model can be exported); ``torch-bf16`` where the CPU
 has AVX-512 BF16 or AMX; ``torch-fp32`` (the reference, always). With an NVIDIA GPU torch
@@ -43,6 +43,9 @@ MIN_COSINE = 0.98
 # The flags that change which backend is fastest.
 _FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 _LIBRARIES = ("onnxruntime", "torch", "sentence-transformers")
+# Part of the record's key: a change to how backends are measured measures them again.
+# 2: timed on chunk-long texts (they were half as long).
+_METHOD = "2"
 
 # The probe: short passages on unrelated subjects and one question for each (written here).
 PASSAGES = (
@@ -138,7 +141,8 @@ def has_fast_bf16(flags: set[str]) -> bool:
 
 
 def machine_key(model_key: str) -> str:
-    """The record's key: the CPU, the flags that matter, cores, library versions, model."""
+    """The record's key: how it is measured, the CPU, the flags that matter, cores, library
+    versions, model."""
     flags = cpu_flags()
     versions = []
     for name in _LIBRARIES:
@@ -147,6 +151,7 @@ def machine_key(model_key: str) -> str:
         except metadata.PackageNotFoundError:
             versions.append(f"{name}=none")
     parts = [
+        f"method {_METHOD}",
         cpu_name(),
         platform.machine(),
         str(os.cpu_count()),
