@@ -304,21 +304,36 @@ HOUSE_VERDICT = "selftest.json"
 
 
 def house_verdict(house: Path) -> dict[str, object] | None:
-    """What the self-test said of this wheelhouse's build on this machine, if it ran."""
+    """What the self-test concluded of this wheelhouse's build on this machine, if anything.
+
+    A failure counts only when it is settled: a probe that hung (or crawled on a machine
+    busy with something else) says nothing of the build, so it is tested again next time.
+    """
     try:
         data = json.loads((house / HOUSE_VERDICT).read_text())
     except (OSError, ValueError):
         return None
-    return data if isinstance(data, dict) else None
+    if not isinstance(data, dict) or not (data.get("ok") or data.get("settled")):
+        return None
+    return data
+
+
+def keep_house_verdict(house: Path, verdict: dict[str, object]) -> None:
+    house.mkdir(parents=True, exist_ok=True)
+    (house / HOUSE_VERDICT).write_text(json.dumps(verdict))
 
 
 def selftest(
     variant: str, env: dict[str, str] | None = None, out: Path | None = None
-) -> tuple[bool, str]:
-    """Run the engine's llama.cpp self-test in the venv; (passed, its one-line summary)."""
-    cmd = [str(venv_bin("python")), "-m", "engine.models.selftest", "run", "--build", variant]
+) -> dict[str, object]:
+    """Run the engine's llama.cpp self-test in the venv: {"ok", "settled", "summary"}.
+
+    ``summary`` is its one line; ``settled`` is false when it failed only because a probe
+    gave no answer in time, which a rerun may not repeat.
+    """
+    cmd = [str(venv_bin("python")), "-m", "engine.models.selftest", "run", "--json"]
     result = subprocess.run(
-        cmd + (["--out", str(out)] if out else []),
+        cmd + ["--build", variant] + (["--out", str(out)] if out else []),
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -327,7 +342,17 @@ def selftest(
     )
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     summary = lines[-1] if lines else f"the self-test exited with code {result.returncode}"
-    return result.returncode == 0, summary
+    settled = True  # no verdict printed: the self-test itself broke, and would again
+    for line in reversed(result.stdout.splitlines()):
+        try:
+            printed = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(printed, dict) and "settled" in printed:
+            settled = bool(printed["settled"])
+            break
+    ok = result.returncode == 0
+    return {"ok": ok, "settled": ok or settled, "summary": summary}
 
 
 def first_untried_variant(backend: str, start: str) -> str:
@@ -356,11 +381,11 @@ def ensure_verified_llama(backend: str, recorded: dict[str, str]) -> str:
             continue
         ensure_llama(backend, variant, recorded)
         recorded = {"backend": backend, "variant": variant}
-        ok, summary = selftest(variant)
-        house.mkdir(parents=True, exist_ok=True)
-        (house / HOUSE_VERDICT).write_text(json.dumps({"ok": ok, "summary": summary}))
+        verdict = selftest(variant)
+        keep_house_verdict(house, verdict)
+        summary = str(verdict["summary"])
         log(summary)
-        if ok:
+        if verdict["ok"]:
             if reasons or variant != "native":
                 log(f"using the {variant} llama.cpp build ({'; '.join(reasons)})")
             return variant

@@ -168,11 +168,13 @@ def _tested_llama_wheel(bs: ModuleType, backend: str, build: str) -> Path:
             bs.pip("install", "--no-deps", "--target", tmp, str(wheel))
             env = dict(os.environ)
             env["PYTHONPATH"] = os.pathsep.join([tmp, str(bs.ROOT)])
-            ok, summary = bs.selftest(variant, env=env, out=Path(tmp) / "verdict.json")
-        (house / bs.HOUSE_VERDICT).write_text(json.dumps({"ok": ok, "summary": summary}))
-        verdict = {"ok": ok, "summary": summary}
+            verdict = bs.selftest(variant, env=env, out=Path(tmp) / "verdict.json")
+        bs.keep_house_verdict(house, verdict)
     if not verdict.get("ok"):
-        raise BundleError(f"the {variant} llama.cpp build failed its self-test: {verdict}")
+        raise BundleError(
+            f"the {variant} llama.cpp build failed its self-test: {verdict.get('summary')}"
+            + ("" if verdict.get("settled") else "; it is tried again on the next run")
+        )
     bs.log(f"llama.cpp {variant} {backend} build: {verdict.get('summary')}")
     return wheel
 
@@ -330,10 +332,10 @@ def install(bs: ModuleType, path: Path) -> None:
     bs.ensure_bastion(env=env)
     bs.ensure_default_models(*offline, env=env)
     variant = manifest["llama_build"]
-    ok, summary = bs.selftest(variant)
-    bs.log(summary)
-    if not ok:
-        bs.fail(f"the bundle's llama.cpp build does not run on this machine: {summary}")
+    verdict = bs.selftest(variant)
+    bs.log(str(verdict["summary"]))
+    if not verdict["ok"]:
+        bs.fail(f"the bundle's llama.cpp build does not run on this machine: {verdict['summary']}")
     wanted = sorted(manifest.get("models", []), key=lambda m: m.get("base") is not None)
     listed = subprocess.run([str(bs.venv_bin("bastion")), "models", "list", "--json"],
                             capture_output=True, text=True, check=False)  # fmt: skip

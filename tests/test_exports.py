@@ -186,12 +186,17 @@ for label, (model, lora) in runs.items():
     np.save(f"{out}/{label}.npy", np.array(llm.scores[: len(prompt)]))
     llm.reset()
     stop = {llm.token_eos(), *llm.tokenize(b"<|im_end|>", add_bos=False, special=True)}
-    tokens = []
-    for token in llm.generate(prompt, temp=0.0, top_k=1):
+    tokens, steps = [], []
+    def keep(_ids, logits):  # what the model scored before each greedy choice
+        steps.append(np.array(logits, dtype=np.float32))
+        return logits
+    for token in llm.generate(prompt, temp=0.0, top_k=1, logits_processor=[keep]):
         if token in stop or len(tokens) == 48:
             break
         tokens.append(token)
-    found[label] = {"tokens": tokens, "text": llm.detokenize(tokens).decode(errors="replace")}
+    np.save(f"{out}/{label}.steps.npy", np.array(steps[: len(tokens) + 1]))
+    text = llm.detokenize(tokens).decode(errors="replace")
+    found[label] = {"tokens": tokens, "end": int(token), "text": text}
     del llm
 print(json.dumps(found))
 """
@@ -199,14 +204,17 @@ print(json.dumps(found))
 
 def compare(runs: dict[str, tuple[str, str | None]], question: str, out: Path
             ) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
-    """({label: {"tokens", "text"}}, {label: prompt scores}) from llama.cpp for each run."""
+    """({label: {"tokens", "text", "steps"}}, {label: prompt scores}) from llama.cpp."""
     out.mkdir(exist_ok=True)
     done = subprocess.run(
         [sys.executable, "-c", COMPARE, str(out), question, json.dumps(runs)],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout), {label: np.load(out / f"{label}.npy") for label in runs}
+    texts = json.loads(done.stdout)
+    for label in runs:  # the scores before each generated token, and before the stop
+        texts[label]["steps"] = np.load(out / f"{label}.steps.npy")
+    return texts, {label: np.load(out / f"{label}.npy") for label in runs}
 
 
 def test_a_fine_tune_merged_into_one_gguf_answers_as_base_and_adapter_do(
@@ -261,15 +269,24 @@ def test_a_fine_tune_merged_into_one_gguf_answers_as_base_and_adapter_do(
     # copy (measured: RMS 0.2-0.3 over the prompt), which is far less than the adapter
     # changes them (RMS 3.9): the test asserts under a fifth of it. Greedy text can part
     # where two tokens nearly tie (on an open story prompt the base and its F16 copy part
-    # after 2 tokens); on this prompt the adapter's answer is no near tie and the merged
-    # model gives it token for token.
+    # after 2 tokens); on this prompt the first near tie comes late (token 21 or later).
     question = "Name three primary colors."
     base_path = str(default_model_path())
     texts, scores = compare(
         {"base": (base_path, None), "adapter": (base_path, str(adapter)), "merged": (merged, None)},
         question, tmp_path / "scores",
     )  # fmt: skip
-    assert texts["merged"]["tokens"] == texts["adapter"]["tokens"], texts
+    # Token for token, or parting only where base + adapter nearly ties: its lead of its
+    # own token over the merged model's is under 0.5, twice the rounding (measured on a
+    # portable AVX2 build: they part at token 21, where the top three are within 0.19 and
+    # the adapter leads by 0.14). A merge that lost the adapter parts at the first token.
+    # (Each side's tokens end with the one it stopped at.)
+    a, m = ([*side["tokens"], side["end"]] for side in (texts["adapter"], texts["merged"]))
+    part = next((i for i, (x, y) in enumerate(zip(a, m, strict=False)) if x != y), None)
+    if part is not None:
+        steps = texts["adapter"]["steps"][part]
+        lead = float(steps[a[part]] - steps[m[part]])
+        assert part >= 8 and lead < 0.5, (part, lead, {k: v["text"] for k, v in texts.items()})
     assert len(texts["adapter"]["tokens"]) >= 20
     assert texts["base"]["tokens"][:5] != texts["adapter"]["tokens"][:5], texts
 
@@ -286,7 +303,7 @@ def test_a_fine_tune_merged_into_one_gguf_answers_as_base_and_adapter_do(
     clear = top2[:, 1] - top2[:, 0] > 1.0
     assert clear.sum() >= 3 and same[clear].all(), (same, clear)
     print(
-        f"merged vs base + adapter: {len(texts['merged']['tokens'])} greedy tokens identical, "
+        f"merged vs base + adapter: {len(a) if part is None else part} greedy tokens the same, "
         f"prompt scores RMS {rounding:.3f} (the adapter's effect: {effect:.3f}), top-1 "
         f"{same.sum()}/{len(same)} ({same[clear].sum()}/{clear.sum()} clear)"
     )

@@ -89,6 +89,43 @@ def test_garbage_and_crashes_everywhere_fail_the_build(tmp_path: Path) -> None:
     assert "failed its self-test" in stderr
 
 
+def test_a_probe_that_hangs_is_tried_twice_and_concludes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(selftest, "PROBE_TIMEOUT_S", 10.0)
+    monkeypatch.setenv(probe.HANG_SWITCH, "default")
+    monkeypatch.delenv(probe.CRASH_SWITCH, raising=False)
+    monkeypatch.delenv(probe.GARBAGE_SWITCH, raising=False)
+    model = default_model_path()
+    verdict = selftest.run_selftest(model, out=tmp_path / "hung-then-passed.json")
+    hung, passed = verdict.probes
+    assert hung.timed_out and not hung.ok and hung.seconds == 10.0
+    assert hung.detail.startswith("no answer in 10 s while ") and hung.detail.endswith("(2 tries)")
+    assert verdict.config == "no-repack" == passed.config and verdict.settled
+
+    # A build whose every probe failed, one of them by hanging, is failed but not settled:
+    # kept so, the engine tests it again (once per process) instead of refusing for good.
+    monkeypatch.setenv(probe.CRASH_SWITCH, "default")
+    monkeypatch.setenv(probe.HANG_SWITCH, "no-repack")
+    out = tmp_path / "unsettled.json"
+    verdict = selftest.run_selftest(model, out=out)
+    assert verdict.config is None and not verdict.settled
+    assert [p.timed_out for p in verdict.probes] == [False, True]
+    kept = json.loads(out.read_text())
+    assert kept["settled"] is False and selftest.Verdict.from_json(kept) == verdict
+
+    again = dataclasses.replace(verdict, config="no-repack", probes=())
+    runs: list[Path] = []
+    monkeypatch.setattr(lane, "_verdict_config", {})
+    monkeypatch.setattr(selftest, "read_verdict", lambda: verdict)
+    monkeypatch.setattr(selftest, "run_selftest", lambda m: runs.append(m) or again)
+    assert lane.selftest_config(model) == "no-repack" and len(runs) == 1
+    monkeypatch.setattr(lane, "_verdict_config", {"retried": "yes"})
+    with pytest.raises(OperationFailed, match="no answer in 10 s"):
+        lane.selftest_config(model)
+    assert len(runs) == 1
+
+
 def test_a_verdict_for_another_build_is_not_trusted(tmp_path: Path) -> None:
     good = selftest.Verdict(
         "native", "cpu", "default", (), (), selftest.build_key(), "2026-01-01T00:00:00+00:00"
@@ -150,11 +187,13 @@ def test_setup_falls_back_to_a_portable_build_and_remembers_why(
     # what set-up decides from their answers is the real code.
     monkeypatch.setattr(bootstrap, "ensure_llama", lambda _b, v, _r: installed.append(v))
 
-    def fake_selftest(variant: str) -> tuple[bool, str]:
+    def fake_selftest(variant: str) -> dict[str, object]:
         tested.append(variant)
         if variant == "native":
-            return False, "llama.cpp (native cpu build) failed its self-test: default: SIGSEGV"
-        return True, "llama.cpp (portable cpu build) passed its self-test"
+            failed = "llama.cpp (native cpu build) failed its self-test: default: SIGSEGV"
+            return {"ok": False, "settled": True, "summary": failed}
+        passed = "llama.cpp (portable cpu build) passed its self-test"
+        return {"ok": True, "settled": True, "summary": passed}
 
     monkeypatch.setattr(bootstrap, "selftest", fake_selftest)
     assert bootstrap.ensure_verified_llama("cpu", {}) == "portable"
@@ -175,7 +214,30 @@ def test_setup_stops_when_no_build_passes(
     bootstrap: ModuleType, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(bootstrap, "ensure_llama", lambda *_: None)
-    monkeypatch.setattr(bootstrap, "selftest", lambda v: (False, f"{v} failed"))
+    failed = {"ok": False, "settled": True, "summary": "failed"}
+    monkeypatch.setattr(bootstrap, "selftest", lambda v: failed)
     with pytest.raises(SystemExit) as caught:
         bootstrap.ensure_verified_llama("cpu", {})
     assert caught.value.code == 1
+
+
+def test_a_build_whose_probes_hung_is_tried_again_by_the_next_setup(
+    bootstrap: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    installed: list[str] = []
+    monkeypatch.setattr(bootstrap, "ensure_llama", lambda _b, v, _r: installed.append(v))
+    hung = {"ok": False, "settled": False, "summary": "native: no answer in 180 s (2 tries)"}
+    answers = iter([hung, {"ok": True, "settled": True, "summary": "portable passed"}])
+    monkeypatch.setattr(bootstrap, "selftest", lambda v: next(answers))
+    assert bootstrap.ensure_verified_llama("cpu", {}) == "portable"
+    # Nothing was concluded of the native build: the next set-up builds and tests it again,
+    # as it does a failure recorded before failures were told apart (no "settled").
+    assert bootstrap.house_verdict(bootstrap.wheel_house("cpu", "native")) is None
+    assert bootstrap.first_untried_variant("cpu", "native") == "native"
+    old = {"ok": False, "summary": "native: no answer in 180 s"}
+    bootstrap.keep_house_verdict(bootstrap.wheel_house("cpu", "native"), old)
+    assert bootstrap.first_untried_variant("cpu", "native") == "native"
+    monkeypatch.setattr(bootstrap, "selftest", lambda v: {"ok": True, "settled": True,
+                                                          "summary": f"{v} passed"})  # fmt: skip
+    assert bootstrap.ensure_verified_llama("cpu", {}) == "native"
+    assert installed == ["native", "portable", "native"]

@@ -410,6 +410,9 @@ def selftest_config(probe_model: Path | None) -> str:
     from engine.models import selftest
 
     verdict = selftest.read_verdict()
+    if verdict is not None and not verdict.settled and "retried" not in _verdict_config:
+        _verdict_config["retried"] = "yes"  # its probes hung: once more, in this process
+        verdict = None
     if verdict is None:
         model = selftest.default_model_path() or probe_model
         if model is None:

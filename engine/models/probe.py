@@ -26,6 +26,7 @@ GENERATED_TOKENS = 32
 MAX_MEAN_NLL = 7.0  # nats per token; noise over a 49k vocabulary is about 10.8
 CRASH_SWITCH = "BASTION_SELFTEST_CRASH"
 GARBAGE_SWITCH = "BASTION_SELFTEST_GARBAGE"
+HANG_SWITCH = "BASTION_SELFTEST_HANG"
 
 # Plain English, written for this test: the probe needs text any model reads easily.
 PROMPT = (
@@ -82,6 +83,8 @@ def probe(model_path: Path, config: str) -> tuple[bool, str]:
     stage(f"evaluating a {len(head)}-token prompt in one batch")
     if os.environ.get(CRASH_SWITCH) == config:
         os.kill(os.getpid(), signal.SIGSEGV)  # test-only: where a native crash would happen
+    if os.environ.get(HANG_SWITCH) == config:
+        time.sleep(24 * 3600)  # test-only: a probe that never answers
     llm.eval(head)  # one batch of a few hundred tokens: the path that crashes on AMX hosts
 
     import llama_cpp

@@ -20,7 +20,12 @@ The verdict is kept beside the build it judges (``<venv>/share/bastion/``), keye
 llama.cpp library's identity and the CPU, so a rebuilt or copied install is tested anew.
 A test-only switch, ``BASTION_SELFTEST_CRASH=CONFIG``, makes that configuration's probe
 die by SIGSEGV where a native crash would happen (``BASTION_SELFTEST_GARBAGE=CONFIG``:
-as if the logits were noise).
+as if the logits were noise; ``BASTION_SELFTEST_HANG=CONFIG``: it never answers).
+
+A probe that gives no answer in time is tried once more, and if it hangs again the
+verdict is not *settled*: a hang, or a machine so busy that llama.cpp's spinning
+threads crawl, says nothing sure of the build, so set-up and the engine test it again
+next time instead of keeping the failure.
 """
 
 from __future__ import annotations
@@ -44,7 +49,8 @@ log = logging.getLogger(__name__)
 
 RECIPE = 1  # bump when the probe changes, so that old verdicts are not trusted
 VERDICT_FILE = "llama-selftest.json"
-PROBE_TIMEOUT_S = 180.0
+PROBE_TIMEOUT_S = 180.0  # a probe takes 3-8 s on 2 busy cores; this is a hang, or a machine
+PROBE_TRIES = 2  # so busy that llama.cpp's spinning threads crawl: then it is tried once more
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,7 @@ class Probe:
     ok: bool
     detail: str
     seconds: float
+    timed_out: bool = False  # no answer: says nothing of the build, so nothing is concluded
 
 
 @dataclass(frozen=True)
@@ -73,6 +80,11 @@ class Verdict:
     def ok(self) -> bool:
         return self.config is not None
 
+    @property
+    def settled(self) -> bool:
+        """Passed, or failed for a reason a rerun would find again (not a probe that hung)."""
+        return self.ok or not any(p.timed_out for p in self.probes)
+
     def summary(self) -> str:
         """One line: what was chosen and why."""
         if self.config is None:
@@ -90,6 +102,7 @@ class Verdict:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["ok"] = self.ok
+        data["settled"] = self.settled
         data["summary"] = self.summary()
         return data
 
@@ -212,6 +225,18 @@ def run_selftest(
 
 
 def _probe_in_child(model: Path, config: str) -> Probe:
+    for _ in range(PROBE_TRIES - 1):
+        probe = _probe_once(model, config)
+        if not probe.timed_out:
+            return probe
+        log.warning("self-test %s: %s; trying it once more", config, probe.detail)
+    probe = _probe_once(model, config)
+    if probe.timed_out and PROBE_TRIES > 1:
+        return Probe(config, False, f"{probe.detail} ({PROBE_TRIES} tries)", probe.seconds, True)
+    return probe
+
+
+def _probe_once(model: Path, config: str) -> Probe:
     started = time.monotonic()
     command = [sys.executable, "-m", "engine.models.selftest", "probe", str(model), config]
     try:
@@ -223,8 +248,12 @@ def _probe_in_child(model: Path, config: str) -> Probe:
             timeout=PROBE_TIMEOUT_S,
             check=False,
         )
-    except subprocess.TimeoutExpired:
-        return Probe(config, False, f"no answer in {PROBE_TIMEOUT_S:.0f} s", PROBE_TIMEOUT_S)
+    except subprocess.TimeoutExpired as exc:
+        said = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout
+        stage, _ = _read_child(said or "")
+        where = f" while {stage}" if stage else ""
+        detail = f"no answer in {PROBE_TIMEOUT_S:.0f} s{where}"
+        return Probe(config, False, detail, PROBE_TIMEOUT_S, timed_out=True)
     elapsed = round(time.monotonic() - started, 2)
     stage, result = _read_child(done.stdout)
     if done.returncode < 0:
