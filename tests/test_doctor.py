@@ -375,3 +375,20 @@ def test_the_privacy_check_sees_the_guard_refuse_without_a_packet(home: Path) ->
     with guard.allow_network("test: an open guard must be reported"):
         opened = _one(run_checks(home, ["privacy"]), "privacy")
     assert not opened.ok and "let a connection" in opened.detail
+
+
+def test_a_self_test_whose_probes_hung_asks_for_a_rerun_not_a_rebuild(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    selftest = pytest.importorskip("engine.models.selftest")
+    hung = selftest.Probe("no-repack", False, "no answer in 180 s (2 tries)", 180.0, True)
+    crashed = selftest.Probe("default", False, "the probe crashed (SIGILL)", 0.5)
+    verdict = selftest.Verdict("native", "cpu", None, (), (crashed, hung), "k", "")
+    monkeypatch.setattr(selftest, "read_verdict", lambda: verdict)
+    check = _one(run_checks(home, ["self-test"]), "self-test")
+    assert not check.ok and "no answer in 180 s" in check.detail
+    assert "again while the machine is not busy" in check.fix
+    settled = selftest.Verdict("native", "cpu", None, (), (crashed,), "k", "")
+    monkeypatch.setattr(selftest, "read_verdict", lambda: settled)
+    check = _one(run_checks(home, ["self-test"]), "self-test")
+    assert not check.ok and "not busy" not in check.fix and "report it" in check.fix
