@@ -38,7 +38,7 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -225,15 +225,13 @@ def run_selftest(
 
 
 def _probe_in_child(model: Path, config: str) -> Probe:
-    for _ in range(PROBE_TRIES - 1):
+    for attempt in range(1, PROBE_TRIES + 1):
         probe = _probe_once(model, config)
         if not probe.timed_out:
             return probe
-        log.warning("self-test %s: %s; trying it once more", config, probe.detail)
-    probe = _probe_once(model, config)
-    if probe.timed_out and PROBE_TRIES > 1:
-        return Probe(config, False, f"{probe.detail} ({PROBE_TRIES} tries)", probe.seconds, True)
-    return probe
+        if attempt < PROBE_TRIES:
+            log.warning("self-test %s: %s; trying it once more", config, probe.detail)
+    return replace(probe, detail=f"{probe.detail} ({PROBE_TRIES} tries)")
 
 
 def _probe_once(model: Path, config: str) -> Probe:
