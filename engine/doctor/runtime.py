@@ -248,7 +248,7 @@ def _check_selftest(ctx: _Context) -> Check:
         )
     if verdict.config is None or not verdict.ok:
         fix = f"{_rebuild_fix()}; if it fails again, report it with this output"
-        if not getattr(verdict, "settled", True):  # a probe hung: the build may be fine
+        if not verdict.settled:  # a probe hung: the build may be fine
             fix = f"run `{SETUP}` again while the machine is not busy (it self-tests llama.cpp)"
         return Check("self-test", False, verdict.summary(), fix)
     detail = verdict.summary()
